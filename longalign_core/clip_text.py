@@ -1,0 +1,123 @@
+"""Segment-level encoding with transformers' ``CLIPTokenizer`` + ``CLIPTextModel`` (trainer, tools, CLI).
+
+Faithful to the released code (``tools.caption2embed``): segments padded only to the longest segment of the
+batch, no attention mask (CLIP's causal mask makes kept positions independent of what follows), final hidden
+state after the final layer norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .segment_encoding import (
+    CLIP_WINDOW,
+    DEFAULT_TOKEN_BUDGET,
+    PAD_EMBEDDING_POSITIONS,
+    OverflowPolicy,
+    PromptReport,
+    build_report,
+    keep_mask_before_end,
+    merge_segment_states,
+    padding_embedding,
+    plan_segments,
+)
+from .segmentation import LongSegmentPolicy, SplitMode
+
+
+@dataclass
+class LongPromptEncoding:
+    """``cond``: ``(B, L, C)`` merged conditioning; ``reports``: one :class:`PromptReport` per prompt."""
+
+    cond: torch.Tensor
+    reports: list[PromptReport]
+
+
+class CLIPSegmentEncoder:
+    """Encode long prompts segment by segment with a transformers CLIP text encoder.
+
+    ``clip_skip``: 0 uses the final hidden state (SD1.5 and the reference); k > 0 uses the output of the k-th
+    layer from the end, passed through the final layer norm (diffusers' ``clip_skip`` convention).
+    ``batch_size``: rows per forward; ``None`` encodes all segments of all prompts in one forward.
+    """
+
+    def __init__(self, tokenizer, text_encoder, clip_skip: int = 0, batch_size: int | None = None):
+        if clip_skip < 0 or clip_skip >= text_encoder.config.num_hidden_layers:
+            raise ValueError(f"clip_skip must be in 0..{text_encoder.config.num_hidden_layers - 1}, got {clip_skip}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.clip_skip = clip_skip
+        self.batch_size = batch_size
+        self.max_length = min(int(tokenizer.model_max_length), text_encoder.config.max_position_embeddings)
+        self.window = self.max_length - 2
+        self._pad: torch.Tensor | None = None
+
+    # -- the three things segment-level encoding needs from an encoder ------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        """Content tokens (no start/end) the tokenizer makes of ``text``."""
+        return len(self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    @torch.no_grad()
+    def encode_segments(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, T, C)`` states and ``(N, T)`` keep mask for N segment texts, padded to the longest (T ≤ 77)."""
+        tok = self.tokenizer(list(texts), max_length=self.max_length, padding=True, truncation=True,
+                             return_tensors="pt")
+        ids = tok.input_ids.to(self.text_encoder.device)
+        step = self.batch_size or len(texts)
+        states = torch.cat([self._forward(ids[i:i + step]) for i in range(0, len(texts), step)])
+        return states, keep_mask_before_end(ids, self.tokenizer.eos_token_id)
+
+    def padding_embedding(self) -> torch.Tensor:
+        """``<pad*>`` (SPEC §1.4), computed once per encoder."""
+        if self._pad is None:
+            tok = self.tokenizer([""], max_length=self.max_length, padding="max_length", return_tensors="pt")
+            with torch.no_grad():
+                states = self._forward(tok.input_ids.to(self.text_encoder.device))
+            self._pad = padding_embedding(states[0], PAD_EMBEDDING_POSITIONS)
+        return self._pad
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.clip_skip == 0:
+            return self.text_encoder(ids).last_hidden_state
+        out = self.text_encoder(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-(self.clip_skip + 1)]
+        # transformers 4.x nests the modules under .text_model; 5.x has them on the model itself.
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return text_model.final_layer_norm(hidden)
+
+    # -- the whole job ------------------------------------------------------------------------------------------
+    def encode(
+        self,
+        prompts: str | Sequence[str],
+        budget: int = DEFAULT_TOKEN_BUDGET,
+        overflow: OverflowPolicy = "extend",
+        split_mode: SplitMode = "sentence",
+        long_segments: LongSegmentPolicy = "split",
+    ) -> LongPromptEncoding:
+        """Segment-level conditioning for a batch of prompts: ``(B, L, C)`` plus a report per prompt.
+
+        Defaults never lose a token: long sentences are sub-split and an over-long prompt extends the budget
+        (to a multiple of it). ``split_mode="reference", long_segments="truncate", overflow="truncate"`` is the
+        released code's behaviour.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        plans = [plan_segments(p, self.count_tokens, self.window, split_mode, long_segments) for p in prompts]
+        texts = [s.text for plan in plans for s in plan]
+        owner = [b for b, plan in enumerate(plans) for _ in plan]
+        states, keep = self.encode_segments(texts)
+        result = merge_segment_states(states, keep, owner, self.padding_embedding(), budget, overflow,
+                                      num_prompts=len(prompts))
+        reports = []
+        for b, plan in enumerate(plans):
+            counts = [self.count_tokens(s.text) for s in plan]
+            reports.append(build_report(plan, counts, result.merged[b], result.dropped[b], result.padding[b],
+                                        budget, overflow, self.window))
+        return LongPromptEncoding(result.cond, reports)
+
+
+__all__ = ["CLIPSegmentEncoder", "LongPromptEncoding", "CLIP_WINDOW"]

@@ -1,0 +1,254 @@
+"""Segment-level long-prompt conditioning, host-independent (SPEC §1.2–1.6).
+
+The pieces every front-end (transformers here, ComfyUI's CLIP object in ``nodes/``) composes:
+
+1. :func:`plan_segments` — split a prompt into sentence segments that fit the encoder window.
+2. the front-end encodes all segments of all prompts in **one batched forward** → states ``(N, T, C)`` and a
+   ``keep`` mask ``(N, T)`` that is True at each segment's start token and content tokens (end and pad dropped).
+3. :func:`merge_segment_states` — concatenate the kept states per prompt, in segment order, and pad with the
+   padding embedding ``<pad*>`` (:func:`padding_embedding`) to the token budget; overflow is never silent.
+4. :class:`PromptReport` — what happened to each prompt, readable by people.
+
+Symbols: B prompts, N segments over all prompts, T positions per segment row, C channels, L output tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from .segmentation import LongSegmentPolicy, Segment, SplitMode, fit_segments, split_segments
+
+OverflowPolicy = Literal["extend", "truncate", "error"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("extend", "truncate", "error")
+
+#: Token budget of the released LongSD model (reference ``--token_length 240``).
+DEFAULT_TOKEN_BUDGET = 240
+#: The padding embedding is the mean of the last 60 hidden states of the encoded empty prompt (reference).
+PAD_EMBEDDING_POSITIONS = 60
+#: CLIP's window: 77 positions minus the start and end tokens.
+CLIP_WINDOW = 75
+
+
+def plan_segments(
+    prompt: str,
+    count_tokens: Callable[[str], int],
+    window: int = CLIP_WINDOW,
+    split_mode: SplitMode = "sentence",
+    long_segments: LongSegmentPolicy = "split",
+) -> list[Segment]:
+    """Sentence segments of ``prompt`` that each fit ``window`` content tokens (SPEC §1.1).
+
+    ``count_tokens(text)`` returns the number of content tokens (no start/end) the encoder sees for ``text``.
+    """
+    return fit_segments(split_segments(prompt, split_mode), count_tokens, window, long_segments)
+
+
+def padding_embedding(empty_prompt_states: torch.Tensor, positions: int = PAD_EMBEDDING_POSITIONS) -> torch.Tensor:
+    """``<pad*>``: the mean of the last ``positions`` hidden states of the encoded empty prompt (SPEC §1.4).
+
+    ``empty_prompt_states``: ``(T, C)`` states of ``[sot, eot, pad, …]`` padded to the full window (T = 77).
+    Returns ``(C,)`` in the input dtype.
+    """
+    if empty_prompt_states.ndim != 2:
+        raise ValueError(f"expected empty-prompt states of shape (T, C), got {tuple(empty_prompt_states.shape)}")
+    if not 1 <= positions <= empty_prompt_states.shape[0]:
+        raise ValueError(f"positions must be in 1..{empty_prompt_states.shape[0]}, got {positions}")
+    return empty_prompt_states[-positions:].float().mean(dim=0).to(empty_prompt_states.dtype)
+
+
+def keep_mask_before_end(token_ids: torch.Tensor, end_token_id: int) -> torch.Tensor:
+    """``(N, T)`` mask that keeps every position before the first end token of each row: the start token and
+    the content tokens. Works by position, so a pad id that is also a real token (SD2/SDXL pad with 0 = ``!``)
+    is handled; a row without an end token (truncated) is kept whole."""
+    is_end = token_ids == end_token_id
+    has_end = is_end.any(dim=1, keepdim=True)
+    first_end = torch.where(has_end, is_end.int().argmax(dim=1, keepdim=True), token_ids.shape[1])
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device).unsqueeze(0)
+    return positions < first_end
+
+
+@dataclass
+class MergeResult:
+    """Output of :func:`merge_segment_states`: ``cond`` ``(B, L, C)``; per prompt the merged token count
+    before padding/truncation (``merged``), the tokens cut by ``overflow="truncate"`` (``dropped``) and the
+    padding appended (``padding``)."""
+
+    cond: torch.Tensor
+    merged: list[int]
+    dropped: list[int]
+    padding: list[int]
+
+
+def output_length(merged: int, budget: int, overflow: OverflowPolicy) -> int:
+    """Length of one prompt's conditioning: the budget, or with ``overflow="extend"`` the smallest multiple of
+    the budget that holds every merged token (whole multiples keep positive and negative batchable in ComfyUI,
+    which repeats a shorter cond only to a common multiple)."""
+    if overflow == "extend":
+        return budget * max(1, math.ceil(merged / budget))
+    return budget
+
+
+def merge_segment_states(
+    states: torch.Tensor,
+    keep: torch.Tensor,
+    prompt_of_row: Sequence[int],
+    pad: torch.Tensor,
+    budget: int = DEFAULT_TOKEN_BUDGET,
+    overflow: OverflowPolicy = "extend",
+    num_prompts: int | None = None,
+) -> MergeResult:
+    """Merge per-segment hidden states into one conditioning per prompt (SPEC §1.3–1.5).
+
+    states: ``(N, T, C)`` one row per segment, rows of a prompt in segment order.
+    keep: ``(N, T)`` bool, True for positions to keep (each segment's start token and content tokens).
+    prompt_of_row: length N, the prompt index of each row (0..B-1).
+    pad: ``(C,)`` padding embedding.
+    overflow: ``"extend"`` grows the length to the next multiple of ``budget``; ``"truncate"`` keeps the first
+    ``budget`` tokens (reference); ``"error"`` raises. All prompts of a batch get the longest length.
+    Returns ``(B, L, C)`` in the dtype/device of ``states``.
+    """
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow {overflow!r} is not one of {OVERFLOW_POLICIES}")
+    if budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {budget}")
+    if states.ndim != 3 or keep.shape != states.shape[:2]:
+        raise ValueError(f"states (N, T, C) and keep (N, T) disagree: {tuple(states.shape)} vs {tuple(keep.shape)}")
+    if len(prompt_of_row) != states.shape[0]:
+        raise ValueError(f"prompt_of_row has {len(prompt_of_row)} entries for {states.shape[0]} segment rows")
+    if pad.shape != states.shape[-1:]:
+        raise ValueError(f"padding embedding {tuple(pad.shape)} does not match channels {states.shape[-1]}")
+    num_prompts = (max(prompt_of_row) + 1 if len(prompt_of_row) else 0) if num_prompts is None else num_prompts
+
+    rows_of: list[list[int]] = [[] for _ in range(num_prompts)]
+    for row, p in enumerate(prompt_of_row):
+        rows_of[p].append(row)
+    keep = keep.to(states.device)
+    merged_states = [states[rows][keep[rows]] for rows in rows_of]  # each (M_b, C)
+    merged = [m.shape[0] for m in merged_states]
+
+    if overflow == "error":
+        over = [(b, m) for b, m in enumerate(merged) if m > budget]
+        if over:
+            b, m = over[0]
+            raise ValueError(
+                f"prompt {b} needs {m} tokens but the token budget is {budget}: raise the budget to at least {m}, "
+                f"shorten the prompt, or choose overflow 'extend' (grow the budget) or 'truncate' (cut, as the "
+                f"reference does)")
+    length = max(output_length(m, budget, overflow) for m in merged) if merged else budget
+
+    pad = pad.to(device=states.device, dtype=states.dtype)
+    cond = pad.expand(num_prompts, length, -1).clone()
+    dropped, padding = [], []
+    for b, m in enumerate(merged_states):
+        n = min(m.shape[0], length)
+        cond[b, :n] = m[:n]
+        dropped.append(m.shape[0] - n)
+        padding.append(length - n)
+    return MergeResult(cond, merged, dropped, padding)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass
+class SegmentInfo:
+    """One encoded segment: its text and span, the content tokens kept, and tokens lost to the window
+    (only with ``long_segments="truncate"``)."""
+
+    text: str
+    start: int
+    end: int
+    tokens: int
+    truncated: int = 0
+    part: int = 1
+    parts: int = 1
+
+
+@dataclass
+class PromptReport:
+    """What segment-level encoding did with one prompt."""
+
+    segments: list[SegmentInfo]
+    budget: int
+    overflow: str
+    merged: int  # start tokens + content tokens before padding/truncation
+    length: int  # final conditioning length
+    dropped: int = 0  # merged tokens cut by overflow="truncate"
+    padding: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def content_tokens(self) -> int:
+        return sum(s.tokens for s in self.segments)
+
+    @property
+    def truncated(self) -> int:
+        return sum(s.truncated for s in self.segments)
+
+    @property
+    def lossless(self) -> bool:
+        """True when every token of the prompt reached the conditioning."""
+        return self.dropped == 0 and self.truncated == 0
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.truncated:
+            out.append(f"{self.truncated} tokens cut from segments longer than the encoder window "
+                       f"(long segments: truncate)")
+        if self.dropped:
+            first_lost = self._first_lost_segment()
+            out.append(f"{self.dropped} tokens cut at the token budget {self.budget} (overflow: truncate); "
+                       f"lost from segment {first_lost} on")
+        if self.overflow == "extend" and self.length > self.budget:
+            out.append(f"budget {self.budget} extended to {self.length} tokens to hold all {self.merged} "
+                       f"(the released LongSD model was trained at 240)")
+        return out
+
+    def _first_lost_segment(self) -> int:
+        used = 0
+        for k, s in enumerate(self.segments, 1):
+            used += 1 + s.tokens
+            if used > self.length:
+                return k
+        return len(self.segments)
+
+    def format(self, max_chars: int = 60) -> str:
+        """A readable table: one line per segment, then totals and warnings."""
+        lines = [f"{len(self.segments)} segments, {self.content_tokens} content tokens + "
+                 f"{len(self.segments)} start tokens = {self.merged} merged; "
+                 f"conditioning {self.length} tokens ({self.padding} padding)"]
+        for k, s in enumerate(self.segments, 1):
+            text = s.text if len(s.text) <= max_chars else s.text[: max_chars - 1] + "…"
+            part = f" [part {s.part}/{s.parts}]" if s.parts > 1 else ""
+            cut = f" (-{s.truncated} cut)" if s.truncated else ""
+            lines.append(f"{k:>3}. {s.tokens:>3} tok{cut}{part}  {text!r}")
+        lines += ["WARNING: " + w for w in self.warnings()]
+        lines += ["note: " + n for n in self.notes]
+        return "\n".join(lines)
+
+
+def build_report(
+    segments: Sequence[Segment],
+    content_tokens: Sequence[int],
+    result_merged: int,
+    result_dropped: int,
+    result_padding: int,
+    budget: int,
+    overflow: str,
+    window: int = CLIP_WINDOW,
+) -> PromptReport:
+    """Assemble a :class:`PromptReport` for one prompt from its segments and their full token counts."""
+    infos = []
+    for seg, n in zip(segments, content_tokens):
+        kept = min(n, window)
+        infos.append(SegmentInfo(seg.text, seg.start, seg.end, kept, n - kept, seg.part, seg.parts))
+    subsplit = sum(1 for s in segments if s.part == 1 and s.parts > 1)
+    notes = [f"{subsplit} sentence(s) longer than {window} tokens were split at clause or word boundaries"] \
+        if subsplit else []
+    length = result_merged - result_dropped + result_padding
+    return PromptReport(infos, budget, overflow, result_merged, length, result_dropped, result_padding, notes)

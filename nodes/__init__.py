@@ -1,0 +1,18 @@
+"""ComfyUI-facing nodes (V3 schema). Imported only inside ComfyUI: every module here may import comfy_api."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .text_encode import LongAlignTextEncode
+
+NODES: list[type[io.ComfyNode]] = [LongAlignTextEncode]
+
+
+class LongAlignExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> LongAlignExtension:
+    return LongAlignExtension()

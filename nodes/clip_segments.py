@@ -1,0 +1,277 @@
+"""Segment-level encoding through ComfyUI's own ``CLIP`` object (SD1.x, SD2.x, SDXL).
+
+Everything the host does to text keeps working because the host does it: ``clip.tokenize`` parses
+``(word:1.2)`` weights and ``embedding:name``; ``clip.encode_from_tokens_scheduled`` applies clip-skip
+(``CLIPSetLastLayer``), LoRA patches on the CLIP and scheduled CLIP hooks. This module only decides which
+77-token chunks to send (one per segment, all in one batched call) and which positions to keep, then hands the
+states to :func:`longalign_core.segment_encoding.merge_segment_states`.
+
+A :class:`SegmentCache` keyed by the CLIP model, its patch state (``patcher.patches_uuid``), clip-skip and each
+chunk's tokens and weights lets an edit of one sentence re-encode only that sentence.
+
+The ``clip`` argument is duck-typed (``tokenize``, ``encode_from_tokens_scheduled``, ``layer_idx``,
+``patcher``, ``cond_stage_model``): nothing here imports ``comfy``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..longalign_core.segment_encoding import (
+    DEFAULT_TOKEN_BUDGET,
+    PAD_EMBEDDING_POSITIONS,
+    OverflowPolicy,
+    PromptReport,
+    build_report,
+    merge_segment_states,
+    padding_embedding,
+    plan_segments,
+)
+from ..longalign_core.segmentation import LongSegmentPolicy, SplitMode
+
+START_ID = 49406
+END_ID = 49407
+CHUNK = 77
+#: Token streams of CLIP text encoders this node understands (ComfyUI tokenizer keys).
+SUPPORTED_KEYS = {"l": "SD1.x CLIP-L", "h": "SD2.x OpenCLIP-H", "g": "SDXL OpenCLIP-bigG"}
+
+Chunk = list  # 77 tuples (token, weight[, word_id]); token is an int id or an embedding tensor/dict
+
+
+class UnsupportedClipError(ValueError):
+    pass
+
+
+def _first_end(chunk: Chunk) -> int:
+    """Index of the first end token of a chunk (= start token + content count); the whole chunk if none."""
+    for i, entry in enumerate(chunk):
+        tok = entry[0]
+        if isinstance(tok, numbers.Integral) and int(tok) == END_ID:
+            return i
+    return len(chunk)
+
+
+def _token_key(entry) -> Any:
+    tok, weight = entry[0], float(entry[1])
+    if isinstance(tok, numbers.Integral):
+        return int(tok), weight
+    if torch.is_tensor(tok):
+        return hashlib.sha1(tok.detach().float().cpu().numpy().tobytes()).hexdigest(), weight
+    return repr(tok), weight
+
+
+def _chunk_key(chunks_by_key: dict[str, Chunk]) -> tuple:
+    return tuple((k, tuple(_token_key(e) for e in chunks_by_key[k])) for k in sorted(chunks_by_key))
+
+
+@dataclass
+class _Entry:
+    kept: torch.Tensor  # (K, C) states at the kept positions (start token + content)
+    pooled: torch.Tensor | None  # pooled output when this chunk was first in its batch, else None
+
+
+class SegmentCache:
+    """LRU cache of encoded segment chunks, per CLIP model (held weakly) and patch state.
+
+    Key: (patches uuid, clip-skip layer, chunk tokens + weights). Only kept positions are stored.
+    """
+
+    def __init__(self, max_entries: int = 2048):
+        self.max_entries = max_entries
+        self._models: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _table(self, clip) -> OrderedDict:
+        model = clip.cond_stage_model
+        with self._lock:
+            table = self._models.get(model)
+            if table is None:
+                table = OrderedDict()
+                self._models[model] = table
+            return table
+
+    @staticmethod
+    def state_key(clip) -> tuple:
+        patcher = getattr(clip, "patcher", None)
+        return (str(getattr(patcher, "patches_uuid", None)), getattr(clip, "layer_idx", None))
+
+    def get(self, clip, key: tuple) -> _Entry | None:
+        table = self._table(clip)
+        with self._lock:
+            entry = table.get(key)
+            if entry is not None:
+                table.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return entry
+
+    def put(self, clip, key: tuple, entry: _Entry) -> None:
+        table = self._table(clip)
+        with self._lock:
+            table[key] = entry
+            table.move_to_end(key)
+            while len(table) > self.max_entries:
+                table.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models = weakref.WeakKeyDictionary()
+            self.hits = self.misses = 0
+
+
+def _uses_clip_hooks(clip) -> bool:
+    return bool(getattr(clip, "use_clip_schedule", False)) and getattr(getattr(clip, "patcher", None),
+                                                                        "forced_hooks", None) is not None
+
+
+class HostClipSegments:
+    """Segment-level encoding of one prompt through a ComfyUI ``CLIP`` object."""
+
+    def __init__(self, clip, cache: SegmentCache | None = None,
+                 check_interrupt: Callable[[], None] | None = None):
+        self.clip = clip
+        self.cache = cache
+        self.check_interrupt = check_interrupt or (lambda: None)
+        empty = clip.tokenize("")
+        if not isinstance(empty, dict) or not empty:
+            raise UnsupportedClipError("this CLIP's tokenizer did not return ComfyUI token chunks")
+        unknown = [k for k in empty if k not in SUPPORTED_KEYS]
+        if unknown:
+            raise UnsupportedClipError(
+                f"LongAlign Text Encode works with CLIP text encoders ({', '.join(f'{k}: {v}' for k, v in SUPPORTED_KEYS.items())}); "
+                f"this model's text encoder has streams {sorted(empty)}. Use the model's own text-encode node.")
+        for k, chunks in empty.items():
+            if len(chunks) != 1 or len(chunks[0]) != CHUNK or chunks[0][0][0] != START_ID:
+                raise UnsupportedClipError(f"unexpected token layout for stream {k!r}: expected 77-token chunks "
+                                           f"starting with the start token")
+        self.keys = sorted(empty)
+        self.primary = "l" if "l" in empty else self.keys[0]
+        self._empty = empty
+        self._tokens: dict[str, dict[str, list[Chunk]]] = {}
+
+    # -- tokens -------------------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> dict[str, list[Chunk]]:
+        tokens = self._tokens.get(text)
+        if tokens is None:
+            tokens = self.clip.tokenize(text)
+            counts = {k: len(tokens[k]) for k in self.keys}
+            if len(set(counts.values())) != 1:
+                raise ValueError(f"token streams disagree on chunk count for {text!r}: {counts}")
+            self._tokens[text] = tokens
+        return tokens
+
+    def count_tokens(self, text: str) -> int:
+        """Content positions (start/end/pad excluded) the host makes of ``text``, over all its chunks."""
+        return sum(_first_end(c) - 1 for c in self.tokenize(text)[self.primary])
+
+    # -- encoding -----------------------------------------------------------------------------------------------
+    def _encode_chunks(self, chunk_list: list[dict[str, Chunk]]) -> list[tuple[torch.Tensor, dict]]:
+        """One host call for all chunks → per conditioning entry, ``(n, 77, C)`` states and the host's dict."""
+        tokens = {k: [c[k] for c in chunk_list] for k in self.keys}
+        out = self.clip.encode_from_tokens_scheduled(tokens)
+        result = []
+        for cond, extra in out:
+            if cond.shape[1] != CHUNK * len(chunk_list):
+                raise ValueError(f"host returned {cond.shape[1]} positions for {len(chunk_list)} chunks of {CHUNK}")
+            result.append((cond[0].reshape(len(chunk_list), CHUNK, cond.shape[-1]), extra))
+        return result
+
+    def encode(
+        self,
+        prompt: str,
+        budget: int = DEFAULT_TOKEN_BUDGET,
+        overflow: OverflowPolicy = "extend",
+        split_mode: SplitMode = "sentence",
+        long_segments: LongSegmentPolicy = "split",
+    ) -> tuple[list[list], PromptReport]:
+        """CONDITIONING ``[[cond (1, L, C), {"pooled_output": …, …}], …]`` and the report for ``prompt``.
+
+        The pooled output is the first segment's (the host likewise pools the first chunk of a long prompt).
+        """
+        plan = plan_segments(prompt, self.count_tokens, CHUNK - 2, split_mode, long_segments)
+        seg_chunks = [{k: self.tokenize(s.text)[k][0] for k in self.keys} for s in plan]  # truncate: 1st chunk
+        counts = [self.count_tokens(s.text) for s in plan]
+        kept_len = [_first_end(c[self.primary]) for c in seg_chunks]
+        self.check_interrupt()
+
+        if _uses_clip_hooks(self.clip) or self.cache is None:
+            entries = self._encode_all(seg_chunks)
+        else:
+            entries = [self._encode_cached(seg_chunks)]
+
+        conditioning = []
+        report = None
+        for seg_states, pad, extra in entries:
+            channels = pad.shape[-1]
+            states = torch.zeros(len(plan), CHUNK, channels, dtype=pad.dtype, device=pad.device)
+            keep = torch.zeros(len(plan), CHUNK, dtype=torch.bool)
+            for i, (kept, n) in enumerate(zip(seg_states, kept_len)):
+                states[i, :n] = kept[:n]
+                keep[i, :n] = True
+            result = merge_segment_states(states, keep, [0] * len(plan), pad, budget, overflow, num_prompts=1)
+            conditioning.append([result.cond, extra])
+            if report is None:
+                report = build_report(plan, counts, result.merged[0], result.dropped[0], result.padding[0],
+                                      budget, overflow, CHUNK - 2)
+        return conditioning, report
+
+    def _encode_all(self, seg_chunks):
+        """No cache (CLIP hooks present, or caching off): segments + the empty prompt in one host call."""
+        empty = {k: self._empty[k][0] for k in self.keys}
+        out = []
+        for states, extra in self._encode_chunks(seg_chunks + [empty]):
+            pad = padding_embedding(states[-1], PAD_EMBEDDING_POSITIONS)
+            out.append((list(states[:-1]), pad, dict(extra)))
+        return out
+
+    def _encode_cached(self, seg_chunks):
+        cache, clip = self.cache, self.clip
+        state = SegmentCache.state_key(clip)
+        pad_key = state + ("<pad*>",)
+        keys = [state + _chunk_key(c) for c in seg_chunks]
+        found = [cache.get(clip, k) for k in keys]
+        pad_entry = cache.get(clip, pad_key)
+        # The host pools the first chunk of a call: the first segment goes first when its pooled is missing.
+        need_first = found[0] is None or found[0].pooled is None
+        todo = [i for i, e in enumerate(found) if e is None or (i == 0 and need_first)]
+        batch = [seg_chunks[i] for i in todo]
+        if pad_entry is None:
+            batch.append({k: self._empty[k][0] for k in self.keys})
+        extra: dict = {}
+        if batch:
+            (states, extra), = self._encode_chunks(batch)
+            extra = dict(extra)
+            for j, i in enumerate(todo):
+                n = _first_end(seg_chunks[i][self.primary])
+                pooled = extra.get("pooled_output") if j == 0 and i == 0 else None
+                entry = _Entry(states[j, :n].clone(), pooled)
+                cache.put(clip, keys[i], entry)
+                found[i] = entry
+            if pad_entry is None:
+                pad_entry = _Entry(padding_embedding(states[-1], PAD_EMBEDDING_POSITIONS), None)
+                cache.put(clip, pad_key, pad_entry)
+        pooled = found[0].pooled
+        extra["pooled_output"] = pooled
+        add_hooks = getattr(clip, "add_hooks_to_dict", None)
+        if callable(add_hooks):
+            extra = add_hooks(extra)
+        return list(e.kept for e in found), pad_entry.kept, extra
+
+
+def encode_prompt(clip, prompt: str, cache: SegmentCache | None = None, **options):
+    """Convenience wrapper: ``(conditioning, report)`` for ``prompt`` through ``clip``."""
+    return HostClipSegments(clip, cache).encode(prompt, **options)
+
+
+__all__ = ["HostClipSegments", "SegmentCache", "UnsupportedClipError", "encode_prompt", "SUPPORTED_KEYS"]

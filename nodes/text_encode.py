@@ -1,0 +1,77 @@
+"""ComfyUI node "LongAlign Text Encode": segment-level long-prompt conditioning through the host's CLIP."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
+from ..longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
+from . import host
+from .clip_segments import HostClipSegments, SegmentCache
+
+log = logging.getLogger("LongAlign")
+
+#: One cache for the whole ComfyUI process, per CLIP model (held weakly) and patch state.
+SEGMENT_CACHE = SegmentCache()
+
+
+class LongAlignTextEncode(io.ComfyNode):
+    """Encode a long prompt sentence by sentence (LongAlign, ICLR 2025) into a CONDITIONING longer than 77
+    tokens, with no silent loss of text."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LongAlignTextEncode",
+            display_name="LongAlign Text Encode",
+            category="LongAlign/conditioning",
+            description="Splits the prompt into sentences, encodes each with the CLIP on its own (no 77-token "
+                        "limit), keeps every sentence's start and content tokens and pads to the token budget "
+                        "with the padding embedding. clip-skip, CLIP LoRAs, embeddings and (word:1.2) weights "
+                        "work as in CLIP Text Encode.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP from a checkpoint loader (SD1.x, SD2.x or SDXL). "
+                                              "CLIP Set Last Layer and CLIP LoRAs applied before this node are "
+                                              "honoured."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt, as long as you like. Sentences end at . ! ? ; or a line "
+                                        "break. Weights like (red:1.2) and embedding:name work."),
+                io.Int.Input("token_budget", default=DEFAULT_TOKEN_BUDGET, min=1, max=4096, step=1,
+                             tooltip="Length of the conditioning in tokens. 240 is what LongSD was trained "
+                                     "with. Use the same budget for positive and negative so they batch "
+                                     "together."),
+                io.Combo.Input("overflow", options=list(OVERFLOW_POLICIES), default="extend",
+                               tooltip="When the sentences need more tokens than the budget: extend = grow "
+                                       "to the next multiple of the budget (nothing lost); truncate = cut at "
+                                       "the budget like the reference code (reported); error = stop."),
+                io.Combo.Input("split_mode", options=list(SPLIT_MODES), default="sentence",
+                               tooltip="sentence = real sentence boundaries (not inside 3.5, Mr., or "
+                                       "parentheses); reference = the released LongAlign code's split at "
+                                       "every . and ?"),
+                io.Combo.Input("long_sentences", options=list(LONG_SEGMENT_POLICIES), default="split",
+                               tooltip="A sentence over 75 tokens: split = cut it at commas, then words "
+                                       "(nothing lost); truncate = keep its first 75 tokens like the "
+                                       "reference (reported).", extra_dict={"advanced": True}),
+            ],
+            outputs=[
+                io.Conditioning.Output(tooltip="Segment-level conditioning, token_budget tokens long (or a "
+                                               "multiple of it with overflow=extend)."),
+                io.String.Output(display_name="report",
+                                 tooltip="Segments, tokens per segment, totals, and anything extended or cut. "
+                                         "Connect to Preview as Text to read it."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, token_budget, overflow, split_mode, long_sentences) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("LongAlign Text Encode: no CLIP connected. If it comes from a checkpoint loader, "
+                             "the checkpoint may contain no text encoder; load one with a CLIP loader node.")
+        encoder = HostClipSegments(clip, SEGMENT_CACHE, host.check_interrupt)
+        conditioning, report = encoder.encode(text, budget=token_budget, overflow=overflow,
+                                              split_mode=split_mode, long_segments=long_sentences)
+        for warning in report.warnings():
+            log.warning("LongAlign Text Encode: %s", warning)
+        return io.NodeOutput(conditioning, report.format())

@@ -1,0 +1,252 @@
+"""Segment-level encoding against independent computations through transformers."""
+
+import re
+
+import pytest
+import torch
+
+from longalign_core import CLIPSegmentEncoder, merge_segment_states, padding_embedding, split_segments
+
+START, END = 49406, 49407
+
+LONG_PROMPT = (
+    "A weathered lighthouse stands on a basalt cliff at dusk. Waves crash against the rocks below, throwing "
+    "white spray into the air! A keeper in a yellow raincoat climbs the spiral stairs; he carries a brass "
+    "lantern. Gulls circle the lamp room. The sky fades from orange to deep violet, and the first stars appear. "
+    "In the foreground, a wooden rowing boat is tied to a rusted iron ring. Fishing nets hang drying on a "
+    "fence. A black cat sleeps on an upturned crate. Mr. Alvarez, the old fisherman, mends a net by "
+    "lantern light. His dog, a scruffy terrier, watches the sea. Smoke rises from the chimney of a small "
+    "cottage. A path of flat stones leads up to the door. Wildflowers grow between the stones. Far out at "
+    "sea, a cargo ship's lights blink."
+)
+
+
+def independent_segment_states(tokenizer, model, text):
+    """One segment on its own, padded to 77 (not to the batch's longest): start + content states."""
+    ids = tokenizer(text, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = model(ids).last_hidden_state[0]
+    n = int((ids[0] == END).nonzero()[0])  # first end token = 1 + content tokens
+    return states[:n]
+
+
+def independent_pad(tokenizer, model):
+    ids = tokenizer([""], max_length=77, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).last_hidden_state[0, -60:].mean(0)
+
+
+def expected_cond(tokenizer, model, prompt, budget=240):
+    parts = [independent_segment_states(tokenizer, model, s.text) for s in split_segments(prompt)]
+    merged = torch.cat(parts)
+    pad = independent_pad(tokenizer, model)
+    length = max(budget, -(-merged.shape[0] // budget) * budget)
+    return torch.cat([merged, pad.expand(length - merged.shape[0], -1)])
+
+
+def test_merged_states_equal_independent_per_segment_encodes(segment_encoder, clip_tokenizer, tiny_text_encoder):
+    prompts = [LONG_PROMPT, "A cat. A dog.", "one sentence without a full stop"]
+    out = segment_encoder.encode(prompts)
+    assert out.cond.shape == (3, 240, 32)
+    for b, p in enumerate(prompts):
+        torch.testing.assert_close(out.cond[b], expected_cond(clip_tokenizer, tiny_text_encoder, p),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_start_tokens_kept_end_and_pad_dropped(segment_encoder, clip_tokenizer, tiny_text_encoder):
+    prompt = "A cat. A dog sits. Birds fly."
+    out = segment_encoder.encode(prompt)
+    report = out.reports[0]
+    n_seg = len(report.segments)
+    assert n_seg == 3 and report.merged == n_seg + report.content_tokens
+    # CLIP is causal: every segment's start-token state is the same vector, found exactly once per segment.
+    start_state = independent_segment_states(clip_tokenizer, tiny_text_encoder, "x")[0]
+    is_start = (out.cond[0] - start_state).abs().amax(-1) < 1e-5
+    starts = is_start.nonzero().flatten().tolist()
+    expected_starts, pos = [], 0
+    for s in report.segments:
+        expected_starts.append(pos)
+        pos += 1 + s.tokens
+    assert starts == expected_starts
+    # No end-token state survives: compare with each segment's end-token state.
+    for s in split_segments(prompt):
+        ids = clip_tokenizer(s.text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            end_state = tiny_text_encoder(ids).last_hidden_state[0, -1]
+        assert ((out.cond[0, :report.merged] - end_state).abs().amax(-1) > 1e-4).all()
+
+
+def test_padding_vector_is_mean_of_last_60_empty_states(segment_encoder, clip_tokenizer, tiny_text_encoder):
+    pad = independent_pad(clip_tokenizer, tiny_text_encoder)
+    torch.testing.assert_close(segment_encoder.padding_embedding(), pad)
+    out = segment_encoder.encode("A cat.")
+    merged = out.reports[0].merged
+    torch.testing.assert_close(out.cond[0, merged:], pad.expand(240 - merged, -1))
+
+
+def test_short_prompt_equals_plain_encode(segment_encoder, clip_tokenizer, tiny_text_encoder):
+    prompt = "a photograph of an astronaut riding a horse"
+    ids = clip_tokenizer(prompt, max_length=77, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = tiny_text_encoder(ids).last_hidden_state[0]
+    n = int((ids[0] == END).nonzero()[0])
+    out = segment_encoder.encode(prompt)
+    torch.testing.assert_close(out.cond[0, :n], plain[:n], atol=1e-5, rtol=1e-5)
+
+
+def test_segment_order_is_preserved(segment_encoder):
+    a, b = "A red cube.", "A green sphere."
+    ab = segment_encoder.encode(f"{a} {b}").cond[0]
+    ba = segment_encoder.encode(f"{b} {a}").cond[0]
+    na = segment_encoder.count_tokens(a) + 1
+    nb = segment_encoder.count_tokens(b) + 1
+    torch.testing.assert_close(ab[:na], ba[nb:nb + na])
+    torch.testing.assert_close(ab[na:na + nb], ba[:nb])
+    assert not torch.allclose(ab[:na + nb], ba[:na + nb])
+
+
+def test_empty_prompt_is_start_token_plus_padding(segment_encoder, clip_tokenizer, tiny_text_encoder):
+    for prompt in ["", "   \n "]:
+        out = segment_encoder.encode(prompt)
+        start = independent_segment_states(clip_tokenizer, tiny_text_encoder, "")
+        assert start.shape[0] == 1
+        torch.testing.assert_close(out.cond[0, 0], start[0])
+        torch.testing.assert_close(out.cond[0, 1:], independent_pad(clip_tokenizer, tiny_text_encoder).expand(239, -1))
+        assert out.reports[0].merged == 1
+
+
+@pytest.mark.parametrize("prompt", ["...!?", "一只橘猫在窗台上晒太阳。窗外是樱花。", "🐱🐶🦊 emoji parade! 🎉🎉"])
+def test_unusual_text_encodes_losslessly(segment_encoder, clip_tokenizer, tiny_text_encoder, prompt):
+    out = segment_encoder.encode(prompt)
+    assert out.reports[0].lossless
+    assert out.reports[0].content_tokens == sum(segment_encoder.count_tokens(s.text) for s in split_segments(prompt))
+    torch.testing.assert_close(out.cond[0], expected_cond(clip_tokenizer, tiny_text_encoder, prompt),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_10k_token_prompt_extends_without_loss(segment_encoder):
+    sentence = "a small {} house with a red roof and {} windows stands near the river"
+    prompt = " ".join(sentence.format(i, i + 1) + "." for i in range(600))
+    n_tokens = segment_encoder.count_tokens(prompt)
+    assert n_tokens > 10_000
+    out = segment_encoder.encode(prompt)
+    r = out.reports[0]
+    assert r.lossless and r.content_tokens == n_tokens
+    assert r.length % 240 == 0 and r.length >= r.merged and out.cond.shape[1] == r.length
+    assert any("extended" in w for w in r.warnings())
+
+
+def test_overflow_policies(segment_encoder):
+    prompt = " ".join(f"Sentence {i} talks about a blue teapot on a table." for i in range(30))
+    ext = segment_encoder.encode(prompt, budget=240, overflow="extend")
+    cut = segment_encoder.encode(prompt, budget=240, overflow="truncate")
+    r_ext, r_cut = ext.reports[0], cut.reports[0]
+    assert r_ext.merged > 240 and ext.cond.shape[1] == 480 and r_ext.dropped == 0
+    assert cut.cond.shape[1] == 240 and r_cut.dropped == r_cut.merged - 240
+    torch.testing.assert_close(cut.cond[0], ext.cond[0, :240])
+    assert not r_cut.lossless and "cut at the token budget" in r_cut.format()
+    with pytest.raises(ValueError, match=r"needs \d+ tokens but the token budget is 240"):
+        segment_encoder.encode(prompt, overflow="error")
+    with pytest.raises(ValueError, match="extend"):
+        segment_encoder.encode(prompt, overflow="drop")
+
+
+def test_batch_of_prompts_pads_to_longest(segment_encoder):
+    long = " ".join(f"Sentence {i} talks about a blue teapot on a table." for i in range(30))
+    out = segment_encoder.encode([long, "short."])
+    assert out.cond.shape[1] == 480
+    assert out.reports[1].padding == 480 - out.reports[1].merged
+
+
+def test_long_sentence_split_vs_reference_truncation(segment_encoder):
+    sentence = ", ".join(f"detail {i} of the carved wooden door" for i in range(20)) + "."
+    n = segment_encoder.count_tokens(sentence)
+    split = segment_encoder.encode(sentence).reports[0]
+    trunc = segment_encoder.encode(sentence, long_segments="truncate").reports[0]
+    assert split.lossless and split.content_tokens == n and len(split.segments) > 1
+    assert trunc.truncated == n - 75 and not trunc.lossless
+    assert "cut from segments longer than the encoder window" in trunc.format()
+
+
+def test_one_forward_for_all_segments_of_all_prompts(clip_tokenizer, tiny_text_encoder):
+    enc = CLIPSegmentEncoder(clip_tokenizer, tiny_text_encoder)
+    enc.padding_embedding()
+    calls = []
+    handle = tiny_text_encoder.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        enc.encode([LONG_PROMPT, "A cat. A dog. A cow.", ""])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_clip_skip_uses_penultimate_layer_with_final_norm(clip_tokenizer, tiny_text_encoder):
+    enc = CLIPSegmentEncoder(clip_tokenizer, tiny_text_encoder, clip_skip=1)
+    prompt = "A cat on a mat."
+    ids = clip_tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = tiny_text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        expected = getattr(tiny_text_encoder, "text_model", tiny_text_encoder).final_layer_norm(h)[0, :-1]
+    torch.testing.assert_close(enc.encode(prompt).cond[0, :ids.shape[1] - 1], expected)
+    with pytest.raises(ValueError, match="clip_skip"):
+        CLIPSegmentEncoder(clip_tokenizer, tiny_text_encoder, clip_skip=5)
+
+
+def test_dtype_is_kept(clip_tokenizer, tiny_text_encoder):
+    import copy
+
+    model = copy.deepcopy(tiny_text_encoder).to(torch.bfloat16)
+    out = CLIPSegmentEncoder(clip_tokenizer, model).encode("A cat. A dog.")
+    assert out.cond.dtype == torch.bfloat16
+
+
+def reference_caption2embed(captions, tokenizer, model, token_length=240):
+    """The released ``tools.caption2embed`` CLIP branch, re-written from the published algorithm."""
+    pattern = re.compile(r'"!|\.|\?|;"')
+    sentences, index = [], []
+    for ic, caption in enumerate(captions):
+        pieces = [s + "." for s in re.split(pattern, caption) if len(s) > 0] or [caption]
+        sentences += pieces
+        index += [ic] * len(pieces)
+    tok = tokenizer(sentences, max_length=77, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(tok.input_ids)[0]
+    index = torch.tensor(index)
+    pad_ids = tokenizer([""], max_length=77, padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        pad = model(pad_ids)[0][0, -60:].mean(dim=0, keepdim=True)
+    out = []
+    for i in range(len(captions)):
+        e = states[index == i]
+        ids = tok.input_ids[index == i]
+        m = (ids != tokenizer.pad_token_id) * (ids != tokenizer.eos_token_id)
+        cat = e.reshape(-1, e.shape[-1])[m.reshape(-1)]
+        if len(cat) > token_length:
+            cat = cat[:token_length]
+        else:
+            cat = torch.cat([cat, pad.repeat(token_length - len(cat), 1)])
+        out.append(cat)
+    return torch.stack(out)
+
+
+def test_reference_settings_reproduce_released_code(clip_tokenizer, tiny_text_encoder):
+    enc = CLIPSegmentEncoder(clip_tokenizer, tiny_text_encoder)
+    long_sentence = " ".join(["word"] * 90) + ". Short one? 3.5 Mr. X; ok"
+    over_budget = " ".join(f"Sentence {i} talks about a blue teapot on a table." for i in range(30))
+    captions = [LONG_PROMPT, long_sentence, "", over_budget]
+    ours = enc.encode(captions, split_mode="reference", long_segments="truncate", overflow="truncate").cond
+    torch.testing.assert_close(ours, reference_caption2embed(captions, clip_tokenizer, tiny_text_encoder),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_merge_validates_inputs():
+    states = torch.zeros(2, 5, 4)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="prompt_of_row"):
+        merge_segment_states(states, keep, [0], torch.zeros(4))
+    with pytest.raises(ValueError, match="channels"):
+        merge_segment_states(states, keep, [0, 0], torch.zeros(3))
+    with pytest.raises(ValueError, match="budget"):
+        merge_segment_states(states, keep, [0, 0], torch.zeros(4), budget=0)
+    with pytest.raises(ValueError, match=r"\(T, C\)"):
+        padding_embedding(torch.zeros(77))
