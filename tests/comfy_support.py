@@ -1,0 +1,165 @@
+"""Helpers for tests against a real ComfyUI checkout (``COMFYUI_PATH``); those tests skip without it.
+
+Nothing here copies ComfyUI code: it imports the checkout the user points at, the way ComfyUI's own loader
+would, and builds random-weight text encoders / checkpoints of the shapes ComfyUI detects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+requires_comfy = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
+
+#: Files and folders that make up the installable pack (what ComfyUI Manager would put in custom_nodes/).
+PACK_CONTENT = ["__init__.py", "nodes", "longalign_core", "workflows", "pyproject.toml", "requirements.txt"]
+PACK_NAME = "ComfyUI-LongAlign"
+
+# Text encoder shapes ComfyUI hard-codes (its sd1/sd2/bigG configs); values are random here.
+CLIP_SHAPES = {
+    "l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768),
+    "h": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+              hidden_act="gelu", projection_dim=1024),
+    "g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              hidden_act="gelu", projection_dim=1280),
+}
+
+
+def import_comfy():
+    """Make the checkout importable on a CPU-only torch (ComfyUI picks its device at import)."""
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.sd
+
+    return comfy
+
+
+def load_pack(name: str = "longalign_pack"):
+    """Import this repository as ComfyUI imports a custom node folder: as a package from its ``__init__.py``."""
+    if name in sys.modules:
+        return sys.modules[name]
+    import_comfy()
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_clip_text_state_dict(kind: str, seed: int = 0, with_projection: bool = False) -> dict[str, torch.Tensor]:
+    """Random weights for a full-size CLIP text encoder in Hugging Face ``CLIPTextModel`` key layout
+    (``text_model.…``), as ComfyUI's text-encoder loader reads them."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407, **CLIP_SHAPES[kind])
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, tensor in model.state_dict().items():
+        if "position_ids" in key:
+            continue
+        if key.startswith("text_projection") and not with_projection:
+            continue
+        if tensor.ndim == 1:
+            value = torch.zeros(tensor.shape) if key.endswith("bias") else torch.ones(tensor.shape)
+        elif "embedding" in key:
+            value = torch.randn(tensor.shape, generator=gen) * 0.3
+        else:
+            value = torch.randn(tensor.shape, generator=gen) / math.sqrt(tensor.shape[1])
+        if not key.startswith(("text_model.", "text_projection")):
+            key = "text_model." + key  # transformers 5 drops the prefix ComfyUI expects
+        sd[key] = value
+    return sd
+
+
+def host_clip(kinds: str, seed: int = 0):
+    """A ComfyUI ``CLIP`` object with random full-size weights, fp32: ``"l"`` (SD1.x), ``"h"`` (SD2.x),
+    ``"gl"`` (SDXL)."""
+    comfy = import_comfy()
+    sds = [random_clip_text_state_dict(k, seed + i, with_projection=(k == "g")) for i, k in enumerate(kinds)]
+    return comfy.sd.load_text_encoder_state_dicts(sds, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                                                  model_options={"dtype": torch.float32})
+
+
+def host_segment_reference(clip, segment_texts, pad_positions=60):
+    """The host's own per-segment encodes, one call per segment, merged by position: the expected result."""
+    parts = []
+    for text in segment_texts:
+        tokens = clip.tokenize(text)
+        cond = clip.encode_from_tokens(tokens)[0]
+        key = "l" if "l" in tokens else next(iter(tokens))
+        ids = [e[0] for e in tokens[key][0]]
+        n = next(i for i, t in enumerate(ids) if isinstance(t, int) and t == 49407)
+        parts.append(cond[:n])
+    empty = clip.encode_from_tokens(clip.tokenize(""))[0]
+    return torch.cat(parts), empty[-pad_positions:].mean(0)
+
+
+def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random-weight single-file checkpoint ComfyUI detects as SD1.5: LDM key layout, UNet shrunk to one
+    level (model_channels 320 and context 768 are what detection needs), full-size CLIP-L and VAE (ComfyUI
+    fixes their configs). Shapes come from ComfyUI's own modules on the meta device."""
+    from safetensors.torch import save_file
+
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False,
+                    use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+                    use_temporal_attention=False, num_heads=8, num_head_channels=-1, use_checkpoint=False)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    shapes = {}
+    with torch.device("meta"):
+        unet = UNetModel(**unet_cfg, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+        shapes.update({"model.diffusion_model." + k: v.shape for k, v in unet.state_dict().items()})
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+        shapes.update({"first_stage_model." + k: v.shape for k, v in vae.state_dict().items()})
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        if len(shape) <= 1:
+            value = torch.zeros(shape) if key.endswith("bias") else torch.ones(shape)
+        else:
+            value = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        sd[key] = value.half()
+    for key, value in random_clip_text_state_dict("l", seed).items():
+        sd["cond_stage_model.transformer." + key] = value.half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"note": "random weights, LongAlign tests only"})
+    return path
+
+
+def install_pack(custom_nodes: Path) -> Path:
+    """Copy the pack's installable content into ``custom_nodes/ComfyUI-LongAlign`` (as ComfyUI Manager would)."""
+    target = custom_nodes / PACK_NAME
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in PACK_CONTENT:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, target / name)
+    return target

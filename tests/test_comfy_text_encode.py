@@ -1,0 +1,198 @@
+"""LongAlign Text Encode against a real ComfyUI (in-process). Skips unless COMFYUI_PATH is set."""
+
+import asyncio
+
+import pytest
+import torch
+
+from comfy_support import host_clip, host_segment_reference, import_comfy, load_pack, requires_comfy
+from longalign_core import split_segments
+from longalign_core.examples import EXAMPLE_PROMPT
+
+pytestmark = requires_comfy
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture(scope="module")
+def node(pack):
+    import sys
+
+    return sys.modules[pack.__name__ + ".nodes.text_encode"].LongAlignTextEncode
+
+
+@pytest.fixture(scope="module")
+def clip_l():
+    return host_clip("l")
+
+
+def run_node(node, clip, text, budget=240, overflow="extend", split_mode="sentence", long_sentences="split"):
+    out = node.execute(clip=clip, text=text, token_budget=budget, overflow=overflow, split_mode=split_mode,
+                       long_sentences=long_sentences)
+    conditioning, report = out.args
+    return conditioning, report
+
+
+def expected(clip, text, budget=240):
+    merged, pad = host_segment_reference(clip, [s.text for s in split_segments(text)])
+    length = max(budget, -(-merged.shape[0] // budget) * budget)
+    return torch.cat([merged, pad.expand(length - merged.shape[0], -1)])
+
+
+def test_pack_registers_v3_node_with_tooltips(pack):
+    ext = asyncio.run(pack.comfy_entrypoint())
+    nodes = asyncio.run(ext.get_node_list())
+    schemas = {n.GET_SCHEMA().node_id: n.GET_SCHEMA() for n in nodes}
+    assert "LongAlignTextEncode" in schemas
+    schema = schemas["LongAlignTextEncode"]
+    assert schema.category == "LongAlign/conditioning"
+    assert all(i.tooltip for i in schema.inputs)
+    assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "STRING"]
+
+
+def test_sd1_matches_host_per_segment_encodes(node, clip_l):
+    conditioning, report = run_node(node, clip_l, EXAMPLE_PROMPT)
+    assert len(conditioning) == 1
+    cond, extra = conditioning[0]
+    assert cond.shape == (1, 240, 768)
+    torch.testing.assert_close(cond[0], expected(clip_l, EXAMPLE_PROMPT), atol=2e-4, rtol=1e-4)
+    assert "14 segments" in report and "WARNING" not in report
+    pooled = clip_l.encode_from_tokens(clip_l.tokenize(split_segments(EXAMPLE_PROMPT)[0].text), return_pooled=True)[1]
+    torch.testing.assert_close(extra["pooled_output"], pooled, atol=2e-4, rtol=1e-4)
+
+
+def test_sd1_matches_transformers_with_same_weights(node, clip_l):
+    """Cross-host check: ComfyUI's CLIP object and transformers' CLIPTextModel, same weights, same result."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from comfy_support import CLIP_SHAPES, random_clip_text_state_dict
+    from longalign_core import CLIPSegmentEncoder
+    from longalign_core.clip_vocab import load_clip_tokenizer
+
+    cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407, **CLIP_SHAPES["l"])
+    model = CLIPTextModel(cfg).eval()
+    sd = random_clip_text_state_dict("l", seed=0)
+    prefix = "text_model." if hasattr(model, "text_model") else ""
+    missing, unexpected = model.load_state_dict({prefix + k[len("text_model."):]: v for k, v in sd.items()},
+                                                strict=False)
+    assert not [m for m in missing if "position_ids" not in m] and not unexpected
+    ours = CLIPSegmentEncoder(load_clip_tokenizer(), model).encode(EXAMPLE_PROMPT).cond[0]
+    cond = run_node(node, clip_l, EXAMPLE_PROMPT)[0][0][0][0]
+    torch.testing.assert_close(cond, ours, atol=5e-4, rtol=1e-3)
+
+
+def test_300_token_prompt_extends_with_no_loss(node, clip_l):
+    prompt = EXAMPLE_PROMPT + " " + EXAMPLE_PROMPT.replace("lighthouse", "windmill")[:420]
+    conditioning, report = run_node(node, clip_l, prompt)
+    cond = conditioning[0][0]
+    assert cond.shape[1] == 480 and "extended to 480" in report
+    torch.testing.assert_close(cond[0], expected(clip_l, prompt), atol=2e-4, rtol=1e-4)
+    cut, cut_report = run_node(node, clip_l, prompt, overflow="truncate")
+    assert cut[0][0].shape[1] == 240 and "cut at the token budget" in cut_report
+    with pytest.raises(ValueError, match="token budget"):
+        run_node(node, clip_l, prompt, overflow="error")
+
+
+def test_clip_skip_is_honoured(node, clip_l):
+    skipped = clip_l.clone()
+    skipped.clip_layer(-2)
+    cond = run_node(node, skipped, EXAMPLE_PROMPT)[0][0][0][0]
+    torch.testing.assert_close(cond, expected(skipped, EXAMPLE_PROMPT), atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(cond, run_node(node, clip_l, EXAMPLE_PROMPT)[0][0][0][0], atol=1e-3)
+
+
+def test_clip_lora_is_honoured_and_cache_follows_patches(node, clip_l):
+    comfy = import_comfy()
+    torch.manual_seed(1)
+    lora = {}
+    for layer in range(12):
+        base = f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1"
+        lora[base + ".lora_up.weight"] = torch.randn(3072, 4) * 0.05
+        lora[base + ".lora_down.weight"] = torch.randn(4, 768) * 0.05
+    _, patched = comfy.sd.load_lora_for_models(None, clip_l, lora, 0.0, 1.0)
+    before = run_node(node, clip_l, EXAMPLE_PROMPT)[0][0][0][0]
+    after = run_node(node, patched, EXAMPLE_PROMPT)[0][0][0][0]
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, expected(patched, EXAMPLE_PROMPT), atol=2e-4, rtol=1e-4)
+    # The unpatched CLIP still gets its own (cached) result.
+    torch.testing.assert_close(run_node(node, clip_l, EXAMPLE_PROMPT)[0][0][0][0], before)
+
+
+def test_prompt_weights_are_honoured(node, clip_l):
+    prompt = "A (red:1.6) cat sits on a chair. A (blue:0.5) dog sleeps."
+    cond = run_node(node, clip_l, prompt)[0][0][0][0]
+    torch.testing.assert_close(cond, expected(clip_l, prompt), atol=2e-4, rtol=1e-4)
+    plain = run_node(node, clip_l, "A red cat sits on a chair. A blue dog sleeps.")[0][0][0][0]
+    assert not torch.allclose(cond, plain, atol=1e-3)
+
+
+def test_embeddings_are_honoured(tmp_path):
+    from safetensors.torch import save_file
+
+    comfy = import_comfy()
+    from comfy_support import random_clip_text_state_dict
+
+    save_file({"emb_params": torch.randn(3, 768) * 0.3}, str(tmp_path / "shiny.safetensors"))
+    clip = comfy.sd.load_text_encoder_state_dicts([random_clip_text_state_dict("l", seed=3)],
+                                                  embedding_directory=str(tmp_path),
+                                                  model_options={"dtype": torch.float32})
+    prompt = "A portrait in embedding:shiny style. A second sentence."
+    tokens = clip.tokenize(split_segments(prompt)[0].text)["l"][0]
+    assert any(torch.is_tensor(t[0]) for t in tokens), "embedding not picked up by the host tokenizer"
+    pack = load_pack()
+    import sys
+
+    node = sys.modules[pack.__name__ + ".nodes.text_encode"].LongAlignTextEncode
+    cond, report = run_node(node, clip, prompt)
+    torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
+
+
+def test_cache_reencodes_only_the_edited_sentence(pack, clip_l):
+    import sys
+
+    mod = sys.modules[pack.__name__ + ".nodes.clip_segments"]
+    cache = mod.SegmentCache()
+    mod.HostClipSegments(clip_l, cache).encode(EXAMPLE_PROMPT)
+    assert cache.misses == 14 + 1 and cache.hits == 0  # 14 segments + the padding embedding
+    edited = EXAMPLE_PROMPT.replace("black cat", "ginger cat")
+    rows = []
+    original = clip_l.encode_from_tokens_scheduled
+
+    def spy(tokens, *a, **kw):
+        rows.append(len(tokens["l"]))
+        return original(tokens, *a, **kw)
+
+    clip_l.encode_from_tokens_scheduled = spy
+    try:
+        cond, _ = mod.HostClipSegments(clip_l, cache).encode(edited)
+    finally:
+        del clip_l.encode_from_tokens_scheduled
+    assert rows == [1]
+    fresh, _ = mod.HostClipSegments(clip_l, None).encode(edited)
+    torch.testing.assert_close(cond[0][0], fresh[0][0], atol=2e-4, rtol=1e-4)
+
+
+def test_sd2_drops_padding_by_position(node):
+    clip = host_clip("h", seed=5)
+    tokens = clip.tokenize("a cat")["h"][0]
+    assert tokens[-1][0] == 0  # SD2 pads with id 0, a real token
+    prompt = "A cat! Two dogs. Three birds sing on a wire."
+    cond, report = run_node(node, clip, prompt)
+    assert cond[0][0].shape == (1, 240, 1024)
+    torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=3e-4, rtol=1e-3)
+
+
+def test_sdxl_two_encoders_and_pooled(node):
+    clip = host_clip("gl", seed=7)
+    prompt = "A cat! Two dogs play in the snow."
+    (cond, extra), = run_node(node, clip, prompt)[0]
+    assert cond.shape == (1, 240, 2048)
+    torch.testing.assert_close(cond[0], expected(clip, prompt), atol=5e-4, rtol=1e-3)
+    first = split_segments(prompt)[0].text
+    pooled = clip.encode_from_tokens(clip.tokenize(first), return_pooled=True)[1]
+    assert extra["pooled_output"].shape == (1, 1280)
+    torch.testing.assert_close(extra["pooled_output"], pooled, atol=5e-4, rtol=1e-3)
