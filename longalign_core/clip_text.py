@@ -19,7 +19,6 @@ from .segment_encoding import (
     OverflowPolicy,
     PromptReport,
     build_report,
-    keep_mask_before_end,
     merge_segment_states,
     padding_embedding,
     plan_segments,
@@ -61,13 +60,22 @@ class CLIPSegmentEncoder:
 
     @torch.no_grad()
     def encode_segments(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, T, C)`` states and ``(N, T)`` keep mask for N segment texts, padded to the longest (T ≤ 77)."""
-        tok = self.tokenizer(list(texts), max_length=self.max_length, padding=True, truncation=True,
-                             return_tensors="pt")
-        ids = tok.input_ids.to(self.text_encoder.device)
+        """``(N, T, C)`` states and ``(N, T)`` keep mask for N segment texts in one forward.
+
+        Rows are ``[start] + content`` (at most ``window`` content tokens), padded to the longest row only. The
+        end token is not fed: CLIP is causal, so the kept states are the same as with ``[start] + content +
+        [end] + pad`` up to 77 (tested), and the forward is one position shorter per row.
+        """
+        tok = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)
+        rows = [[self.tokenizer.bos_token_id] + ids[: self.window] for ids in tok["input_ids"]]
+        width = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=self.text_encoder.device)
+        lengths = torch.tensor([len(r) for r in rows], device=ids.device)
+        keep = torch.arange(width, device=ids.device).unsqueeze(0) < lengths.unsqueeze(1)
         step = self.batch_size or len(texts)
         states = torch.cat([self._forward(ids[i:i + step]) for i in range(0, len(texts), step)])
-        return states, keep_mask_before_end(ids, self.tokenizer.eos_token_id)
+        return states, keep
 
     def padding_embedding(self) -> torch.Tensor:
         """``<pad*>`` (SPEC §1.4), computed once per encoder."""
@@ -106,7 +114,14 @@ class CLIPSegmentEncoder:
             prompts = [prompts]
         if len(prompts) == 0:
             raise ValueError("no prompts given")
-        plans = [plan_segments(p, self.count_tokens, self.window, split_mode, long_segments) for p in prompts]
+        counts: dict[str, int] = {}
+
+        def count(text: str) -> int:
+            if text not in counts:
+                counts[text] = self.count_tokens(text)
+            return counts[text]
+
+        plans = [plan_segments(p, count, self.window, split_mode, long_segments) for p in prompts]
         texts = [s.text for plan in plans for s in plan]
         owner = [b for b, plan in enumerate(plans) for _ in plan]
         states, keep = self.encode_segments(texts)
@@ -114,8 +129,7 @@ class CLIPSegmentEncoder:
                                       num_prompts=len(prompts))
         reports = []
         for b, plan in enumerate(plans):
-            counts = [self.count_tokens(s.text) for s in plan]
-            reports.append(build_report(plan, counts, result.merged[b], result.dropped[b], result.padding[b],
+            reports.append(build_report(plan, [count(s.text) for s in plan], result.merged[b], result.dropped[b], result.padding[b],
                                         budget, overflow, self.window))
         return LongPromptEncoding(result.cond, reports)
 

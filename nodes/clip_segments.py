@@ -16,6 +16,7 @@ The ``clip`` argument is duck-typed (``tokenize``, ``encode_from_tokens_schedule
 from __future__ import annotations
 
 import hashlib
+import logging
 import numbers
 import threading
 import weakref
@@ -36,6 +37,9 @@ from ..longalign_core.segment_encoding import (
     plan_segments,
 )
 from ..longalign_core.segmentation import LongSegmentPolicy, SplitMode
+from .clip_fastpath import TrimmedClipForward
+
+log = logging.getLogger("LongAlign")
 
 START_ID = 49406
 END_ID = 49407
@@ -105,15 +109,16 @@ class SegmentCache:
         patcher = getattr(clip, "patcher", None)
         return (str(getattr(patcher, "patches_uuid", None)), getattr(clip, "layer_idx", None))
 
-    def get(self, clip, key: tuple) -> _Entry | None:
+    def get(self, clip, key: tuple, count: bool = True) -> _Entry | None:
+        """The entry for ``key`` or None; ``count`` adds the lookup to the segment hit/miss statistics."""
         table = self._table(clip)
         with self._lock:
             entry = table.get(key)
             if entry is not None:
                 table.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
+            if count:
+                self.hits += entry is not None
+                self.misses += entry is None
             return entry
 
     def put(self, clip, key: tuple, entry: _Entry) -> None:
@@ -139,9 +144,10 @@ class HostClipSegments:
     """Segment-level encoding of one prompt through a ComfyUI ``CLIP`` object."""
 
     def __init__(self, clip, cache: SegmentCache | None = None,
-                 check_interrupt: Callable[[], None] | None = None):
+                 check_interrupt: Callable[[], None] | None = None, fast: bool = True):
         self.clip = clip
-        self.cache = cache
+        self.cache = cache if cache is not None else SegmentCache()  # None: nothing reused between calls
+        self.fast = fast
         self.check_interrupt = check_interrupt or (lambda: None)
         empty = clip.tokenize("")
         if not isinstance(empty, dict) or not empty:
@@ -205,7 +211,7 @@ class HostClipSegments:
         kept_len = [_first_end(c[self.primary]) for c in seg_chunks]
         self.check_interrupt()
 
-        if _uses_clip_hooks(self.clip) or self.cache is None:
+        if _uses_clip_hooks(self.clip):
             entries = self._encode_all(seg_chunks)
         else:
             entries = [self._encode_cached(seg_chunks)]
@@ -227,7 +233,7 @@ class HostClipSegments:
         return conditioning, report
 
     def _encode_all(self, seg_chunks):
-        """No cache (CLIP hooks present, or caching off): segments + the empty prompt in one host call."""
+        """CLIP hooks present: the host schedules them, so segments + the empty prompt go in one host call."""
         empty = {k: self._empty[k][0] for k in self.keys}
         out = []
         for states, extra in self._encode_chunks(seg_chunks + [empty]):
@@ -235,38 +241,62 @@ class HostClipSegments:
             out.append((list(states[:-1]), pad, dict(extra)))
         return out
 
+    def _empty_states(self, state: tuple) -> torch.Tensor:
+        """The host's own full encode of the empty prompt ``(77, C)``: source of ``<pad*>``, the reference
+        for prompt weights and the check of the trimmed forward."""
+        key = state + ("<empty>",)
+        entry = self.cache.get(self.clip, key, count=False)
+        if entry is None:
+            (states, _), = self._encode_chunks([{k: self._empty[k][0] for k in self.keys}])
+            entry = _Entry(states[0].clone(), None)
+            self.cache.put(self.clip, key, entry)
+        return entry.kept
+
+    def _encode_rows(self, state: tuple, rows: list[dict[str, Chunk]], empty: torch.Tensor, want_pooled: bool):
+        """Encode chunk rows: trimmed forward when the host model allows and passes its check, else the host."""
+        verdict_key = state + ("<trimmed-forward>",)
+        verdict = self.cache.get(self.clip, verdict_key, count=False)
+        if self.fast and (verdict is None or verdict.pooled is True):
+            trimmed = TrimmedClipForward(self.clip, self.keys)
+            reason = trimmed.unsupported_reason()
+            if reason is None:
+                try:
+                    empty_row = {k: self._empty[k][0] for k in self.keys}
+                    states, pooled = trimmed.encode(rows + [empty_row], empty, want_pooled)
+                    width = states.shape[1]
+                    scale = empty[:width].abs().amax().clamp_min(1.0)
+                    if torch.allclose(states[-1], empty[:width].to(states.dtype), atol=1e-4 * float(scale), rtol=1e-4):
+                        self.cache.put(self.clip, verdict_key, _Entry(torch.empty(0), True))
+                        return states[:-1], pooled
+                    reason = "its result differs from the host's encode"
+                except Exception as exc:  # any surprise in the host's internals: use the host path
+                    reason = f"{type(exc).__name__}: {exc}"
+            log.info("LongAlign: trimmed CLIP forward not used (%s); encoding through the CLIP object", reason)
+            self.cache.put(self.clip, verdict_key, _Entry(torch.empty(0), False))
+        (states, extra), = self._encode_chunks(rows)
+        return states, extra.get("pooled_output")
+
     def _encode_cached(self, seg_chunks):
         cache, clip = self.cache, self.clip
         state = SegmentCache.state_key(clip)
-        pad_key = state + ("<pad*>",)
+        empty = self._empty_states(state)
         keys = [state + _chunk_key(c) for c in seg_chunks]
         found = [cache.get(clip, k) for k in keys]
-        pad_entry = cache.get(clip, pad_key)
-        # The host pools the first chunk of a call: the first segment goes first when its pooled is missing.
+        # Pooled output comes from the first row of a call: the first segment goes first when its pooled is missing.
         need_first = found[0] is None or found[0].pooled is None
         todo = [i for i, e in enumerate(found) if e is None or (i == 0 and need_first)]
-        batch = [seg_chunks[i] for i in todo]
-        if pad_entry is None:
-            batch.append({k: self._empty[k][0] for k in self.keys})
-        extra: dict = {}
-        if batch:
-            (states, extra), = self._encode_chunks(batch)
-            extra = dict(extra)
+        if todo:
+            states, pooled = self._encode_rows(state, [seg_chunks[i] for i in todo], empty, todo[0] == 0)
             for j, i in enumerate(todo):
                 n = _first_end(seg_chunks[i][self.primary])
-                pooled = extra.get("pooled_output") if j == 0 and i == 0 else None
-                entry = _Entry(states[j, :n].clone(), pooled)
+                entry = _Entry(states[j, :n].clone(), pooled if j == 0 and i == 0 else None)
                 cache.put(clip, keys[i], entry)
                 found[i] = entry
-            if pad_entry is None:
-                pad_entry = _Entry(padding_embedding(states[-1], PAD_EMBEDDING_POSITIONS), None)
-                cache.put(clip, pad_key, pad_entry)
-        pooled = found[0].pooled
-        extra["pooled_output"] = pooled
+        extra = {"pooled_output": found[0].pooled}
         add_hooks = getattr(clip, "add_hooks_to_dict", None)
         if callable(add_hooks):
             extra = add_hooks(extra)
-        return list(e.kept for e in found), pad_entry.kept, extra
+        return [e.kept for e in found], padding_embedding(empty, PAD_EMBEDDING_POSITIONS), extra
 
 
 def encode_prompt(clip, prompt: str, cache: SegmentCache | None = None, **options):

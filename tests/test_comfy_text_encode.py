@@ -151,29 +151,77 @@ def test_embeddings_are_honoured(tmp_path):
     torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
 
 
-def test_cache_reencodes_only_the_edited_sentence(pack, clip_l):
+@pytest.mark.parametrize("fast", [True, False], ids=["trimmed-forward", "host-path"])
+def test_cache_reencodes_only_the_edited_sentence(pack, clip_l, fast, monkeypatch):
     import sys
 
     mod = sys.modules[pack.__name__ + ".nodes.clip_segments"]
+    fastpath = sys.modules[pack.__name__ + ".nodes.clip_fastpath"].TrimmedClipForward
     cache = mod.SegmentCache()
-    mod.HostClipSegments(clip_l, cache).encode(EXAMPLE_PROMPT)
-    assert cache.misses == 14 + 1 and cache.hits == 0  # 14 segments + the padding embedding
+    mod.HostClipSegments(clip_l, cache, fast=fast).encode(EXAMPLE_PROMPT)
+    assert cache.misses == 14 and cache.hits == 0
     edited = EXAMPLE_PROMPT.replace("black cat", "ginger cat")
-    rows = []
-    original = clip_l.encode_from_tokens_scheduled
+    host_rows, trimmed_rows = [], []
+    host_encode, trimmed_encode = clip_l.encode_from_tokens_scheduled, fastpath.encode
+    monkeypatch.setattr(clip_l, "encode_from_tokens_scheduled",
+                        lambda tokens, *a, **kw: host_rows.append(len(tokens["l"])) or host_encode(tokens, *a, **kw),
+                        raising=False)
+    monkeypatch.setattr(fastpath, "encode",
+                        lambda self, rows, *a: trimmed_rows.append(len(rows)) or trimmed_encode(self, rows, *a))
+    cond, _ = mod.HostClipSegments(clip_l, cache, fast=fast).encode(edited)
+    assert cache.hits == 13 and cache.misses == 15
+    if fast:
+        assert host_rows == [] and trimmed_rows == [2]  # the edited sentence + the empty-prompt check row
+    else:
+        assert host_rows == [1] and trimmed_rows == []
+    monkeypatch.undo()
+    torch.testing.assert_close(cond[0][0][0], expected(clip_l, edited), atol=2e-4, rtol=1e-4)
 
-    def spy(tokens, *a, **kw):
-        rows.append(len(tokens["l"]))
-        return original(tokens, *a, **kw)
 
-    clip_l.encode_from_tokens_scheduled = spy
-    try:
-        cond, _ = mod.HostClipSegments(clip_l, cache).encode(edited)
-    finally:
-        del clip_l.encode_from_tokens_scheduled
-    assert rows == [1]
-    fresh, _ = mod.HostClipSegments(clip_l, None).encode(edited)
-    torch.testing.assert_close(cond[0][0], fresh[0][0], atol=2e-4, rtol=1e-4)
+def test_trimmed_forward_falls_back_when_its_check_fails(pack, clip_l, monkeypatch, caplog):
+    import sys
+
+    mod = sys.modules[pack.__name__ + ".nodes.clip_segments"]
+    fastpath = sys.modules[pack.__name__ + ".nodes.clip_fastpath"].TrimmedClipForward
+    original = fastpath._stream
+
+    def broken(m, chunks, width, want_pooled):
+        z, p = original(m, chunks, width, want_pooled)
+        return z + 0.5, p
+
+    monkeypatch.setattr(fastpath, "_stream", staticmethod(broken))
+    with caplog.at_level("INFO", logger="LongAlign"):
+        cond, _ = mod.HostClipSegments(clip_l, mod.SegmentCache()).encode(EXAMPLE_PROMPT)
+    assert "trimmed CLIP forward not used" in caplog.text
+    torch.testing.assert_close(cond[0][0][0], expected(clip_l, EXAMPLE_PROMPT), atol=2e-4, rtol=1e-4)
+
+
+def test_clip_hooks_go_through_the_host_schedule(pack, clip_l):
+    """With scheduled CLIP hooks the host returns one conditioning per keyframe; each is merged."""
+    comfy = import_comfy()
+    import comfy.hooks
+    import sys
+
+    mod = sys.modules[pack.__name__ + ".nodes.clip_segments"]
+    torch.manual_seed(2)
+    lora = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(3072, 4) * 0.1,
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(4, 768) * 0.1}
+    hooks = comfy.hooks.create_hook_lora(lora=lora, strength_model=0.0, strength_clip=1.0)
+    kf = comfy.hooks.HookKeyframeGroup()
+    kf.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.0))
+    kf.add(comfy.hooks.HookKeyframe(strength=0.0, start_percent=0.5))
+    hooks.set_keyframes_on_hooks(kf)
+    from comfy_extras.nodes_hooks import SetClipHooks
+
+    clip, = SetClipHooks().apply_hooks(clip_l, schedule_clip=True, apply_to_conds=False, hooks=hooks)
+    conditioning, _ = mod.HostClipSegments(clip, mod.SegmentCache()).encode("A cat. A dog.")
+    assert len(conditioning) == 2
+    assert {c[1]["clip_start_percent"] for c in conditioning} == {0.0, 0.5}
+    assert all(c[0].shape == (1, 240, 768) for c in conditioning)
+    assert not torch.allclose(conditioning[0][0], conditioning[1][0], atol=1e-4)
+    # The keyframe at strength 0 is the un-hooked CLIP.
+    off = next(c for c in conditioning if c[1]["clip_start_percent"] == 0.5)[0]
+    torch.testing.assert_close(off[0], expected(clip_l, "A cat. A dog."), atol=2e-4, rtol=1e-4)
 
 
 def test_sd2_drops_padding_by_position(node):
