@@ -12,5 +12,5 @@ if importlib.util.find_spec("comfy_api") is not None:
         from .nodes import comfy_entrypoint  # noqa: F401
     except ImportError as exc:  # a ComfyUI too old for the V3 API
         logging.getLogger("LongAlign").error(
-            "LongAlign needs ComfyUI 0.3.60 or newer (comfy_api.latest); update ComfyUI. (%s)", exc)
+            "LongAlign needs a ComfyUI with the V3 node API (comfy_api.latest); update ComfyUI. (%s)", exc)
         raise
