@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import denscore_nodes, host
 from .text_encode import LongAlignTextEncode
 
-NODES: list[type[io.ComfyNode]] = [LongAlignTextEncode]
+host.register_model_folders()
+
+NODES: list[type[io.ComfyNode]] = [LongAlignTextEncode, *denscore_nodes.NODES]
 
 
 class LongAlignExtension(ComfyExtension):

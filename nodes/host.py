@@ -1,6 +1,71 @@
-"""The narrow seam to ComfyUI internals (``comfy.*``): imported only inside a running ComfyUI."""
+"""The narrow seam to ComfyUI internals (``comfy.*``, ``folder_paths``): imported only inside a running ComfyUI."""
 
 from __future__ import annotations
+
+import os
+
+PREFERENCE_FOLDER = "denscore"
+WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".bin", ".pth")
+
+
+def register_model_folders() -> None:
+    """Register ``models/denscore`` (preference models) with ``folder_paths``, idempotently."""
+    import folder_paths
+
+    if PREFERENCE_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[PREFERENCE_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, PREFERENCE_FOLDER)], set(WEIGHT_EXTENSIONS))
+
+
+def list_preference_models() -> list[str]:
+    """Names under ``models/denscore``: Hugging Face model folders (holding ``config.json`` and weights) and
+    open_clip checkpoint files, as paths relative to their root."""
+    import folder_paths
+
+    register_model_folders()
+    names: set[str] = set()
+    for root in folder_paths.get_folder_paths(PREFERENCE_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            if "config.json" in filenames and any(f.startswith(("model.safetensors", "pytorch_model"))
+                                                  for f in filenames):
+                names.add(rel.replace(os.sep, "/"))
+                dirnames[:] = []  # a model folder's files are not separate models
+                continue
+            for f in filenames:
+                if f.endswith(WEIGHT_EXTENSIONS):
+                    names.add(os.path.join(rel, f).replace(os.sep, "/").removeprefix("./"))
+    return sorted(names)
+
+
+def resolve_preference_model(name: str) -> str:
+    """Full path of a name from :func:`list_preference_models`; the error names the folder and the name."""
+    import folder_paths
+
+    register_model_folders()
+    roots = folder_paths.get_folder_paths(PREFERENCE_FOLDER)
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"preference model {name!r} not found in {roots}; put a Denscore/PickScore folder "
+                            f"(config.json + model.safetensors) or an HPSv2 .pt there")
+
+
+def torch_device():
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def user_cache_dir() -> str:
+    import folder_paths
+
+    path = os.path.join(folder_paths.get_user_directory(), "longalign")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def check_interrupt() -> None:
@@ -15,3 +80,31 @@ def progress_bar(total: int):
     import comfy.utils
 
     return comfy.utils.ProgressBar(total)
+
+
+def preferred_dtype(precision: str):
+    """``auto``: fp16 where ComfyUI would use it on its device, else fp32."""
+    import torch
+
+    if precision != "auto":
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    return torch.float16 if not mm.is_device_cpu(device) and mm.should_use_fp16(device) else torch.float32
+
+
+def load_model(bundle) -> None:
+    """Put a preference model on ComfyUI's device through its memory manager (so it can be evicted)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    import torch
+
+    if bundle.patcher is None:
+        # ModelPatcher sets bookkeeping attributes on the module it manages; a plain container takes them.
+        holder = torch.nn.Module()
+        holder.preference_model = bundle.model.model
+        bundle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
+                                                          offload_device=mm.unet_offload_device())
+    mm.load_models_gpu([bundle.patcher])

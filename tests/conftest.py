@@ -50,3 +50,53 @@ def segment_encoder(clip_tokenizer, tiny_text_encoder):
     from longalign_core import CLIPSegmentEncoder
 
     return CLIPSegmentEncoder(clip_tokenizer, tiny_text_encoder)
+
+
+def tiny_clip_config():
+    """A tiny two-tower ``CLIPConfig`` (real vocabulary and text positions; 32 px images, 8 px patches)."""
+    from transformers import CLIPConfig
+
+    text = tiny_clip_text_config().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, hidden_act="quick_gelu")
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, clip_tokenizer):
+    """A Hugging Face ``CLIPModel`` folder as Denscore/PickScore ship: config + safetensors + tokenizer +
+    preprocessor config."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(1)
+    model = CLIPModel(tiny_clip_config()).eval()
+    path = tmp_path_factory.mktemp("tiny_denscore")
+    model.save_pretrained(path, safe_serialization=True)
+    clip_tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """(checkpoint path, config path) of a tiny open_clip model saved as HPSv2 ships (``{"state_dict": …}``)."""
+    import json
+
+    import open_clip
+
+    path = tmp_path_factory.mktemp("tiny_hps")
+    cfg = path / "tiny-hps-ViT.json"
+    cfg.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(str(cfg))
+    torch.manual_seed(2)
+    model = open_clip.create_model("tiny-hps-ViT", pretrained=None)
+    ckpt = path / "HPS_tiny.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, ckpt)
+    return ckpt, cfg

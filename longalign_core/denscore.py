@@ -1,0 +1,339 @@
+"""Segment-level preference score and its decomposition (SPEC §4; paper §3.2–3.3).
+
+Symbols (paper): for an image x and a prompt with segments s_1..s_K,
+
+* ``t_k = normalize(text_features(s_k))``, ``t̄ = mean_k t_k`` (not re-normalised), ``x̂ = normalize(image_features(x))``;
+* score ``S = t̄ · x̂`` = the mean of the per-segment cosines ``S_k = t_k · x̂``;
+* common text direction ``V = normalize(mean of t̄ over a prompt set)``; projection scalar ``η = t̄ · V``;
+  ``t⊥ = t̄ − ηV``; **text-relevant** part ``x̂ · t⊥``; **text-irrelevant** part ``η x̂ · V``; their sum is S;
+* reweighted score ``S_ω = x̂ · (t⊥ + ω η V)`` (reweight factor ω, paper value 0.3): the text-irrelevant part's
+  gradient is scaled by ω. The reference writes ``t̃ = t̄ − (1 − ω)(t̄ · V) V``.
+
+Scores are plain cosines (no logit scale); the paper reports them ×100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .preference import PreferenceModel
+from .segmentation import LongSegmentPolicy, Segment, SplitMode, fit_segments, split_segments
+
+CropMode = Literal["center", "random"]
+CROP_MODES: tuple[str, ...] = ("center", "random")
+
+#: Reweight factor ω of the text-irrelevant part (paper §3.3, reference ``REWEIGHT=0.3``).
+DEFAULT_REWEIGHT = 0.3
+#: The reference crops 504 px of a 512 px image before resizing ("for blocky blur").
+REFERENCE_CROP_FRACTION = 504 / 512
+#: Smallest image side accepted for scoring.
+MIN_IMAGE_SIDE = 8
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def validate_images(images: torch.Tensor) -> None:
+    """Raise a clear error unless ``images`` is a non-empty finite ``(B, 3, H, W)`` batch in [0, 1]."""
+    if not torch.is_tensor(images):
+        raise TypeError(f"images must be a tensor (B, 3, H, W), got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("the image batch is empty: nothing to score")
+    channels = images.shape[1]
+    if channels != 3:
+        fix = {1: "repeat the grey channel: images.expand(-1, 3, -1, -1)",
+               4: "drop the alpha channel: images[:, :3]"}.get(channels, "convert the images to RGB")
+        raise ValueError(f"images must be RGB (3 channels), got {channels}; {fix}")
+    if min(images.shape[-2:]) < MIN_IMAGE_SIDE:
+        raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px are too small to score "
+                         f"(at least {MIN_IMAGE_SIDE} px per side)")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values (a diverged sampler or VAE?)")
+
+
+def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+                      crop: CropMode = "center", crop_fraction: float = REFERENCE_CROP_FRACTION,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Differentiable CLIP preprocessing of ``(B, 3, H, W)`` images in [0, 1] (SPEC §4).
+
+    A square crop of ``crop_fraction`` of the shorter side (504 of 512, the reference) — centred for scoring,
+    random for training like the reference — resized to ``size`` (bilinear with antialiasing, as torchvision's
+    ``Resize`` on tensors), then normalised. Returns ``(B, 3, size, size)`` in the input dtype.
+    """
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop {crop!r} is not one of {CROP_MODES}")
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    h, w = images.shape[-2:]
+    side = max(1, round(min(h, w) * crop_fraction))
+    if crop == "center":
+        top, left = (h - side) // 2, (w - side) // 2
+    else:
+        top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+    x = images[..., top:top + side, left:left + side]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Text
+
+
+@dataclass
+class PromptFeatures:
+    """A prompt's segments and their normalised text embeddings ``t_k`` ``(K, D)``; ``truncated[k]`` counts the
+    tokens segment k lost to the text encoder's window."""
+
+    segments: list[Segment]
+    features: torch.Tensor
+    truncated: list[int]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``t̄``: the mean of the normalised segment embeddings (not re-normalised)."""
+        return self.features.mean(dim=0)
+
+
+def _cache_of(model: PreferenceModel) -> "OrderedDict[tuple, PromptFeatures]":
+    cache = getattr(model, "_longalign_text_cache", None)
+    if cache is None:
+        cache = OrderedDict()
+        setattr(model, "_longalign_text_cache", cache)
+    return cache
+
+
+@torch.no_grad()
+def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: SplitMode = "sentence",
+                    long_segments: LongSegmentPolicy = "truncate", cache_size: int = 256) -> list[PromptFeatures]:
+    """Segment embeddings for each prompt: all uncached segments of all prompts in one text forward.
+
+    Results are cached on the model per (prompt, split mode, long-segment policy): best-of-N and repeated runs
+    score many images against one prompt. ``long_segments="truncate"`` (the reference) cuts a segment at the
+    text window and reports it; ``"split"`` sub-splits it instead.
+    """
+    cache = _cache_of(model)
+    window = model.context_length - 2
+    todo: dict[tuple, list[Segment]] = {}
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+        key = (p, split_mode, long_segments)
+        if key not in cache and key not in todo:
+            segs = split_segments(p, split_mode)
+            todo[key] = fit_segments(segs, model.count_tokens, window, long_segments)
+    if todo:
+        texts = [s.text for segs in todo.values() for s in segs]
+        feats = F.normalize(model.text_features(texts).float(), dim=-1)
+        start = 0
+        for key, segs in todo.items():
+            counts = [model.count_tokens(s.text) for s in segs]
+            cache[key] = PromptFeatures(segs, feats[start:start + len(segs)], [max(0, n - window) for n in counts])
+            start += len(segs)
+    out = []
+    for p in prompts:
+        key = (p, split_mode, long_segments)
+        cache.move_to_end(key)
+        out.append(cache[key])
+    while len(cache) > cache_size:
+        cache.popitem(last=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The decomposition
+
+
+def common_direction(prompt_means: torch.Tensor) -> torch.Tensor:
+    """``V``: the normalised mean of prompt embeddings ``t̄`` ``(M, D)`` over a prompt set → ``(D,)``."""
+    if prompt_means.ndim != 2 or prompt_means.shape[0] == 0:
+        raise ValueError(f"expected (M, D) prompt embeddings with M >= 1, got {tuple(prompt_means.shape)}")
+    return F.normalize(prompt_means.float().mean(dim=0), dim=0)
+
+
+def batch_common_direction(t_bar: torch.Tensor,
+                           gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The reference's per-step ``V`` (``loss.dense_score``): the mean of the batch's ``t̄``; with ``gather``
+    (e.g. ``accelerator.gather``), the mean of every process's batch mean; then normalised."""
+    m = t_bar.mean(dim=0)
+    if gather is not None:
+        m = gather(m[None]).mean(dim=0)
+    return m / m.norm()
+
+
+@dataclass
+class Decomposition:
+    """``score = relevant + irrelevant``; ``eta`` = η = t̄·V; ``reweighted`` = S_ω. All ``(B,)``."""
+
+    score: torch.Tensor
+    relevant: torch.Tensor
+    irrelevant: torch.Tensor
+    eta: torch.Tensor
+    reweighted: torch.Tensor
+
+
+def decompose(t_bar: torch.Tensor, x_hat: torch.Tensor, direction: torch.Tensor,
+              omega: float = DEFAULT_REWEIGHT) -> Decomposition:
+    """Split ``S = t̄ · x̂`` into the text-relevant part ``x̂·t⊥`` and text-irrelevant part ``η x̂·V`` (paper
+    Eq. 6–7), and the reweighted score ``S_ω = x̂·(t⊥ + ω η V)``. Shapes: t̄, x̂ ``(B, D)``, V ``(D,)``."""
+    v = direction.to(t_bar)
+    eta = t_bar @ v
+    t_perp = t_bar - eta[:, None] * v
+    x_v = x_hat @ v
+    relevant = (x_hat * t_perp).sum(-1)
+    irrelevant = eta * x_v
+    return Decomposition(relevant + irrelevant, relevant, irrelevant, eta, relevant + omega * irrelevant)
+
+
+def reweight_text(t_bar: torch.Tensor, direction: torch.Tensor, omega: float = DEFAULT_REWEIGHT) -> torch.Tensor:
+    """The reference's reweighted text embedding ``t̃ = t̄ − (1 − ω)(t̄·V)V``; ``t̃ · x̂ = S_ω``."""
+    v = direction.to(t_bar)
+    return t_bar - (1 - omega) * (t_bar @ v)[:, None] * v
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class ScoreResult:
+    """Scores of B images: image-level :class:`Decomposition` ``(B,)`` plus, per image, the per-segment
+    ``(K_b,)`` scores and their two parts (their means are the image-level values)."""
+
+    parts: Decomposition
+    segment_scores: list[torch.Tensor]
+    segment_relevant: list[torch.Tensor]
+    segment_irrelevant: list[torch.Tensor]
+    prompts: list[PromptFeatures]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.parts.score
+
+
+def _pair_prompts(n_images: int, prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts] * n_images
+    prompts = list(prompts)
+    if len(prompts) == 1:
+        return prompts * n_images
+    if len(prompts) != n_images:
+        raise ValueError(f"{len(prompts)} prompts for {n_images} images: give one prompt, or one per image")
+    return prompts
+
+
+def image_embeddings(model: PreferenceModel, images: torch.Tensor, crop: CropMode = "center",
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x̂``: normalised image embeddings ``(B, D)`` of ``(B, 3, H, W)`` images in [0, 1] (differentiable)."""
+    validate_images(images)
+    pixels = preprocess_images(images, model.image_size, model.mean, model.std, crop, generator=generator)
+    return F.normalize(model.image_features(pixels).float(), dim=-1)
+
+
+def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | Sequence[str],
+                  direction: torch.Tensor | None = None, omega: float = DEFAULT_REWEIGHT,
+                  crop: CropMode = "center", split_mode: SplitMode = "sentence",
+                  long_segments: LongSegmentPolicy = "truncate",
+                  generator: torch.Generator | None = None) -> ScoreResult:
+    """Segment-level score of each image against its prompt (one prompt for all, or one per image), decomposed
+    along ``direction`` (V; default: the batch's own prompts, which collapses for a single prompt — pass V
+    from a prompt set, see :func:`direction_from_prompts`). All images go through one image forward, all
+    uncached segments through one text forward. Differentiable with respect to ``images``.
+    """
+    if not 0.0 <= omega <= 1.0:
+        raise ValueError(f"omega (reweight factor) must be in [0, 1], got {omega}")
+    validate_images(images)
+    paired = _pair_prompts(images.shape[0], prompts)
+    for p in paired:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError("prompt is empty: nothing to score the image against")
+    feats = prompt_features(model, paired, split_mode, long_segments)
+    x_hat = image_embeddings(model, images, crop, generator)
+    t_bar = torch.stack([f.mean for f in feats]).to(x_hat.device)
+    v = batch_common_direction(t_bar) if direction is None else direction.to(x_hat.device).float()
+    parts = decompose(t_bar, x_hat, v, omega)
+    seg_s, seg_r, seg_i, warnings = [], [], [], []
+    for b, f in enumerate(feats):
+        t_k = f.features.to(x_hat.device)
+        s_k = t_k @ x_hat[b]
+        eta_k = t_k @ v
+        irr_k = eta_k * (x_hat[b] @ v)
+        seg_s.append(s_k)
+        seg_i.append(irr_k)
+        seg_r.append(s_k - irr_k)
+    for pf in {id(f): f for f in feats}.values():
+        lost = sum(pf.truncated)
+        if lost:
+            warnings.append(f"{lost} tokens of over-long segments were cut at the text encoder's "
+                            f"{model.context_length}-token window")
+    return ScoreResult(parts, seg_s, seg_r, seg_i, feats, warnings)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# V from a prompt set, cached
+
+
+def default_reference_prompts() -> list[str]:
+    """The shipped reference prompt set for V: a few hundred varied long prompts (one per line)."""
+    path = Path(__file__).with_name("data") / "reference_prompts.txt"
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def direction_from_prompts(model: PreferenceModel, prompts: Sequence[str] | None = None,
+                           split_mode: SplitMode = "sentence", batch_size: int = 64,
+                           cache_file: str | Path | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """``V`` for ``model`` from a prompt set (default: the shipped set), ``(D,)``.
+
+    With ``cache_file``, a V computed earlier for the same prompts (checked by digest) is read from it, and a
+    new one is written to it atomically (safetensors).
+    """
+    prompts = list(prompts) if prompts is not None else default_reference_prompts()
+    if not prompts:
+        raise ValueError("the reference prompt set is empty; give at least one prompt (a few hundred is better)")
+    digest = prompts_digest(prompts)
+    if cache_file is not None and Path(cache_file).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache_file), "pt") as f:
+            if (f.metadata() or {}).get("prompts_sha256") == digest:
+                return f.get_tensor("direction")
+    means = []
+    steps = math.ceil(len(prompts) / batch_size)
+    for i in range(steps):
+        chunk = prompts[i * batch_size:(i + 1) * batch_size]
+        means += [f.mean for f in prompt_features(model, chunk, split_mode, "truncate", cache_size=0)]
+        if progress is not None:
+            progress(i + 1, steps)
+    v = common_direction(torch.stack(means))
+    if cache_file is not None:
+        from safetensors.torch import save_file
+
+        from .io_utils import atomic_path
+
+        with atomic_path(cache_file) as tmp:
+            save_file({"direction": v.contiguous().cpu()}, tmp,
+                      metadata={"prompts_sha256": digest, "prompts": str(len(prompts)), "model": model.name})
+    return v
