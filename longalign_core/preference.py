@@ -144,13 +144,19 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> Prefe
             raise PreferenceModelError(f"{local} has config.json but no weights (model.safetensors or "
                                        f"pytorch_model.bin)")
     try:
-        model = CLIPModel.from_pretrained(str(path), use_safetensors=None).eval()
+        model = CLIPModel.from_pretrained(str(path), use_safetensors=None)
     except (OSError, ValueError, RuntimeError) as exc:
         raise PreferenceModelError(f"could not load a CLIPModel from {path}: {exc}") from None
-    model.requires_grad_(False)
     tokenizer = _hf_tokenizer(processor, path)
     default_size = CLIPConfig.from_pretrained(str(path)).vision_config.image_size
     size, mean, std = _hf_image_preprocessing(processor, path if local.exists() else "", default_size)
+    return wrap_hf_clip(model, tokenizer, Path(str(path)).name, size, mean, std)
+
+
+def wrap_hf_clip(model, tokenizer, name: str = "clip", image_size: int | None = None,
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> PreferenceModel:
+    """A :class:`PreferenceModel` around an in-memory transformers ``CLIPModel`` and ``CLIPTokenizer``."""
+    model.eval().requires_grad_(False)
     context = min(int(tokenizer.model_max_length), model.config.text_config.max_position_embeddings)
 
     def tokenize(texts):
@@ -161,7 +167,8 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> Prefe
     def count(text):
         return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
-    return PreferenceModel(Path(str(path)).name, "hf_clip", model, tokenize, count, size, mean, std, context)
+    size = image_size or model.config.vision_config.image_size
+    return PreferenceModel(name, "hf_clip", model, tokenize, count, int(size), tuple(mean), tuple(std), context)
 
 
 def _open_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ environment if it is not this one.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,9 +44,10 @@ def http(method, url, body=None, timeout=30):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_clip_dir):
     base = tmp_path_factory.mktemp("comfy_base")
     build_tiny_sd15_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    shutil.copytree(tiny_clip_dir, base / "models" / "denscore" / "tiny-denscore")
     install_pack(base / "custom_nodes")
     port = free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -135,3 +137,42 @@ def test_long_prompt_workflow_samples_an_image(server):
         assert img.size == (64, 64)
     report = entry["outputs"]["8"]["text"][0]
     assert "segments" in report and "extended to 480" in report and "cut" not in report
+
+
+def test_batch_scored_with_denscore_chart_and_best_of_n(server):
+    url, base = server
+    common = {"denscore_model": ["9", 0], "images": ["6", 0], "text": EXAMPLE_PROMPT, "omega": 0.3,
+              "reference_prompts": "", "split_mode": "sentence"}
+    workflow = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "LongAlignTextEncode", "inputs": {
+            "clip": ["1", 1], "text": EXAMPLE_PROMPT, "token_budget": 240, "overflow": "extend",
+            "split_mode": "sentence", "long_sentences": "split"}},
+        "3": {"class_type": "LongAlignTextEncode", "inputs": {
+            "clip": ["1", 1], "text": "", "token_budget": 240, "overflow": "extend",
+            "split_mode": "sentence", "long_sentences": "split"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 3,
+            "steps": 2, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "LongAlignPreferenceModelLoader", "inputs": {
+            "model_name": "tiny-denscore", "kind": "auto", "precision": "fp32"}},
+        "10": {"class_type": "LongAlignDenscoreScore", "inputs": dict(common)},
+        "11": {"class_type": "LongAlignDenscoreBestOfN", "inputs": dict(common, rank_by="score")},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "longalign_best"}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 5], "filename_prefix": "longalign_chart"}},
+        "14": {"class_type": "PreviewAny", "inputs": {"source": ["11", 3]}},
+    }
+    entry = run_workflow(url, workflow)
+    outputs = entry["outputs"]
+    assert "images" in outputs["10"] and "Denscore x100" in outputs["10"]["text"][0]
+    assert "image 2" in outputs["10"]["text"][0]
+    best = outputs["12"]["images"]
+    assert len(best) == 1
+    chart = outputs["13"]["images"][0]
+    from PIL import Image
+
+    with Image.open(base / "output" / chart["subfolder"] / chart["filename"]) as img:
+        assert img.size[0] >= 600
+    assert outputs["14"]["text"][0].startswith("best: image ")
