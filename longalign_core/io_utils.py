@@ -24,3 +24,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, or holds pickled objects other than tensors."""
+
+
+def safe_torch_load(path: str | os.PathLike):
+    """``torch.load`` that never executes code from the file (``weights_only=True``), with a clear error."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} contains pickled Python objects other than tensors, so it was not loaded (loading it could "
+            f"run code). Use a .safetensors file or a plain tensor state dict. ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None

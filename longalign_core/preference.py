@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -85,16 +84,14 @@ class PreferenceModel:
 
 
 def safe_torch_load(path: str | Path):
-    """``torch.load`` that never executes code from the file (``weights_only=True``), with a clear error."""
+    """``torch.load(weights_only=True)``; errors as :class:`PreferenceModelError`."""
+    from .io_utils import CheckpointError
+    from .io_utils import safe_torch_load as _load
+
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise PreferenceModelError(
-            f"{path} contains pickled Python objects other than tensors, so it was not loaded (loading it could "
-            f"run code). Use a .safetensors file or a plain tensor state dict. ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise PreferenceModelError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") \
-            from None
+        return _load(path)
+    except CheckpointError as exc:
+        raise PreferenceModelError(str(exc)) from None
 
 
 def _hf_tokenizer(source: str | Path | None, fallback_source: str | Path):

@@ -8,13 +8,76 @@ PREFERENCE_FOLDER = "denscore"
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".bin", ".pth")
 
 
+ADAPTER_FOLDER = "longalign"
+
+
 def register_model_folders() -> None:
-    """Register ``models/denscore`` (preference models) with ``folder_paths``, idempotently."""
+    """Register ``models/denscore`` (preference models) and ``models/longalign`` (LongSD T5 adapter) with
+    ``folder_paths``, idempotently."""
     import folder_paths
 
-    if PREFERENCE_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[PREFERENCE_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, PREFERENCE_FOLDER)], set(WEIGHT_EXTENSIONS))
+    for name in (PREFERENCE_FOLDER, ADAPTER_FOLDER):
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = (
+                [os.path.join(folder_paths.models_dir, name)], set(WEIGHT_EXTENSIONS))
+
+
+def list_model_folders(folder_name: str) -> list[str]:
+    """Sub-folders holding a ``config.json`` (Hugging Face / diffusers model folders) under a model folder."""
+    import folder_paths
+
+    register_model_folders()
+    names = set()
+    for root in folder_paths.get_folder_paths(folder_name):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            if "config.json" in filenames and dirpath != root:
+                names.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames[:] = []
+    return sorted(names)
+
+
+def resolve_in(folder_name: str, name: str, what: str) -> str:
+    """Full path of ``name`` inside one of a model folder's roots; the error names the folders."""
+    import folder_paths
+
+    register_model_folders()
+    roots = folder_paths.get_folder_paths(folder_name)
+    for root in roots:
+        if os.path.exists(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise FileNotFoundError(f"{what} {name!r} not found in {roots}")
+
+
+def list_loras() -> list[str]:
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list("loras") if f.endswith((".pt", ".safetensors", ".bin"))]
+
+
+def lora_path(name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def unet_config(model) -> dict:
+    """The LDM-style UNet config of a ComfyUI MODEL."""
+    return dict(model.model.model_config.unet_config)
+
+
+def apply_unet_lora(model, kohya_state: dict, strength: float):
+    """Clone ``model`` and add the LoRA as ComfyUI patches (through its public loader); returns the patched model
+    and the number of LoRA layers ComfyUI matched."""
+    import comfy.lora
+    import comfy.sd
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    names = {k.rsplit(".lora_down.weight", 1)[0] for k in kohya_state if k.endswith(".lora_down.weight")}
+    matched = sum(1 for n in names if n in key_map)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, kohya_state, strength, 0.0)
+    return patched, matched, len(names)
 
 
 def list_preference_models() -> list[str]:
@@ -108,3 +171,9 @@ def load_model(bundle) -> None:
         bundle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
                                                           offload_device=mm.unet_offload_device())
     mm.load_models_gpu([bundle.patcher])
+
+
+def text_encoder_device():
+    import comfy.model_management
+
+    return comfy.model_management.text_encoder_device()

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
 from ..longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
+from ..longalign_core.t5_branch import combine_conditioning
 from . import host
 from .clip_segments import HostClipSegments, SegmentCache
 
@@ -54,6 +55,10 @@ class LongAlignTextEncode(io.ComfyNode):
                                tooltip="A sentence over 75 tokens: split = cut it at commas, then words "
                                        "(nothing lost); truncate = keep its first 75 tokens like the "
                                        "reference (reported).", extra_dict={"advanced": True}),
+                io.Custom("LONGALIGN_T5").Input(
+                    "longalign_t5", optional=True,
+                    tooltip="Optional LongSD T5 branch (Load LongAlign T5 Adapter): its 240 tokens are appended "
+                            "after the CLIP segments. Connect it to the negative prompt's node too."),
             ],
             outputs=[
                 io.Conditioning.Output(tooltip="Segment-level conditioning, token_budget tokens long (or a "
@@ -65,7 +70,8 @@ class LongAlignTextEncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, text, token_budget, overflow, split_mode, long_sentences) -> io.NodeOutput:
+    def execute(cls, clip, text, token_budget, overflow, split_mode, long_sentences,
+                longalign_t5=None) -> io.NodeOutput:
         if clip is None:
             raise ValueError("LongAlign Text Encode: no CLIP connected. If it comes from a checkpoint loader, "
                              "the checkpoint may contain no text encoder; load one with a CLIP loader node.")
@@ -74,4 +80,12 @@ class LongAlignTextEncode(io.ComfyNode):
                                               split_mode=split_mode, long_segments=long_sentences)
         for warning in report.warnings():
             log.warning("LongAlign Text Encode: %s", warning)
-        return io.NodeOutput(conditioning, report.format())
+        text_report = report.format()
+        if longalign_t5 is not None:
+            t5_cond = longalign_t5.encode(text)
+            conditioning = [[combine_conditioning(c, t5_cond), d] for c, d in conditioning]
+            n = longalign_t5.count_tokens(text)
+            text_report += (f"\nT5 branch: +{t5_cond.shape[1]} tokens ({n} T5 tokens"
+                            + (f"; {n - t5_cond.shape[1]} cut at {t5_cond.shape[1]}, as in LongSD" if n > t5_cond.shape[1]
+                               else "") + ")")
+        return io.NodeOutput(conditioning, text_report)

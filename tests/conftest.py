@@ -100,3 +100,39 @@ def tiny_open_clip(tmp_path_factory):
     ckpt = path / "HPS_tiny.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, ckpt)
     return ckpt, cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    """A tiny T5 encoder folder as on the Hub: config + safetensors + tokenizer.json (a small Unigram model
+    trained here with the `tokenizers` library, saved in T5's fast-tokenizer format)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_t5")
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    corpus = ["a red fox sits on a mossy rock", "behind it a waterfall drops into a pool",
+              "the sky is orange and the sea is calm", "a lighthouse keeper climbs the stairs"] * 20
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                            unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+    fast.save_pretrained(path)
+    torch.manual_seed(4)
+    cfg = T5Config(vocab_size=len(fast), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    T5EncoderModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory):
+    from longalign_core.t5_branch import TextAdapter
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("tiny_adapter")
+    TextAdapter(in_dim=32, int_dim=24, out_dim=32).save_pretrained(path)
+    return path

@@ -1,0 +1,262 @@
+"""LongAlign UNet LoRAs: the released LongSD ``.pt`` format, kohya-style safetensors, and merging (SPEC §3).
+
+A LongSD LoRA ``.pt`` is ``torch.save`` of a plain list ``[up_0, down_0, up_1, down_1, …]`` (fp16, rank 32,
+scale 1), with no names. The order is the reference trainer's traversal of a diffusers ``UNet2DConditionModel``:
+walk ``unet.modules()``; for each module whose class is ``ResnetBlock2D``, ``Attention`` (older diffusers:
+``CrossAttention``) or ``GEGLU``, take every ``nn.Linear`` / ``nn.Conv2d`` inside it in ``named_modules()`` order.
+:func:`lora_targets` derives that order from a UNet config (SD1.5: 224 modules), so any UNet of the family works,
+including tiny test ones. ΔW = up @ down (convolutions: ``(up.flatten(1) @ down.flatten(1)).reshape(W.shape)``).
+
+ComfyUI's stock LoRA loader reads kohya keys ``lora_unet_<diffusers path with _>.lora_up/.lora_down/.alpha``;
+:func:`to_kohya` writes them with ``alpha = rank`` so the scale stays 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+#: Module classes whose Linear/Conv2d layers carry a LongAlign LoRA (reference ``UNET_EXTENDED_TARGET_REPLACE``).
+LORA_TARGET_CLASSES = ("ResnetBlock2D", "Attention", "CrossAttention", "GEGLU")
+KOHYA_PREFIX = "lora_unet_"
+SD15_UNET_CONFIG = Path(__file__).with_name("data") / "sd15_unet_config.json"
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file does not match the expected format or the UNet it is applied to."""
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One LoRA-carrying layer: diffusers module path, ``"linear"`` or ``"conv"``, and its weight shape."""
+
+    path: str
+    kind: str
+    weight_shape: tuple[int, ...]
+
+    @property
+    def kohya_name(self) -> str:
+        return KOHYA_PREFIX + self.path.replace(".", "_")
+
+
+def load_unet_config(config: str | Path | Mapping | None = None) -> dict:
+    """A diffusers UNet config: a dict, a ``config.json`` path, a diffusers model folder (``unet/`` inside or
+    not), or None for Stable Diffusion 1.5."""
+    if config is None:
+        config = SD15_UNET_CONFIG
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = Path(config)
+    for candidate in (path, path / "config.json", path / "unet" / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(f"no UNet config.json at {path} (nor in its unet/ folder)")
+
+
+def diffusers_config_from_ldm(unet_config: Mapping) -> dict:
+    """A diffusers ``UNet2DConditionModel`` config from an LDM/ComfyUI UNet config (``model_channels``,
+    ``channel_mult``, ``num_res_blocks``, ``transformer_depth``, ``context_dim``, …) of the SD1.x/SD2.x family."""
+    if unet_config.get("adm_in_channels"):
+        raise LoraFormatError("LongAlign LoRAs are for SD1.x/SD2.x UNets; this model has extra conditioning "
+                              "(SDXL or similar)")
+    mc, mult = unet_config["model_channels"], list(unet_config["channel_mult"])
+    nrb = unet_config["num_res_blocks"]
+    nrb = list(nrb) if isinstance(nrb, (list, tuple)) else [nrb] * len(mult)
+    depth = list(unet_config.get("transformer_depth", [1] * sum(nrb)))
+    level_depth, pos = [], 0
+    for n in nrb:
+        level_depth.append(max(depth[pos:pos + n] or [0]))
+        pos += n
+    channels = [mc * m for m in mult]
+    heads = unet_config.get("num_heads", -1)
+    head_dim = heads if heads and heads > 0 else [c // unet_config["num_head_channels"] for c in channels]
+    mid = unet_config.get("transformer_depth_middle", 1)
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": unet_config.get("in_channels", 4), "out_channels": unet_config.get("out_channels", 4),
+        "block_out_channels": channels, "layers_per_block": nrb[0],
+        "down_block_types": ["CrossAttnDownBlock2D" if d > 0 else "DownBlock2D" for d in level_depth],
+        "up_block_types": ["CrossAttnUpBlock2D" if d > 0 else "UpBlock2D" for d in reversed(level_depth)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if mid is not None and mid >= 1 else None,
+        "transformer_layers_per_block": [max(1, d) for d in level_depth],
+        "cross_attention_dim": unet_config["context_dim"], "attention_head_dim": head_dim,
+        "use_linear_projection": bool(unet_config.get("use_linear_in_transformer", False)),
+        "norm_num_groups": 32,
+    }
+
+
+def lora_targets(unet: nn.Module | str | Path | Mapping | None = None) -> list[LoraTarget]:
+    """The LongSD LoRA module order of a UNet (a module, or a config → built on the meta device, no weights)."""
+    if not isinstance(unet, nn.Module):
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(load_unet_config(unet))
+    names = {id(m): n for n, m in unet.named_modules()}
+    targets = []
+    for module in unet.modules():
+        if type(module).__name__ not in LORA_TARGET_CLASSES:
+            continue
+        base = names[id(module)]
+        for sub, layer in module.named_modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+                targets.append(LoraTarget(f"{base}.{sub}", kind, tuple(layer.weight.shape)))
+    return targets
+
+
+def _check_pair(k: int, target: LoraTarget, up: torch.Tensor, down: torch.Tensor) -> None:
+    out_ch, in_ch = target.weight_shape[0], target.weight_shape[1]
+    kernel = target.weight_shape[2:]
+    rank = down.shape[0] if down.ndim else -1
+    expected_up = (out_ch, rank) + ((1, 1) if target.kind == "conv" else ())
+    expected_down = (rank, in_ch) + kernel
+    if tuple(up.shape) != expected_up or tuple(down.shape) != expected_down:
+        raise LoraFormatError(
+            f"LoRA pair {k} ({target.path}, {target.kind} weight {list(target.weight_shape)}): expected up "
+            f"{list(expected_up)} and down {list(expected_down)}, found up {list(up.shape)} and down "
+            f"{list(down.shape)}. Is this LoRA for another base model?")
+
+
+def read_longsd_lora(path: str | Path, targets: list[LoraTarget]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Read a LongSD ``.pt`` (list of up/down tensors) safely and name its pairs by diffusers path.
+
+    Validates the count and every shape against ``targets``; never unpickles code (``weights_only=True``).
+    """
+    from .io_utils import CheckpointError, safe_torch_load
+
+    try:
+        tensors = safe_torch_load(path)
+    except CheckpointError as exc:
+        raise LoraFormatError(str(exc)) from None
+    if isinstance(tensors, tuple):
+        tensors = list(tensors)
+    if not isinstance(tensors, list) or not all(torch.is_tensor(t) for t in tensors):
+        kind = type(tensors).__name__
+        raise LoraFormatError(f"{path} holds a {kind}, not the LongSD list of LoRA tensors [up_0, down_0, …]"
+                              + (" (a dict: use the .safetensors/kohya loader)" if kind == "dict" else ""))
+    if len(tensors) != 2 * len(targets):
+        raise LoraFormatError(f"{path} has {len(tensors)} tensors ({len(tensors) / 2:g} up/down pairs) but the UNet "
+                              f"has {len(targets)} LoRA targets ({2 * len(targets)} tensors expected). Is this a "
+                              f"LongSD LoRA for this base model?")
+    pairs = {}
+    for k, target in enumerate(targets):
+        up, down = tensors[2 * k], tensors[2 * k + 1]
+        _check_pair(k, target, up, down)
+        pairs[target.path] = (up, down)
+    return pairs
+
+
+def to_kohya(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None
+             ) -> dict[str, torch.Tensor]:
+    """kohya-style state dict: ``lora_unet_<path>.lora_up.weight``, ``.lora_down.weight``, ``.alpha`` = rank."""
+    out = {}
+    for path, (up, down) in pairs.items():
+        name = KOHYA_PREFIX + path.replace(".", "_")
+        out[f"{name}.lora_up.weight"] = (up if dtype is None else up.to(dtype)).contiguous()
+        out[f"{name}.lora_down.weight"] = (down if dtype is None else down.to(dtype)).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def from_kohya(state: Mapping[str, torch.Tensor], targets: list[LoraTarget]
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Named (up, down) pairs from a kohya-style state dict, with ``alpha/rank`` folded into ``up``. Keys that
+    match no target are an error naming them (a LoRA for another model, or for the text encoder)."""
+    by_name = {t.kohya_name: t for t in targets}
+    pairs, seen = {}, set()
+    for key in state:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        if name not in by_name:
+            continue
+        target = by_name[name]
+        up, down = state.get(f"{name}.lora_up.weight"), state[key]
+        if up is None:
+            raise LoraFormatError(f"{name}: lora_down without lora_up")
+        _check_pair(len(pairs), target, up, down)
+        rank = down.shape[0]
+        alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
+        pairs[target.path] = (up * (alpha / rank) if alpha != rank else up, down)
+        seen.update({key, f"{name}.lora_up.weight", f"{name}.alpha"})
+    unused = sorted(set(state) - seen)
+    if unused:
+        raise LoraFormatError(f"{len(unused)} LoRA keys match no UNet layer of this model (e.g. {unused[:3]})")
+    if not pairs:
+        raise LoraFormatError("no UNet LoRA keys (lora_unet_…lora_down.weight) found")
+    return pairs
+
+
+def load_lora(path: str | Path, targets: list[LoraTarget]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A LongSD ``.pt``/``.bin`` list, or a kohya ``.safetensors`` (converted files, this trainer's output)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return from_kohya(load_file(str(path)), targets)
+        except LoraFormatError as exc:
+            raise LoraFormatError(f"{path}: {exc}") from None
+    return read_longsd_lora(path, targets)
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor, weight_shape) -> torch.Tensor:
+    """ΔW = up @ down, flattened for convolutions and reshaped to the weight."""
+    return (up.flatten(1).float() @ down.flatten(1).float()).reshape(weight_shape)
+
+
+@torch.no_grad()
+def merge_lora(unet: nn.Module, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+               strength: float = 1.0) -> int:
+    """Add ``strength · ΔW`` to every targeted weight of a diffusers UNet in place; returns the layer count.
+    Stack files by calling it once per file (stage-1 then reward LoRA = the reference's sequential merge)."""
+    modules = dict(unet.named_modules())
+    for path, (up, down) in pairs.items():
+        layer = modules.get(path)
+        if layer is None:
+            raise LoraFormatError(f"the UNet has no layer {path}")
+        w = layer.weight
+        w += (strength * lora_delta(up, down, w.shape)).to(device=w.device, dtype=w.dtype)
+    return len(pairs)
+
+
+def save_kohya(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path,
+               metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a kohya-style ``.safetensors`` atomically (never a half-written file)."""
+    from safetensors.torch import save_file
+
+    from .io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(to_kohya(pairs, dtype), tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m longalign_core.lora IN.pt OUT.safetensors``: convert a LongSD LoRA for ComfyUI's LoraLoader."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m longalign_core.lora", description=main.__doc__)
+    ap.add_argument("src", help="LongSD LoRA .pt (list of tensors), e.g. sd15-reward-3750.pt")
+    ap.add_argument("dst", help="output .safetensors (kohya keys; put it in ComfyUI/models/loras)")
+    ap.add_argument("--unet-config", help="diffusers UNet config.json or model folder (default: SD1.5)")
+    args = ap.parse_args(argv)
+    targets = lora_targets(args.unet_config)
+    pairs = read_longsd_lora(args.src, targets)
+    rank = next(iter(pairs.values()))[1].shape[0]
+    save_kohya(pairs, args.dst, {"format": "kohya", "source": Path(args.src).name, "rank": rank,
+                                 "ss_network_dim": rank, "ss_network_alpha": rank, "longalign": "longsd-lora"})
+    print(f"wrote {args.dst}: {len(pairs)} LoRA layers, rank {rank}, scale 1")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""ComfyUI nodes that load LongAlign-finetuned weights: LongSD / trainer LoRAs and the LongSD T5 branch."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..longalign_core.lora import diffusers_config_from_ldm, load_lora, lora_targets, to_kohya
+from ..longalign_core.t5_branch import load_t5_branch
+from . import host
+
+log = logging.getLogger("LongAlign")
+
+LongAlignT5 = io.Custom("LONGALIGN_T5")
+
+#: Loaded T5 branches keyed by (t5 path, adapter path, mask): one explicit cache keyed by file paths.
+_T5_CACHE: dict[tuple, object] = {}
+
+
+class LongAlignLoadLongSDLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LongAlignLoadLongSDLoRA",
+            display_name="Load LongSD LoRA",
+            category="LongAlign/loaders",
+            description="Applies a LongAlign UNet LoRA to a model as ComfyUI LoRA patches: the released LongSD "
+                        ".pt files (s28750_lora_vis.pt, sd15-reward-3750.pt) or a .safetensors from "
+                        "`python -m trainer.finetune` / `python -m longalign_core.lora`. Chain two of these to "
+                        "stack the stage-1 and reward LoRAs.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.5 model (LongSD was trained on SD1.5)."),
+                io.Combo.Input("lora_name", options=host.list_loras(),
+                               tooltip="A file in models/loras: LongSD .pt (list of tensors, read without "
+                                       "unpickling code) or kohya-style .safetensors."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="LoRA strength; 1.0 is what LongSD was trained with."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the LoRA patches (the input model is unchanged).")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        targets = lora_targets(diffusers_config_from_ldm(host.unet_config(model)))
+        pairs = load_lora(host.lora_path(lora_name), targets)
+        patched, matched, total = host.apply_unet_lora(model, to_kohya(pairs), strength)
+        log.info("LongAlign: %s: %d of %d LoRA layers matched the model", lora_name, matched, total)
+        if matched != total:
+            raise ValueError(f"{lora_name}: only {matched} of {total} LoRA layers match this model's UNet; it was "
+                             f"made for another base model")
+        return io.NodeOutput(patched)
+
+
+class LongAlignLoadT5Adapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LongAlignLoadT5Adapter",
+            display_name="Load LongAlign T5 Adapter",
+            category="LongAlign/loaders",
+            description="The T5 branch of LongSD: a T5 encoder (google-t5/t5-large folder) and the LongSD text "
+                        "adapter (s28750_adapter folder). Connect it to LongAlign Text Encode (positive and "
+                        "negative) to append the T5 tokens to the CLIP segments.",
+            inputs=[
+                io.Combo.Input("t5_folder", options=host.list_model_folders("text_encoders"),
+                               tooltip="A Hugging Face T5 folder in models/text_encoders (config.json, "
+                                       "model.safetensors, tokenizer files), e.g. google-t5/t5-large."),
+                io.Combo.Input("adapter_folder", options=host.list_model_folders(host.ADAPTER_FOLDER),
+                               tooltip="The LongSD adapter folder in models/longalign (config.json + "
+                                       "diffusion_pytorch_model.safetensors)."),
+                io.Combo.Input("attention_mask", options=["none", "padding"], default="none",
+                               tooltip="none = as LongSD was trained (padding tokens take part); padding = mask "
+                                       "them (not what the released adapter saw).", extra_dict={"advanced": True}),
+            ],
+            outputs=[LongAlignT5.Output(tooltip="The T5 branch, for LongAlign Text Encode's longalign_t5 input.")],
+        )
+
+    @classmethod
+    def execute(cls, t5_folder, adapter_folder, attention_mask) -> io.NodeOutput:
+        t5 = host.resolve_in("text_encoders", t5_folder, "T5 folder")
+        adapter = host.resolve_in(host.ADAPTER_FOLDER, adapter_folder, "LongSD adapter folder")
+        key = (t5, adapter, attention_mask)
+        if key not in _T5_CACHE:
+            _T5_CACHE.clear()
+            _T5_CACHE[key] = load_t5_branch(t5, adapter, device=host.text_encoder_device(), attention_mask=attention_mask)
+        return io.NodeOutput(_T5_CACHE[key])
+
+
+NODES = [LongAlignLoadLongSDLoRA, LongAlignLoadT5Adapter]
