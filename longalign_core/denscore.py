@@ -248,11 +248,13 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
                   direction: torch.Tensor | None = None, omega: float = DEFAULT_REWEIGHT,
                   crop: CropMode = "center", split_mode: SplitMode = "sentence",
                   long_segments: LongSegmentPolicy = "truncate",
-                  generator: torch.Generator | None = None) -> ScoreResult:
+                  generator: torch.Generator | None = None,
+                  gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScoreResult:
     """Segment-level score of each image against its prompt (one prompt for all, or one per image), decomposed
     along ``direction`` (V; default: the batch's own prompts, which collapses for a single prompt — pass V
     from a prompt set, see :func:`direction_from_prompts`). All images go through one image forward, all
-    uncached segments through one text forward. Differentiable with respect to ``images``.
+    uncached segments through one text forward. Differentiable with respect to ``images``. ``gather``
+    (e.g. ``accelerator.gather``) makes the per-batch V the mean over all processes, as in the reference trainer.
     """
     if not 0.0 <= omega <= 1.0:
         raise ValueError(f"omega (reweight factor) must be in [0, 1], got {omega}")
@@ -264,7 +266,7 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
     feats = prompt_features(model, paired, split_mode, long_segments)
     x_hat = image_embeddings(model, images, crop, generator)
     t_bar = torch.stack([f.mean for f in feats]).to(x_hat.device)
-    v = batch_common_direction(t_bar) if direction is None else direction.to(x_hat.device).float()
+    v = batch_common_direction(t_bar, gather) if direction is None else direction.to(x_hat.device).float()
     parts = decompose(t_bar, x_hat, v, omega)
     seg_s, seg_r, seg_i, warnings = [], [], [], []
     for b, f in enumerate(feats):

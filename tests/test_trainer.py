@@ -1,0 +1,243 @@
+"""`python -m trainer.finetune` on the built-in tiny pipeline (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import REPO
+from longalign_core.lora import load_lora, lora_targets
+from trainer.config import TrainConfig
+from trainer.finetune import Trainer, checkpoints, main
+from trainer.models import embedded_pipeline_dir, load_base_model
+from trainer.sampling import ddim_scheduler, grad_step_indices, sample_truncated
+
+FAST = ["--resolution", "64", "--sample-steps", "10", "--sample-grad-steps", "5", "--train-batch-size", "2",
+        "--validation-prompts", "1", "--validation-steps", "2", "--validation-every", "0", "--lora-rank", "4",
+        "--learning-rate", "1e-3", "--lr-warmup-steps", "0"]
+
+
+def cfg(tmp_path, *extra):
+    from trainer.finetune import apply_embedded_profile
+
+    argv = ["--output-dir", str(tmp_path / "run"), *FAST, *extra]
+    return apply_embedded_profile(TrainConfig.from_args(argv), argv)
+
+
+def test_help_and_config_validation(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--reward-omega" in out and "accelerate launch" in out and "(default: 0.3)" in out
+    with pytest.raises(ValueError, match="multiple of sample_grad_steps"):
+        TrainConfig(sample_steps=50, sample_grad_steps=7)
+    with pytest.raises(ValueError, match="reward_omega must be in"):
+        TrainConfig(reward_omega=2.0)
+    toml = tmp_path / "run.toml"
+    toml.write_text('train_steps = 7\nreward_omega = 0.5\nlearning_rate = 1e-4\n')
+    c = TrainConfig.from_args(["--config", str(toml), "--train-steps", "9"])
+    assert (c.train_steps, c.reward_omega, c.learning_rate) == (9, 0.5, 1e-4)
+    toml.write_text('train_stepz = 7\n')
+    with pytest.raises(ValueError, match="unknown options"):
+        TrainConfig.from_args(["--config", str(toml)])
+    assert main(["--sample-grad-steps", "0"]) == 2
+
+
+def test_paper_defaults():
+    c = TrainConfig()
+    assert (c.sample_steps, c.sample_grad_steps, c.sample_guidance, c.reward_omega, c.lora_rank) == (50, 5, 7.5, 0.3, 32)
+    assert (c.learning_rate, c.adam_weight_decay, c.lr_warmup_steps, c.max_grad_norm) == (3e-5, 1e-2, 2000, 0.3)
+    assert [int(t) for t in ddim_scheduler(load_base_model(None).noise_scheduler, 50).timesteps][:3] == [999, 979, 959]
+    assert grad_step_indices(50, 5, 3) == [3, 13, 23, 33, 43]
+
+
+def test_gradients_come_only_from_the_chosen_steps():
+    base = load_base_model(None)
+    unet = base.unet.float()
+    unet.requires_grad_(False)
+    param = unet.conv_out.weight
+    param.requires_grad_(True)
+    scheduler = ddim_scheduler(base.noise_scheduler, 10)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    cond, uncond = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+    eps = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+
+    def grad(indices):
+        seen = []
+        x0 = sample_truncated(eps, scheduler, noise, cond, uncond, 7.5, indices,
+                              on_step=lambda i, with_grad: seen.append((i, with_grad)))
+        assert [i for i, w in seen if w] == indices
+        if not indices:
+            assert not x0.requires_grad
+            return torch.zeros_like(param)
+        return torch.autograd.grad(x0.square().mean(), param)[0]
+
+    both = grad([1, 6])
+    assert both.abs().sum() > 0
+    torch.testing.assert_close(both, grad([1]) + grad([6]), atol=1e-7, rtol=1e-4)
+    assert torch.equal(grad([]), torch.zeros_like(param))
+
+
+def test_one_reward_step_changes_only_lora_weights(tmp_path):
+    trainer = Trainer(cfg(tmp_path, "--train-steps", "1"))
+    unet = trainer.acc.unwrap_model(trainer.unet)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    lora = {n for n in before if "lora_" in n}
+    assert changed and changed <= lora
+    assert any("lora_B" in n for n in changed)
+
+
+def test_reweighting_scales_the_text_irrelevant_gradient(tmp_path):
+    from longalign_core.denscore import segment_score
+    from trainer.finetune import step_generator
+
+    trainer = Trainer(cfg(tmp_path, "--train-steps", "1"))
+    c = trainer.cfg
+    prompts = trainer.prompts[:2]
+    with torch.no_grad():  # make the LoRA non-zero so gradients reach both factors
+        for p in trainer.params:
+            p.add_(torch.randn_like(p) * 0.01)
+    gen = step_generator(0, 0, 0)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    scheduler = ddim_scheduler(trainer.noise_scheduler, c.sample_steps)
+    x0 = sample_truncated(trainer.unet_eps, scheduler, noise, trainer.conditioning(prompts),
+                          trainer.conditioning(["", ""]), 7.5, [0, 2, 4, 6, 8])
+    from trainer.sampling import decode
+
+    images = decode(trainer.vae, x0)
+    out = segment_score(trainer.reward, images, prompts, omega=0.3, crop="center")
+    g_rel = torch.autograd.grad(out.parts.relevant.mean(), trainer.params, retain_graph=True)
+    g_irr = torch.autograd.grad(out.parts.irrelevant.mean(), trainer.params, retain_graph=True)
+    g_rw = torch.autograd.grad(out.parts.reweighted.mean(), trainer.params)
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    expected = flat(g_rel) + 0.3 * flat(g_irr)
+    torch.testing.assert_close(flat(g_rw), expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
+    assert sum(float(i.abs().sum()) for i in g_irr) > 0
+
+
+def test_output_lora_metadata_and_loader(tmp_path):
+    lora_file = Trainer(cfg(tmp_path, "--train-steps", "2")).train()
+    with safe_open(str(lora_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["stage"] == "reward" and meta["rank"] == "4" and meta["omega"] == "0.3" and meta["steps"] == "2"
+    assert len(meta["prompts_sha256"]) == 16 and meta["base_model"].endswith("tiny-sd-v1-seed0")
+    targets = lora_targets(embedded_pipeline_dir() / "unet")
+    pairs = load_lora(lora_file, targets)
+    assert len(pairs) == len(targets)
+    assert all(k.startswith("lora_unet_") for k in load_file(str(lora_file)))
+    out = tmp_path / "run"
+    for name in ("config.json", "train_log.csv", "validation.csv", "report.png", "report.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["train_steps"] == 2
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(cfg(tmp_path, "--train-steps", "5", "--checkpoint-every", "2"))
+    calls = {"n": 0}
+    original = trainer.acc.save_state
+
+    def failing(path):
+        calls["n"] += 1
+        original(path)
+        if calls["n"] == 2:  # the second save dies after writing part of its files
+            raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(trainer.acc, "save_state", failing)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    found = checkpoints(tmp_path / "run")
+    assert [p.name for p in found] == ["checkpoint-000002"]
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-000004.tmp").is_dir()
+    resumed = Trainer(cfg(tmp_path, "--train-steps", "5", "--checkpoint-every", "2", "--resume", "latest"))
+    assert resumed.load_checkpoint("latest") == 2
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Trainer, "reward_loss", lambda self, prompts, gen, dump=None: (
+        torch.tensor(float("nan"), requires_grad=True), {}))
+    assert main(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "3"]) == 3
+    assert "the loss became nan at step 0" in capsys.readouterr().err
+
+
+def run_cli(tmp_path, name, *extra, env_extra=None, wait=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "trainer.finetune", "--output-dir", str(tmp_path / name), *FAST, *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        proc.output = out
+    return proc
+
+
+def test_kill_then_resume_equals_uninterrupted(tmp_path):
+    args = ["--train-steps", "8", "--checkpoint-every", "2", "--checkpoints-keep", "10", "--seed", "3"]
+    run_cli(tmp_path, "straight", *args)
+    proc = run_cli(tmp_path, "killed", *args, wait=False)
+    deadline = time.time() + 300
+    while not checkpoints(tmp_path / "killed") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "longalign_lora.safetensors").exists(), "finished before the kill"
+    assert checkpoints(tmp_path / "killed")
+    run_cli(tmp_path, "killed", *args, "--resume", "latest")
+    a = load_file(str(tmp_path / "straight" / "longalign_lora.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "longalign_lora.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_two_process_run_syncs_lora_and_gathers_v(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "trainer.finetune", "--output-dir", str(tmp_path / "ddp"), *FAST, "--train-steps", "2",
+           "--dump-debug"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "processes = 2" in proc.stdout
+    for step in range(2):
+        r0 = torch.load(tmp_path / "ddp" / "debug" / f"rank0-step{step:06d}.pt")
+        r1 = torch.load(tmp_path / "ddp" / "debug" / f"rank1-step{step:06d}.pt")
+        assert r0["lora_checksum"] == pytest.approx(r1["lora_checksum"], rel=1e-9)  # same weights everywhere
+        assert not torch.allclose(r0["t_bar_mean"], r1["t_bar_mean"])  # each rank saw other prompts
+        gathered = torch.nn.functional.normalize((r0["t_bar_mean"] + r1["t_bar_mean"]) / 2, dim=0)
+        torch.testing.assert_close(r0["direction"], gathered, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r1["direction"], gathered, atol=1e-6, rtol=1e-5)
+
+
+def test_align_stage_trains_on_image_caption_pairs(tmp_path):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)) for _ in range(3)]
+    ds = datasets.Dataset.from_dict({"image": images, "caption": ["A cat. A dog.", "Red sky. Blue sea.", "A tree."]},
+                                    features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "pairs"))
+    lora = Trainer(cfg(tmp_path, "--stage", "align", "--prompts", str(tmp_path / "pairs"), "--train-steps", "2")).train()
+    assert lora.is_file()
+    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert len(log) == 3 and float(log[-1].split(",")[1]) > 0
+
+
+def test_embedded_default_main_job(tmp_path):
+    """The README's first command, shortened: no model arguments, built-in everything."""
+    proc = run_cli(tmp_path, "demo", "--train-steps", "4")
+    assert "No --model given" in proc.output and "Running training" in proc.output
+    for name in ("longalign_lora.safetensors", "report.png", "report.md", "train_log.csv"):
+        assert (tmp_path / "demo" / name).is_file(), name

@@ -1,0 +1,70 @@
+"""DDIM sampling with truncated backpropagation (SPEC §5; the reference's reward stage).
+
+From noise, DDIM (η = 0) over ``t = 999, 979, …, 19`` with classifier-free guidance. Gradients are kept at only K
+of the steps (every ``steps/K``-th from a random offset), where the UNet runs under gradient checkpointing on a
+**detached** input: the gradient reaches earlier steps through the DDIM update's ``x_t`` term, not through
+∂ε/∂x. At the other steps ε is computed without a graph, but the update itself keeps one. The last step's
+predicted clean latent x̂0 is returned for decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def ddim_scheduler(noise_scheduler, steps: int):
+    """A diffusers ``DDIMScheduler`` (η = 0) with ``steps`` trailing timesteps: 999, 979, …, 19 for 50."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", clip_sample=False,
+                                          set_alpha_to_one=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def grad_step_indices(steps: int, grad_steps: int, offset: int) -> list[int]:
+    """Indices of the steps that get gradients: ``offset, offset + steps/K, …`` (offset in 0..steps/K-1)."""
+    every = steps // grad_steps
+    if not 0 <= offset < every:
+        raise ValueError(f"offset must be in 0..{every - 1}, got {offset}")
+    return [offset + k * every for k in range(grad_steps)]
+
+
+def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                     guidance: float, grad_indices: list[int], use_checkpoint: bool = True,
+                     on_step: Callable[[int, bool], None] | None = None) -> torch.Tensor:
+    """Run the DDIM chain from ``noise`` and return x̂0 of the last step, ``(B, 4, h, w)``.
+
+    ``unet(x, t, context) -> ε``; ``cond``/``uncond`` are ``(B, L, C)`` contexts. ``on_step(i, with_grad)`` is
+    called once per step (progress, tests).
+    """
+    grad_set = set(grad_indices)
+    latents = noise
+    context = torch.cat([uncond, cond])
+    pred_x0 = noise
+    for i, t in enumerate(scheduler.timesteps):
+        t_batch = t.expand(2 * noise.shape[0]).to(noise.device)
+        with_grad = i in grad_set and torch.is_grad_enabled()
+        if with_grad:
+            x_in = torch.cat([latents, latents]).detach()
+            eps = checkpoint(unet, x_in, t_batch, context, use_reentrant=False) if use_checkpoint else \
+                unet(x_in, t_batch, context)
+        else:
+            with torch.no_grad():
+                eps = unet(torch.cat([latents, latents]), t_batch, context)
+        eps_uncond, eps_cond = eps.chunk(2)
+        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        out = scheduler.step(eps.to(latents.dtype), t, latents)
+        latents, pred_x0 = out.prev_sample, out.pred_original_sample
+        if on_step is not None:
+            on_step(i, with_grad)
+    return pred_x0
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode with gradients, mapped to images in [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)``."""
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (x.float() / 2 + 0.5).clamp(0, 1)
