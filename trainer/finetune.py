@@ -184,6 +184,8 @@ class Trainer:
                                      num_warmup_steps=cfg.lr_warmup_steps * self.acc.num_processes)
         self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
         self.vae = base.vae.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
+        if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
+            self.vae.enable_gradient_checkpointing()
         self.text_encoder = base.text_encoder.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
         self.encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)

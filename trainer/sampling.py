@@ -35,11 +35,12 @@ def grad_step_indices(steps: int, grad_steps: int, offset: int) -> list[int]:
 
 def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                      guidance: float, grad_indices: list[int], use_checkpoint: bool = True,
-                     on_step: Callable[[int, bool], None] | None = None) -> torch.Tensor:
+                     on_step: Callable[[int, bool], None] | None = None, detach_input: bool = True) -> torch.Tensor:
     """Run the DDIM chain from ``noise`` and return x̂0 of the last step, ``(B, 4, h, w)``.
 
     ``unet(x, t, context) -> ε``; ``cond``/``uncond`` are ``(B, L, C)`` contexts. ``on_step(i, with_grad)`` is
-    called once per step (progress, tests).
+    called once per step (progress, tests). ``detach_input=False`` with every index and no checkpointing is plain
+    backpropagation through the whole chain (the benchmark's baseline).
     """
     grad_set = set(grad_indices)
     latents = noise
@@ -49,7 +50,8 @@ def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond: torch
         t_batch = t.expand(2 * noise.shape[0]).to(noise.device)
         with_grad = i in grad_set and torch.is_grad_enabled()
         if with_grad:
-            x_in = torch.cat([latents, latents]).detach()
+            x_in = torch.cat([latents, latents])
+            x_in = x_in.detach() if detach_input else x_in
             eps = checkpoint(unet, x_in, t_batch, context, use_reentrant=False) if use_checkpoint else \
                 unet(x_in, t_batch, context)
         else:
