@@ -12,7 +12,6 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -90,9 +89,7 @@ def load_clip_tokenizer(pad_token: str = END_TOKEN):
     if not (directory / "merges.txt").is_file():
         tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
         write_clip_tokenizer_files(tmp, pad_token=pad_token)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
+        from .io_utils import publish_dir
+
+        publish_dir(tmp, directory)
     return CLIPTokenizer.from_pretrained(str(directory))

@@ -26,6 +26,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a fully written folder ``tmp`` to ``final`` in one rename; if another process published ``final``
+    first, keep theirs and drop ``tmp``. Readers never see a half-written folder."""
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or holds pickled objects other than tensors."""
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from longalign_core.io_utils import publish_dir
+
 log = logging.getLogger("LongAlign")
 
 EMBEDDED_RESOLUTION = 64
@@ -63,14 +65,7 @@ def embedded_pipeline_dir(seed: int = 0) -> Path:
                   clip_sample=False, steps_offset=1).save_pretrained(tmp / "scheduler")
     (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                       "note": "LongAlign embedded default: random weights"}))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:  # another process created it meanwhile
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return publish_dir(tmp, root)
 
 
 def embedded_reward_dir(seed: int = 0) -> Path:
@@ -92,14 +87,7 @@ def embedded_reward_dir(seed: int = 0) -> Path:
                      projection_dim=16)
     CLIPModel(cfg).save_pretrained(tmp)
     load_clip_tokenizer().save_pretrained(tmp)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return publish_dir(tmp, root)
 
 
 def load_base_model(model: str | None, seed: int = 0) -> BaseModel:
@@ -155,14 +143,7 @@ def sd15_config_dir(unet_config: dict | None = None) -> Path:
         "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return publish_dir(tmp, root)
 
 
 def _load_single_file(path: str, unet_config: dict | None = None) -> BaseModel:
