@@ -97,16 +97,24 @@ class T5Branch:
         return len(self.tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
     @torch.no_grad()
-    def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
+    def t5_states(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """``(B, max_length, d_model)`` T5 encoder states (frozen encoder)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         tok = self.tokenizer(list(prompts), max_length=self.max_length, padding="max_length", truncation=True,
                              return_tensors="pt")
         device = next(self.encoder.parameters()).device
         mask = tok.attention_mask.to(device) if self.attention_mask == "padding" else None
-        states = self.encoder(input_ids=tok.input_ids.to(device), attention_mask=mask).last_hidden_state
-        adapter_dtype = next(self.adapter.parameters()).dtype
-        return self.adapter(states.to(adapter_dtype))
+        return self.encoder(input_ids=tok.input_ids.to(device), attention_mask=mask).last_hidden_state
+
+    def adapt(self, states: torch.Tensor) -> torch.Tensor:
+        """The adapter on T5 states (with gradients when the adapter is being trained)."""
+        return self.adapter(states.to(next(self.adapter.parameters()).dtype))
+
+    @torch.no_grad()
+    def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """``(B, max_length, out_dim)``: the T5 branch's conditioning for ``prompts``."""
+        return self.adapt(self.t5_states(prompts))
 
 
 def load_t5_branch(t5_folder: str | Path, adapter_folder: str | Path, device="cpu", dtype=torch.float32,

@@ -241,3 +241,28 @@ def test_embedded_default_main_job(tmp_path):
     assert "No --model given" in proc.output and "Running training" in proc.output
     for name in ("longalign_lora.safetensors", "report.png", "report.md", "train_log.csv"):
         assert (tmp_path / "demo" / name).is_file(), name
+
+
+def test_align_stage_trains_the_t5_adapter(tmp_path, tiny_t5_dir, tiny_adapter_dir):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from longalign_core.t5_branch import load_text_adapter
+
+    rng = np.random.default_rng(1)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)],
+         "caption": ["a red fox sits on a mossy rock.", "the sky is orange."]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "pairs"))
+    with pytest.raises(ValueError, match="--train-t5-adapter needs --stage align"):
+        cfg(tmp_path, "--train-t5-adapter", "--t5-model", str(tiny_t5_dir), "--t5-adapter", str(tiny_adapter_dir))
+    trainer = Trainer(cfg(tmp_path, "--stage", "align", "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
+                          "--t5-model", str(tiny_t5_dir), "--t5-adapter", str(tiny_adapter_dir),
+                          "--train-t5-adapter", "--caption-dropout", "0"))
+    assert trainer.conditioning(["a red fox."]).shape == (1, 480, 32)
+    trainer.train()
+    before = load_text_adapter(tiny_adapter_dir).state_dict()
+    after = load_text_adapter(tmp_path / "run" / "t5_adapter").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -41,6 +41,8 @@ class TrainConfig:
     reward_model_kind: str = _f("auto", "auto | hf_clip | open_clip")
     t5_model: str | None = _f(None, "T5 folder (google-t5/t5-large) for the LongSD T5 branch")
     t5_adapter: str | None = _f(None, "LongSD adapter folder (s28750_adapter) for the T5 branch")
+    train_t5_adapter: bool = _f(False, "align stage: train the T5 adapter with the LoRA (as LongSD's stage 1 did); "
+                                       "it is saved to <output_dir>/t5_adapter")
     init_lora: list[str] = _f(list, "LoRA files merged into the UNet before training (e.g. the stage-1 "
                                     "s28750_lora_vis.pt for the reward stage)", nargs="*")
     # -- data -------------------------------------------------------------------------------------------------
@@ -104,6 +106,8 @@ class TrainConfig:
             (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
             (self.token_budget >= 1, f"token_budget must be >= 1"),
             ((self.t5_model is None) == (self.t5_adapter is None), "give both --t5-model and --t5-adapter, or neither"),
+            (not self.train_t5_adapter or (self.stage == "align" and self.t5_model is not None),
+             "--train-t5-adapter needs --stage align and --t5-model/--t5-adapter"),
             (self.checkpoint_every >= 1 and self.checkpoints_keep >= 1, "checkpoint_every and checkpoints_keep must be >= 1"),
         ]
         errors = [msg for ok, msg in checks if not ok]

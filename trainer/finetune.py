@@ -175,23 +175,31 @@ class Trainer:
                                     target_modules=[t.path for t in self.targets]))
         if cfg.stage == "align" and cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        self.t5 = None
+        if cfg.t5_model:
+            self.t5 = load_t5_branch(cfg.t5_model, cfg.t5_adapter, device=device, dtype=self.weight_dtype)
         self.params = [p for p in unet.parameters() if p.requires_grad]
+        adapter = None
+        if cfg.train_t5_adapter:
+            adapter = self.t5.adapter.float().train().requires_grad_(True)
+            self.params += list(adapter.parameters())
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                      num_warmup_steps=cfg.lr_warmup_steps * self.acc.num_processes)
-        self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
+        if adapter is not None:
+            self.unet, self.t5.adapter, self.optimizer, self.lr_scheduler = self.acc.prepare(
+                unet, adapter, optimizer, lr_scheduler)
+        else:
+            self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
         self.vae = base.vae.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
             self.vae.enable_gradient_checkpointing()
         self.text_encoder = base.text_encoder.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
         self.encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
-        self.t5 = None
-        if cfg.t5_model:
-            self.t5 = load_t5_branch(cfg.t5_model, cfg.t5_adapter, device=device, dtype=self.weight_dtype)
         reward_path = cfg.reward_model or str(embedded_reward_dir(cfg.seed))
         self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device)
         self.reward_source = reward_path
@@ -206,8 +214,10 @@ class Trainer:
         """Segment-level CLIP conditioning (+ the T5 branch when configured), ``(B, L, C)``."""
         with torch.no_grad():
             cond = self.encoder.encode(prompts, budget=self.cfg.token_budget).cond
-            if self.t5 is not None:
-                cond = combine_conditioning(cond, self.t5.encode(prompts))
+            states = self.t5.t5_states(prompts) if self.t5 is not None else None
+        if states is not None:  # the adapter keeps its graph when it is being trained
+            with torch.set_grad_enabled(self.cfg.train_t5_adapter and torch.is_grad_enabled()):
+                cond = combine_conditioning(cond, self.t5.adapt(states))
         return cond.to(self.weight_dtype)
 
     def unet_eps(self, x, t, context):
@@ -452,6 +462,8 @@ class Trainer:
                 "stage": cfg.stage, "rank": cfg.lora_rank, "ss_network_dim": cfg.lora_rank,
                 "ss_network_alpha": cfg.lora_rank, "omega": cfg.reward_omega, "steps": cfg.train_steps,
                 "prompts_sha256": prompts_hash, "reward_model": self.reward_source, "seed": cfg.seed})
+            if cfg.train_t5_adapter:
+                acc.unwrap_model(self.t5.adapter).save_pretrained(self.out / "t5_adapter")
             if cfg.merge_checkpoint:
                 merged = load_base_model(cfg.model, cfg.seed).unet
                 for path in cfg.init_lora:
