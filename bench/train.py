@@ -74,13 +74,12 @@ def build(shape: str, device: str, dtype: torch.dtype):
 
     torch.manual_seed(0)
     if shape == "tiny":
-        from trainer.models import embedded_pipeline_dir, embedded_reward_dir, load_base_model
+        from trainer.models import embedded_reward_dir, load_base_model
         from longalign_core.preference import load_preference_model
 
         base = load_base_model(None)
         unet, vae, text, sched = base.unet, base.vae, base.text_encoder, base.noise_scheduler
         reward = load_preference_model(embedded_reward_dir())
-        del embedded_pipeline_dir
     else:  # SD1.5 shapes: UNet 860M, VAE, CLIP-L text; a CLIP-H/14-shaped preference model (Denscore's size)
         unet = UNet2DConditionModel.from_config(load_unet_config(None))
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),

@@ -7,10 +7,17 @@ would, and builds random-weight text encoders / checkpoints of the shapes ComfyU
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -163,3 +170,98 @@ def install_pack(custom_nodes: Path) -> Path:
         elif src.exists():
             shutil.copy2(src, target / name)
     return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A real ComfyUI server on 127.0.0.1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body=None, timeout: float = 30):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"null")
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def run(self, prompt: dict, label: str, timeout: float = 300) -> dict:
+        """Queue an API-format prompt and wait for it; any rejection or execution error fails the test with the
+        server's message."""
+        status, resp = http("POST", self.url + "/prompt", {"prompt": prompt, "client_id": "longalign-workflows"})
+        if status != 200 or not isinstance(resp, dict) or "prompt_id" not in resp:
+            pytest.fail(f"ComfyUI rejected {label} (HTTP {status}):\n{json.dumps(resp, indent=1)[:6000]}")
+        pid = resp["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            _, hist = http("GET", f"{self.url}/history/{pid}")
+            entry = (hist or {}).get(pid)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                if entry["status"].get("status_str") != "success":
+                    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+                    shown = [{k: e.get(k) for k in ("node_id", "node_type", "exception_type", "exception_message",
+                                                    "traceback")} for e in errors] or entry["status"]
+                    pytest.fail(f"{label} failed in ComfyUI:\n{json.dumps(shown, indent=1)[:6000]}")
+                return entry
+            time.sleep(0.25)
+        pytest.fail(f"{label} did not finish in {timeout} s; server log tail:\n{self.log_text()[-3000:]}")
+
+    def image_path(self, info: dict) -> Path:
+        return self.base / info.get("type", "output") / info.get("subfolder", "") / info["filename"]
+
+
+def start_comfy(base: Path, timeout: float = 120) -> tuple[subprocess.Popen, Server]:
+    """Start ComfyUI headless on a free 127.0.0.1 port with ``base`` as its base directory (models/,
+    custom_nodes/, user/, output/ …); returns once /system_stats answers. Stop it with :func:`stop_comfy`."""
+    port = free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    log_path = base / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [python, os.path.join(COMFYUI_PATH, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--log-stdout",
+             "--base-directory", str(base)],
+            cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", base, log_path)
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail("ComfyUI exited during start-up:\n" + srv.log_text()[-4000:])
+        try:
+            if http("GET", srv.url + "/system_stats", timeout=5)[0] == 200:
+                return proc, srv
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        if time.time() > deadline:
+            stop_comfy(proc)
+            pytest.fail(f"ComfyUI did not start in {timeout} s:\n" + srv.log_text()[-4000:])
+        time.sleep(0.5)
+
+
+def stop_comfy(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)  # the process group of our own child (start_new_session)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -6,41 +6,16 @@ custom_nodes/ the way ComfyUI Manager would install it. Set COMFYUI_PYTHON to th
 environment if it is not this one.
 """
 
-import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from comfy_support import COMFYUI_PATH, build_tiny_sd15_checkpoint, install_pack, requires_comfy
+from comfy_support import build_tiny_sd15_checkpoint, http, install_pack, requires_comfy, start_comfy, stop_comfy
 from longalign_core.examples import EXAMPLE_NEGATIVE, EXAMPLE_PROMPT
 
 pytestmark = requires_comfy
 
 LONG_300 = EXAMPLE_PROMPT + " " + EXAMPLE_PROMPT.replace("lighthouse", "windmill")[:420]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method, url, body=None, timeout=30):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
 
 
 @pytest.fixture(scope="module")
@@ -49,55 +24,19 @@ def server(tmp_path_factory, tiny_clip_dir):
     build_tiny_sd15_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
     shutil.copytree(tiny_clip_dir, base / "models" / "denscore" / "tiny-denscore")
     install_pack(base / "custom_nodes")
-    port = free_port()
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [python, os.path.join(COMFYUI_PATH, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--log-stdout",
-         "--base-directory", str(base)],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, srv = start_comfy(base)
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("ComfyUI exited during start-up:\n" + (base / "server.log").read_text()[-4000:])
-            try:
-                if http("GET", url + "/system_stats", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.time() > deadline:
-                pytest.fail("ComfyUI did not start in 120 s:\n" + (base / "server.log").read_text()[-4000:])
-            time.sleep(0.5)
-        yield url, base
+        yield srv.url, base, srv
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_comfy(proc)
 
 
-def run_workflow(url, workflow, timeout=300):
-    status, resp = http("POST", url + "/prompt", {"prompt": workflow, "client_id": "longalign-tests"})
-    assert status == 200 and "prompt_id" in resp, f"workflow rejected: {json.dumps(resp)[:3000]}"
-    pid = resp["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        _, hist = http("GET", f"{url}/history/{pid}")
-        entry = (hist or {}).get(pid)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            assert entry["status"].get("status_str") != "error", json.dumps(entry["status"])[:4000]
-            return entry
-        time.sleep(0.3)
-    pytest.fail(f"workflow {pid} did not finish in {timeout} s")
+def run_workflow(srv, workflow):
+    return srv.run(workflow, "workflow")
 
 
 def test_node_is_registered(server):
-    url, base = server
+    url, base, srv = server
     status, info = http("GET", url + "/object_info/LongAlignTextEncode")
     assert status == 200 and "LongAlignTextEncode" in info, (base / "server.log").read_text()[-3000:]
     node = info["LongAlignTextEncode"]
@@ -110,7 +49,7 @@ def test_node_is_registered(server):
 
 
 def test_long_prompt_workflow_samples_an_image(server):
-    url, base = server
+    url, base, srv = server
     workflow = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
         "2": {"class_type": "LongAlignTextEncode", "inputs": {
@@ -127,7 +66,7 @@ def test_long_prompt_workflow_samples_an_image(server):
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "longalign_e2e"}},
         "8": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
     }
-    entry = run_workflow(url, workflow)
+    entry = run_workflow(srv, workflow)
     images = entry["outputs"]["7"]["images"]
     assert len(images) == 1
     path = base / "output" / images[0]["subfolder"] / images[0]["filename"]
@@ -140,7 +79,7 @@ def test_long_prompt_workflow_samples_an_image(server):
 
 
 def test_batch_scored_with_denscore_chart_and_best_of_n(server):
-    url, base = server
+    url, base, srv = server
     common = {"denscore_model": ["9", 0], "images": ["6", 0], "text": EXAMPLE_PROMPT, "omega": 0.3,
               "reference_prompts": "", "split_mode": "sentence"}
     workflow = {
@@ -164,7 +103,7 @@ def test_batch_scored_with_denscore_chart_and_best_of_n(server):
         "13": {"class_type": "SaveImage", "inputs": {"images": ["10", 5], "filename_prefix": "longalign_chart"}},
         "14": {"class_type": "PreviewAny", "inputs": {"source": ["11", 3]}},
     }
-    entry = run_workflow(url, workflow)
+    entry = run_workflow(srv, workflow)
     outputs = entry["outputs"]
     assert "images" in outputs["10"] and "Denscore x100" in outputs["10"]["text"][0]
     assert "image 2" in outputs["10"]["text"][0]

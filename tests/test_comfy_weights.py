@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfy_support import build_tiny_sd15_checkpoint, host_clip, import_comfy, load_pack, requires_comfy
-from longalign_core.lora import diffusers_config_from_ldm, lora_targets, to_kohya
+from longalign_core.lora import diffusers_config_from_ldm, lora_targets
 
 pytestmark = requires_comfy
 

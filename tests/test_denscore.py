@@ -10,7 +10,6 @@ from torchvision.transforms import v2 as T
 from longalign_core.denscore import (
     batch_common_direction,
     common_direction,
-    decompose,
     direction_from_prompts,
     preprocess_images,
     prompt_features,

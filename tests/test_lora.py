@@ -18,7 +18,6 @@ from longalign_core.lora import (
     merge_lora,
     read_longsd_lora,
     save_kohya,
-    to_kohya,
 )
 
 TSV = Path(__file__).with_name("data") / "longsd_lora_order_sd15.tsv"

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from longalign_core.denscore import default_reference_prompts, direction_from_prompts, segment_score

@@ -132,13 +132,9 @@ class Trainer:
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        trackers = []
-        try:
-            import tensorboard  # noqa: F401
+        import importlib.util
 
-            trackers = ["tensorboard"]
-        except ImportError:
-            pass
+        trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
         # cpu=True on a machine without an accelerator lets accelerate pick up torchrun's processes (gloo).
         has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
         self.acc = Accelerator(cpu=not has_accelerator, mixed_precision=cfg.mixed_precision,

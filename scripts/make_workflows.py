@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""The example workflows, defined once and written in both ComfyUI formats.
+
+    python scripts/make_workflows.py            # (re)write workflows/*.json and workflows/api/*.json
+    python scripts/make_workflows.py --check    # exit 1 if the files on disk differ from this script
+
+``workflows/<name>.json`` is the UI ("Save") format a user drags into ComfyUI (LiteGraph graph, version 0.4);
+ComfyUI lists it under the pack's templates. ``workflows/api/<name>.json`` is the API format a script posts to
+``/prompt``; ComfyUI does not list the ``api/`` sub-folder. Both are rendered from the same :class:`Workflow`
+objects below, so they cannot drift apart.
+
+Widget values are stored in the order the ComfyUI frontend builds a node's widgets (``WIDGETS``): a V1/V3
+node's widget inputs in schema order (required, then optional), KSampler's seed followed by the frontend-only
+``control_after_generate`` value. ``tests/test_browser.py`` checks this table against the real frontend and
+checks that the frontend turns each UI file into exactly its API twin. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_DIR = REPO / "workflows"
+API_SUBDIR = "api"
+
+#: Placeholder in WIDGETS for the frontend-only value that follows a seed widget.
+CONTROL = "control_after_generate"
+
+# --------------------------------------------------------------------------------------------------------------
+# Node types used by the workflows: socket inputs, outputs, widget names in frontend order.
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeType:
+    inputs: tuple[tuple[str, str], ...] = ()  # (name, type) of the sockets, in frontend order
+    outputs: tuple[tuple[str, str], ...] = ()  # (name, type)
+    widgets: tuple[str, ...] = ()  # widget names in frontend order (CONTROL = control_after_generate)
+    #: widgets the frontend adds on its own (not sent to the server): name -> value stored in the UI file
+    frontend_widgets: tuple[tuple[str, object], ...] = ()
+    virtual: bool = False  # frontend-only node (Note, MarkdownNote): not part of the API format
+
+
+NODE_TYPES: dict[str, NodeType] = {
+    "CheckpointLoaderSimple": NodeType(outputs=(("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")),
+                                       widgets=("ckpt_name",)),
+    "CLIPTextEncode": NodeType(inputs=(("clip", "CLIP"),), outputs=(("CONDITIONING", "CONDITIONING"),),
+                               widgets=("text",)),
+    "EmptyLatentImage": NodeType(outputs=(("LATENT", "LATENT"),), widgets=("width", "height", "batch_size")),
+    "KSampler": NodeType(inputs=(("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("latent_image", "LATENT")),
+                         outputs=(("LATENT", "LATENT"),),
+                         widgets=("seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise")),
+    "VAEDecode": NodeType(inputs=(("samples", "LATENT"), ("vae", "VAE")), outputs=(("IMAGE", "IMAGE"),)),
+    "SaveImage": NodeType(inputs=(("images", "IMAGE"),), widgets=("filename_prefix",)),
+    "PreviewImage": NodeType(inputs=(("images", "IMAGE"),)),
+    # "Preview as Text": the frontend adds two display widgets that are never restored from a file (the
+    # frontend skips them when it reads widgets_values) and a previewMode toggle, which is.
+    "PreviewAny": NodeType(inputs=(("source", "*"),), frontend_widgets=(("previewMode", False),)),
+    "PrimitiveStringMultiline": NodeType(outputs=(("STRING", "STRING"),), widgets=("value",)),
+    "MarkdownNote": NodeType(widgets=("text",), virtual=True),
+    # --- this pack ---
+    "LongAlignTextEncode": NodeType(
+        inputs=(("clip", "CLIP"), ("longalign_t5", "LONGALIGN_T5")),
+        outputs=(("CONDITIONING", "CONDITIONING"), ("report", "STRING")),
+        widgets=("text", "token_budget", "overflow", "split_mode", "long_sentences")),
+    "LongAlignLoadLongSDLoRA": NodeType(inputs=(("model", "MODEL"),), outputs=(("MODEL", "MODEL"),),
+                                        widgets=("lora_name", "strength")),
+    "LongAlignLoadT5Adapter": NodeType(outputs=(("LONGALIGN_T5", "LONGALIGN_T5"),),
+                                       widgets=("t5_folder", "adapter_folder", "attention_mask")),
+    "LongAlignPreferenceModelLoader": NodeType(outputs=(("DENSCORE_MODEL", "DENSCORE_MODEL"),),
+                                               widgets=("model_name", "kind", "precision")),
+    "LongAlignDenscoreScore": NodeType(
+        inputs=(("denscore_model", "DENSCORE_MODEL"), ("images", "IMAGE")),
+        outputs=(("scores", "FLOAT"), ("text_relevant", "FLOAT"), ("text_irrelevant", "FLOAT"), ("eta", "FLOAT"),
+                 ("report", "STRING"), ("chart", "IMAGE")),
+        widgets=("text", "omega", "reference_prompts", "split_mode")),
+    "LongAlignDenscoreBestOfN": NodeType(
+        inputs=(("denscore_model", "DENSCORE_MODEL"), ("images", "IMAGE")),
+        outputs=(("best_image", "IMAGE"), ("best_index", "INT"), ("scores", "FLOAT"), ("report", "STRING")),
+        widgets=("text", "omega", "rank_by", "reference_prompts", "split_mode")),  # required first, then optional
+}
+
+WIDGETS = {name: t.widgets for name, t in NODE_TYPES.items()}
+
+#: The window the initial view is framed for, the frontend's bars around the canvas (left, top, right, bottom),
+#: and the height of a node's title bar (drawn above its pos).
+VIEW = (1920, 1080)
+VIEW_MARGINS = (80, 110, 30, 30)
+TITLE_HEIGHT = 30
+
+#: Colours ComfyUI's own templates use for positive / negative prompt nodes.
+GREEN = {"color": "#232", "bgcolor": "#353"}
+RED = {"color": "#322", "bgcolor": "#533"}
+
+# --------------------------------------------------------------------------------------------------------------
+# Graph builder
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[float, float]
+    size: tuple[float, float]
+    values: dict[str, object]  # widget name -> value (CONTROL included for seeds)
+    title: str | None = None
+    colors: dict = field(default_factory=dict)
+    links_in: dict[str, tuple[Node, int]] = field(default_factory=dict)  # input name -> (source node, slot)
+
+    @property
+    def spec(self) -> NodeType:
+        return NODE_TYPES[self.type]
+
+    def out(self, name: str) -> tuple[Node, int]:
+        """An output of this node by name, for :meth:`Workflow.link`."""
+        names = [n for n, _ in self.spec.outputs]
+        return self, names.index(name)
+
+
+@dataclass
+class Workflow:
+    name: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, type_: str, pos, size, title: str | None = None, colors: dict | None = None, **values) -> Node:
+        spec = NODE_TYPES[type_]
+        expected = list(spec.widgets)
+        if sorted(values) != sorted(expected):
+            raise ValueError(f"{type_}: widget values {sorted(values)} != widgets {sorted(expected)}")
+        node = Node(len(self.nodes) + 1, type_, tuple(pos), tuple(size), values, title, dict(colors or {}))
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str, pos, size) -> Node:
+        return self.add("MarkdownNote", pos, size, title="Read me", text=text)
+
+    @staticmethod
+    def link(source: tuple[Node, int], target: Node, input_name: str) -> None:
+        """Connect an output (``node.out(name)``) to a socket input or to a widget input of ``target``."""
+        node, slot = source
+        sockets = [n for n, _ in target.spec.inputs]
+        if input_name not in sockets and input_name not in target.spec.widgets:
+            raise ValueError(f"{target.type} has no input {input_name!r}")
+        if input_name in target.links_in:
+            raise ValueError(f"{target.type}.{input_name} is already connected")
+        target.links_in[input_name] = (node, slot)
+
+    # -- ordering ----------------------------------------------------------------------------------------------
+    def execution_order(self) -> list[Node]:
+        """Nodes in a topological order (sources first, ties by id); what LiteGraph stores as ``order``."""
+        done: list[Node] = []
+        pending = sorted(self.nodes, key=lambda n: n.id)
+        while pending:
+            ready = [n for n in pending if all(src in done for src, _ in n.links_in.values())]
+            if not ready:
+                raise ValueError(f"{self.name}: the graph has a cycle")
+            done.append(ready[0])
+            pending.remove(ready[0])
+        return done
+
+    def _links(self) -> list[tuple[int, Node, int, Node, str]]:
+        """(link id, source, source slot, target, input name), numbered by target id then input position."""
+        out = []
+        for target in sorted(self.nodes, key=lambda n: n.id):
+            order = [n for n, _ in target.spec.inputs] + list(target.spec.widgets)
+            for name in sorted(target.links_in, key=order.index):
+                src, slot = target.links_in[name]
+                out.append((len(out) + 1, src, slot, target, name))
+        return out
+
+    # -- UI format ---------------------------------------------------------------------------------------------
+    def ui(self) -> dict:
+        links = self._links()
+        order = {n.id: i for i, n in enumerate(self.execution_order())}
+        nodes = []
+        for n in self.nodes:
+            spec = n.spec
+            inputs = [{"name": name, "type": t, "link": None} for name, t in spec.inputs]
+            for name in spec.widgets:  # widget inputs appear as inputs only while connected
+                if name in n.links_in:
+                    src, slot = n.links_in[name]
+                    inputs.append({"name": name, "type": src.spec.outputs[slot][1], "widget": {"name": name},
+                                   "link": None})
+            slot_of = {i["name"]: k for k, i in enumerate(inputs)}
+            for link_id, src, slot, target, name in links:
+                if target is n:
+                    inputs[slot_of[name]]["link"] = link_id
+            outputs = []
+            for k, (name, t) in enumerate(spec.outputs):
+                ids = [lid for lid, src, slot, _, _ in links if src is n and slot == k]
+                outputs.append({"name": name, "type": t, "links": ids, "slot_index": k})
+            entry = {"id": n.id, "type": n.type}
+            if n.title:
+                entry["title"] = n.title
+            entry.update({"pos": list(n.pos), "size": list(n.size), "flags": {}, "order": order[n.id], "mode": 0,
+                          "inputs": inputs, "outputs": outputs,
+                          "properties": {"Node name for S&R": n.type},
+                          "widgets_values": [n.values[w] for w in spec.widgets]
+                          + [v for _, v in spec.frontend_widgets]})
+            entry.update(n.colors)
+            nodes.append(entry)
+        return {
+            "last_node_id": max(n.id for n in self.nodes),
+            "last_link_id": len(links),
+            "nodes": nodes,
+            "links": [[lid, src.id, slot, target.id, self._slot(target, name), src.spec.outputs[slot][1]]
+                      for lid, src, slot, target, name in links],
+            "groups": [],
+            "config": {},
+            "extra": {"ds": self.initial_view()},
+            "version": 0.4,
+        }
+
+    def initial_view(self, width: int = VIEW[0], height: int = VIEW[1]) -> dict:
+        """Canvas scale and offset that show the whole graph in a ``width`` x ``height`` window, clear of the
+        frontend's side bar and top bar (LiteGraph maps a graph point p to the screen as (p + offset) * scale)."""
+        left, top, right, bottom = VIEW_MARGINS
+        x0 = min(n.pos[0] for n in self.nodes)
+        y0 = min(n.pos[1] for n in self.nodes) - TITLE_HEIGHT
+        x1 = max(n.pos[0] + n.size[0] for n in self.nodes)
+        y1 = max(n.pos[1] + n.size[1] for n in self.nodes)
+        scale = min(1.0, (width - left - right) / (x1 - x0), (height - top - bottom) / (y1 - y0))
+        scale = int(scale * 100) / 100  # round down to 0.01
+        return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
+
+    @staticmethod
+    def _slot(target: Node, name: str) -> int:
+        names = [n for n, _ in target.spec.inputs] + [w for w in target.spec.widgets if w in target.links_in]
+        return names.index(name)
+
+    # -- API format --------------------------------------------------------------------------------------------
+    def api(self) -> dict:
+        prompt = {}
+        for n in self.nodes:
+            if n.spec.virtual:
+                continue
+            inputs: dict[str, object] = {}
+            for name in n.spec.widgets:
+                if name == CONTROL:
+                    continue
+                inputs[name] = [str(n.links_in[name][0].id), n.links_in[name][1]] if name in n.links_in \
+                    else n.values[name]
+            for name, _ in n.spec.inputs:
+                if name in n.links_in:
+                    src, slot = n.links_in[name]
+                    inputs[name] = [str(src.id), slot]
+            prompt[str(n.id)] = {"inputs": inputs, "class_type": n.type,
+                                 "_meta": {"title": n.title or DISPLAY_NAMES[n.type]}}
+        return prompt
+
+
+#: Display names (what the frontend uses as the default title, and so as the API ``_meta.title``).
+DISPLAY_NAMES = {
+    "CheckpointLoaderSimple": "Load Checkpoint",
+    "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "EmptyLatentImage": "Empty Latent Image",
+    "KSampler": "KSampler",
+    "VAEDecode": "VAE Decode",
+    "SaveImage": "Save Image",
+    "PreviewImage": "Preview Image",
+    "PreviewAny": "Preview as Text",
+    "PrimitiveStringMultiline": "String (Multiline)",
+    "MarkdownNote": "Markdown Note",
+    "LongAlignTextEncode": "LongAlign Text Encode",
+    "LongAlignLoadLongSDLoRA": "Load LongSD LoRA",
+    "LongAlignLoadT5Adapter": "Load LongAlign T5 Adapter",
+    "LongAlignPreferenceModelLoader": "Load Preference Model (Denscore)",
+    "LongAlignDenscoreScore": "Denscore Score",
+    "LongAlignDenscoreBestOfN": "Denscore Best-of-N",
+}
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared content
+# --------------------------------------------------------------------------------------------------------------
+
+SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+LONGSD_STAGE1_LORA = "s28750_lora_vis.pt"
+LONGSD_REWARD_LORA = "sd15-reward-3750.pt"
+LONGSD_T5_FOLDER = "t5-large"
+LONGSD_ADAPTER_FOLDER = "s28750_adapter"
+DENSCORE_FOLDER = "Denscore"
+
+#: A 13-sentence, 224-token prompt (three CLIP windows); with its 13 start tokens it fills 237 of the 240-token budget.
+LONG_PROMPT = (
+    "A cosy bookshop on a rainy evening, seen from the street through a tall arched window. "
+    "Warm yellow light falls on wooden shelves that reach up to a dark green ceiling. "
+    "A tall woman in a red wool coat reads a small blue book near the window. "
+    "Beside her, a boy in a yellow raincoat kneels on the floor and stacks picture books into a tower. "
+    "A grey tabby cat sleeps on a pile of old atlases on the counter. "
+    "Behind the counter, an old bookseller with round glasses pours tea from a white porcelain pot. "
+    "A brass bell hangs above the door, and a black umbrella drips in a tall ceramic stand. "
+    "On the window sill stand three potted cacti and a glass jar full of pencils. "
+    "Rain runs down the glass in thin streams, and the street lamps outside make orange circles on the wet "
+    "cobblestones. "
+    "A bicycle with a wicker basket full of tulips leans against the lamp post. "
+    "A chalkboard sign by the door reads OPEN in white letters. "
+    "The ceiling is strung with small paper lanterns in pink, teal and gold. "
+    "Photograph, 35mm, shallow depth of field."
+)
+NEGATIVE_PROMPT = "blurry, low quality, deformed hands, watermark, text artefacts, oversaturated."
+
+SDXL_PROMPT = (
+    "An old harbour town on a steep hillside at golden hour, seen from a boat in the bay. "
+    "Narrow houses painted ochre, coral and sky blue stand in uneven rows above the quay. "
+    "A white lighthouse with a red lantern room rises at the end of a long stone pier. "
+    "Fishing boats with blue hulls and orange buoys are moored along the harbour wall. "
+    "A fisherman in yellow oilskins coils a thick rope on the deck of the nearest boat. "
+    "Seagulls circle above a market stall piled with silver fish and lemons. "
+    "Laundry hangs between two balconies, white sheets glowing in the low sun. "
+    "A church bell tower with a green copper dome stands at the top of the hill. "
+    "Long shadows stretch across the water, which reflects the coloured houses. "
+    "Highly detailed, natural colours, cinematic lighting, 50mm lens."
+)
+
+LONGALIGN_WIDGETS = dict(token_budget=240, overflow="extend", split_mode="sentence", long_sentences="split")
+
+
+def _encode_pair(wf: Workflow, clip, positive: str, negative: str, x: float, y: float, t5=None,
+                 heights=(300, 200)):
+    """A positive and a negative LongAlign Text Encode sharing one CLIP (and T5 branch)."""
+    pos = wf.add("LongAlignTextEncode", (x, y), (420, heights[0]), title="LongAlign Text Encode (positive)",
+                 colors=GREEN, text=positive, **LONGALIGN_WIDGETS)
+    neg = wf.add("LongAlignTextEncode", (x, y + heights[0] + GAP), (420, heights[1]),
+                 title="LongAlign Text Encode (negative)", colors=RED, text=negative, **LONGALIGN_WIDGETS)
+    for node in (pos, neg):
+        wf.link(clip, node, "clip")
+        if t5 is not None:
+            wf.link(t5, node, "longalign_t5")
+    return pos, neg
+
+
+def _sample(wf: Workflow, model, pos, neg, latent, x: float, y: float, seed: int, steps: int, cfg: float,
+            sampler: str, scheduler: str, title: str | None = None):
+    ks = wf.add("KSampler", (x, y), (320, 262), title=title, seed=seed, control_after_generate="fixed", steps=steps,
+                cfg=cfg, sampler_name=sampler, scheduler=scheduler, denoise=1.0)
+    wf.link(model, ks, "model")
+    wf.link(pos, ks, "positive")
+    wf.link(neg, ks, "negative")
+    wf.link(latent, ks, "latent_image")
+    return ks
+
+
+def _decode(wf: Workflow, ks, vae, x: float, y: float) -> Node:
+    dec = wf.add("VAEDecode", (x, y), (210, 46))
+    wf.link(ks.out("LATENT"), dec, "samples")
+    wf.link(vae, dec, "vae")
+    return dec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The workflows. Columns: A x=20 (loaders, prompt, note), B x=420 (text encoders), C x=880 (sampling),
+# D x=1240 and E x=1700 (outputs). A node's pos is the top-left of its body; its title bar sits above it.
+# --------------------------------------------------------------------------------------------------------------
+
+GAP = 60  # vertical distance between one node's body and the next node's body (title bar + margin)
+A, B, C, D, E = 20, 420, 880, 1240, 1700
+TOP = 60
+
+
+def _text_to_image(wf: Workflow, checkpoint: str, prompt: str, size: int, seed: int, steps: int, cfg: float,
+                   sampler: str, scheduler: str, prefix: str, model=None, t5=None, ckpt=None):
+    """checkpoint -> LongAlign positive/negative -> KSampler -> VAE Decode -> Save Image, + report preview."""
+    ckpt = ckpt or wf.add("CheckpointLoaderSimple", (A, TOP), (360, 98), ckpt_name=checkpoint)
+    pos, neg = _encode_pair(wf, ckpt.out("CLIP"), prompt, NEGATIVE_PROMPT, B, TOP, t5=t5)
+    latent = wf.add("EmptyLatentImage", (B, TOP + 300 + GAP + 200 + GAP), (320, 106), width=size, height=size,
+                    batch_size=1)
+    ks = _sample(wf, model or ckpt.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"),
+                 latent.out("LATENT"), C, TOP, seed=seed, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler)
+    dec = _decode(wf, ks, ckpt.out("VAE"), C, TOP + 262 + GAP)
+    save = wf.add("SaveImage", (D, TOP), (420, 440), filename_prefix=prefix)
+    wf.link(dec.out("IMAGE"), save, "images")
+    report = wf.add("PreviewAny", (D, TOP + 440 + GAP), (420, 260), title="Preview as Text (segment report)")
+    wf.link(pos.out("report"), report, "source")
+    return ckpt, pos
+
+
+def long_prompt_sd15() -> Workflow:
+    wf = Workflow("long_prompt_sd15")
+    _text_to_image(wf, SD15_CHECKPOINT, LONG_PROMPT, 512, seed=42, steps=25, cfg=7.5, sampler="dpmpp_2m",
+                   scheduler="karras", prefix="longalign_sd15")
+    wf.note(
+        "## Long prompt on SD1.5\n"
+        "**LongAlign Text Encode** replaces *CLIP Text Encode*: the prompt is split into sentences, each "
+        "sentence is encoded by CLIP on its own, and the results are joined into one 240-token conditioning "
+        "(no 77-token limit, nothing cut).\n\n"
+        f"* **Load Checkpoint**: any SD1.5 checkpoint in `models/checkpoints` (e.g. `{SD15_CHECKPOINT}`).\n"
+        "* Give positive and negative the same `token_budget` so they batch together.\n"
+        "* **Preview as Text** shows the report: every sentence with its token count, and a `WARNING` line if "
+        "anything was extended or cut.",
+        (A, TOP + 98 + GAP), (360, 320))
+    return wf
+
+
+def longsd() -> Workflow:
+    wf = Workflow("longsd")
+    ckpt = wf.add("CheckpointLoaderSimple", (A, TOP), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    lora1 = wf.add("LongAlignLoadLongSDLoRA", (A, TOP + 98 + GAP), (360, 82), title="Load LongSD LoRA (stage 1)",
+                   lora_name=LONGSD_STAGE1_LORA, strength=1.0)
+    lora2 = wf.add("LongAlignLoadLongSDLoRA", (A, TOP + 98 + 82 + 2 * GAP), (360, 82),
+                   title="Load LongSD LoRA (reward)", lora_name=LONGSD_REWARD_LORA, strength=1.0)
+    wf.link(ckpt.out("MODEL"), lora1, "model")
+    wf.link(lora1.out("MODEL"), lora2, "model")
+    t5 = wf.add("LongAlignLoadT5Adapter", (A, TOP + 98 + 2 * 82 + 3 * GAP), (360, 106), t5_folder=LONGSD_T5_FOLDER,
+                adapter_folder=LONGSD_ADAPTER_FOLDER, attention_mask="none")
+    _text_to_image(wf, SD15_CHECKPOINT, LONG_PROMPT, 512, seed=42, steps=25, cfg=7.5, sampler="uni_pc",
+                   scheduler="normal", prefix="longsd", model=lora2.out("MODEL"), t5=t5.out("LONGALIGN_T5"), ckpt=ckpt)
+    wf.note(
+        "## LongSD (LongAlign's fine-tuned SD1.5)\n"
+        "Files from the LongAlign release (`luping-liu/LongAlign`) and `google-t5/t5-large`:\n\n"
+        f"* `models/checkpoints/`: SD1.5 (`{SD15_CHECKPOINT}`)\n"
+        f"* `models/loras/`: `{LONGSD_STAGE1_LORA}` (stage 1, long-text fine-tuning) and "
+        f"`{LONGSD_REWARD_LORA}` (reward fine-tuning), chained in this order\n"
+        f"* `models/text_encoders/{LONGSD_T5_FOLDER}/`: the T5 folder (config.json, model.safetensors, "
+        "tokenizer files)\n"
+        f"* `models/longalign/{LONGSD_ADAPTER_FOLDER}/`: the adapter folder (config.json + "
+        "diffusion_pytorch_model.safetensors)\n\n"
+        "The T5 branch goes into **both** text encodes. Sampler settings are LongSD's: UniPC, 25 steps, "
+        "CFG 7.5, 512x512.",
+        (C, TOP + 262 + 46 + 2 * GAP), (320, 330))
+    return wf
+
+
+def denscore_best_of_n() -> Workflow:
+    wf = Workflow("denscore_best_of_n")
+    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 300), title="Prompt", value=LONG_PROMPT)
+    ckpt = wf.add("CheckpointLoaderSimple", (A, TOP + 300 + GAP), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    pos, neg = _encode_pair(wf, ckpt.out("CLIP"), "", NEGATIVE_PROMPT, B, TOP, heights=(200, 200))
+    wf.link(prompt.out("STRING"), pos, "text")
+    latent = wf.add("EmptyLatentImage", (B, TOP + 400 + 2 * GAP), (320, 106), width=512, height=512, batch_size=4)
+    ks = _sample(wf, ckpt.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent.out("LATENT"),
+                 C, TOP, seed=7, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
+    dec = _decode(wf, ks, ckpt.out("VAE"), C, TOP + 262 + GAP)
+    batch = wf.add("PreviewImage", (C, TOP + 262 + 46 + 2 * GAP), (320, 300), title="Preview Image (all 4)")
+    wf.link(dec.out("IMAGE"), batch, "images")
+    loader = wf.add("LongAlignPreferenceModelLoader", (C, TOP + 262 + 46 + 300 + 3 * GAP), (320, 106),
+                    model_name=DENSCORE_FOLDER, kind="auto", precision="auto")
+    score = wf.add("LongAlignDenscoreScore", (D, TOP), (420, 420), text="", omega=0.3, reference_prompts="",
+                   split_mode="sentence")
+    best = wf.add("LongAlignDenscoreBestOfN", (D, TOP + 420 + GAP), (420, 290), text="", omega=0.3,
+                  rank_by="score", reference_prompts="", split_mode="sentence")
+    for node in (score, best):
+        wf.link(loader.out("DENSCORE_MODEL"), node, "denscore_model")
+        wf.link(dec.out("IMAGE"), node, "images")
+        wf.link(prompt.out("STRING"), node, "text")
+    chart = wf.add("SaveImage", (E, TOP), (420, 420), title="Save Image (Denscore chart)",
+                   filename_prefix="denscore_chart")
+    wf.link(score.out("chart"), chart, "images")
+    save = wf.add("SaveImage", (E, TOP + 420 + GAP), (420, 420), title="Save Image (best of 4)",
+                  filename_prefix="denscore_best")
+    wf.link(best.out("best_image"), save, "images")
+    report = wf.add("PreviewAny", (D, TOP + 420 + 290 + 2 * GAP), (420, 200), title="Preview as Text (ranking)")
+    wf.link(best.out("report"), report, "source")
+    wf.note(
+        "## Best of 4 by Denscore\n"
+        "One **Prompt** node feeds the text encode and both Denscore nodes, so the images are scored against "
+        "the prompt they were made from. The sampler makes a batch of 4; **Denscore Score** charts each "
+        "sentence's score per image (blue = text-relevant, grey = text-irrelevant) and **Denscore Best-of-N** "
+        "keeps the best image.\n\n"
+        f"* `models/denscore/{DENSCORE_FOLDER}/`: the `luping-liu/Denscore` folder (config.json + "
+        "model.safetensors). PickScore / CLIP-H folders or an HPSv2 `.pt` work too.\n"
+        "* `models/checkpoints/`: any SD1.5 checkpoint.\n"
+        "* `rank_by`: score, text_relevant (alignment only) or reweighted.",
+        (A, TOP + 300 + 98 + 2 * GAP), (360, 340))
+    return wf
+
+
+def sdxl_long_prompt() -> Workflow:
+    wf = Workflow("sdxl_long_prompt")
+    _text_to_image(wf, SDXL_CHECKPOINT, SDXL_PROMPT, 1024, seed=42, steps=30, cfg=7.0, sampler="dpmpp_2m",
+                   scheduler="karras", prefix="longalign_sdxl")
+    wf.note(
+        "## Long prompt on SDXL\n"
+        "The same node on SDXL's two text encoders (CLIP-L + OpenCLIP-bigG): every sentence is encoded by "
+        "both, giving a 240 x 2048 conditioning.\n\n"
+        f"* `models/checkpoints/`: SDXL base (`{SDXL_CHECKPOINT}`) or any SDXL checkpoint.\n"
+        "* SDXL's pooled vector comes from the **first** sentence (as ComfyUI does for long prompts): put the "
+        "sentence that best sums up the image first.\n"
+        "* 1024x1024 is SDXL's native size.",
+        (A, TOP + 98 + GAP), (360, 320))
+    return wf
+
+
+def comparison() -> Workflow:
+    wf = Workflow("comparison")
+    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 300), title="Prompt", value=LONG_PROMPT)
+    negative = wf.add("PrimitiveStringMultiline", (A, TOP + 300 + GAP), (360, 110), title="Negative prompt",
+                      value=NEGATIVE_PROMPT)
+    ckpt = wf.add("CheckpointLoaderSimple", (A, TOP + 410 + 2 * GAP), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    latent = wf.add("EmptyLatentImage", (A, TOP + 508 + 3 * GAP), (360, 106), width=512, height=512, batch_size=1)
+    # upper row: ComfyUI's own encoder; lower row: LongAlign
+    n_pos = wf.add("CLIPTextEncode", (B, TOP), (420, 90), title="CLIP Text Encode (positive)", colors=GREEN, text="")
+    n_neg = wf.add("CLIPTextEncode", (B, TOP + 90 + GAP), (420, 90), title="CLIP Text Encode (negative)", colors=RED,
+                   text="")
+    for node in (n_pos, n_neg):
+        wf.link(ckpt.out("CLIP"), node, "clip")
+    low = TOP + 262 + 46 + 2 * GAP  # the LongAlign row starts below the first KSampler + VAE Decode
+    l_pos, l_neg = _encode_pair(wf, ckpt.out("CLIP"), "", "", B, low, heights=(200, 200))
+    wf.link(prompt.out("STRING"), n_pos, "text")
+    wf.link(negative.out("STRING"), n_neg, "text")
+    wf.link(prompt.out("STRING"), l_pos, "text")
+    wf.link(negative.out("STRING"), l_neg, "text")
+    settings = dict(seed=1234, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
+    ks_n = _sample(wf, ckpt.out("MODEL"), n_pos.out("CONDITIONING"), n_neg.out("CONDITIONING"),
+                   latent.out("LATENT"), C, TOP, title="KSampler (CLIP Text Encode)", **settings)
+    dec_n = _decode(wf, ks_n, ckpt.out("VAE"), C, TOP + 262 + GAP)
+    ks_l = _sample(wf, ckpt.out("MODEL"), l_pos.out("CONDITIONING"), l_neg.out("CONDITIONING"),
+                   latent.out("LATENT"), C, low, title="KSampler (LongAlign)", **settings)
+    dec_l = _decode(wf, ks_l, ckpt.out("VAE"), C, low + 262 + GAP)
+    save_n = wf.add("SaveImage", (D, TOP), (420, 440), title="CLIP Text Encode (77-token chunks)",
+                    filename_prefix="compare_clip_text_encode")
+    save_l = wf.add("SaveImage", (E, TOP), (420, 440), title="LongAlign Text Encode (sentences)",
+                    filename_prefix="compare_longalign")
+    wf.link(dec_n.out("IMAGE"), save_n, "images")
+    wf.link(dec_l.out("IMAGE"), save_l, "images")
+    report = wf.add("PreviewAny", (D, TOP + 440 + GAP), (420, 300), title="Preview as Text (segment report)")
+    wf.link(l_pos.out("report"), report, "source")
+    wf.note(
+        "## CLIP Text Encode vs LongAlign Text Encode\n"
+        "One prompt, one negative, one latent, the same seed and sampler: the only difference between the two "
+        "images is the text-encode node. CLIP Text Encode cuts the prompt into 77-token chunks wherever the "
+        "token count falls; LongAlign encodes whole sentences.\n\n"
+        f"* `models/checkpoints/`: any SD1.5 checkpoint (`{SD15_CHECKPOINT}`).\n"
+        "* Both KSamplers use seed 1234, *fixed*: change both to compare another seed.",
+        (E, TOP + 440 + GAP), (420, 300))
+    return wf
+
+
+WORKFLOWS = [long_prompt_sd15, longsd, denscore_best_of_n, sdxl_long_prompt, comparison]
+
+
+def build_all() -> dict[str, Workflow]:
+    return {wf.name: wf for wf in (make() for make in WORKFLOWS)}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def rendered() -> dict[str, str]:
+    """Relative path under workflows/ -> file text, for every file this script writes."""
+    files = {}
+    for name, wf in build_all().items():
+        files[f"{name}.json"] = dumps(wf.ui())
+        files[f"{API_SUBDIR}/{name}.json"] = dumps(wf.api())
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a file differs or is missing")
+    ap.add_argument("--out", type=Path, default=WORKFLOW_DIR, help="folder to write (default: workflows/)")
+    args = ap.parse_args(argv)
+    stale = []
+    for rel, text in rendered().items():
+        path = args.out / rel
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current == text:
+            continue
+        stale.append(rel)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    if args.check:
+        for rel in stale:
+            print(f"out of date: workflows/{rel} (run python scripts/make_workflows.py)", file=sys.stderr)
+        return 1 if stale else 0
+    print(f"wrote {len(stale)} file(s) under {args.out}" if stale else "workflows are up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The example workflows in workflows/ (UI format) and workflows/api/ (API format). No ComfyUI needed.
+
+The files must be exactly what scripts/make_workflows.py writes, and each UI file and its API twin must describe
+the same graph. The twins are compared by reading the files on disk independently of the generator's objects.
+The real frontend (tests/test_browser.py) and server (tests/test_workflows_e2e.py) check the rest.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "sdxl_long_prompt"]
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+def ui(name):
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def api(name):
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def widget_values(node):
+    """Widget name -> value of a UI node, by the frontend's widget order (CONTROL entries included)."""
+    spec = gen.NODE_TYPES[node["type"]]
+    names = list(spec.widgets) + [n for n, _ in spec.frontend_widgets]
+    assert len(node["widgets_values"]) == len(names), (node["type"], node["widgets_values"], names)
+    return dict(zip(names, node["widgets_values"]))
+
+
+def by_type(wf, type_):
+    return [n for n in wf["nodes"] if n["type"] == type_]
+
+
+def source(wf, node, input_name):
+    """(source node, output slot) feeding ``input_name`` of a UI node, or None."""
+    entry = next((i for i in node["inputs"] if i["name"] == input_name), None)
+    if entry is None or entry["link"] is None:
+        return None
+    link = next(lk for lk in wf["links"] if lk[0] == entry["link"])
+    return next(n for n in wf["nodes"] if n["id"] == link[1]), link[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generator <-> files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_files_on_disk_are_what_the_generator_writes():
+    expected = gen.rendered()
+    assert sorted(expected) == sorted([f"{n}.json" for n in NAMES] + [f"api/{n}.json" for n in NAMES])
+    on_disk = sorted(str(p.relative_to(WORKFLOWS)) for p in WORKFLOWS.rglob("*.json"))
+    assert on_disk == sorted(expected), "stale or missing files: run python scripts/make_workflows.py"
+    for rel, text in expected.items():
+        assert (WORKFLOWS / rel).read_text(encoding="utf-8") == text, \
+            f"workflows/{rel} differs from the generator: run python scripts/make_workflows.py"
+
+
+def test_check_mode_reports_a_stale_file(tmp_path, capsys):
+    assert gen.main(["--out", str(tmp_path)]) == 0
+    assert gen.main(["--out", str(tmp_path), "--check"]) == 0
+    victim = tmp_path / "api" / "longsd.json"
+    victim.write_text(victim.read_text().replace('"uni_pc"', '"euler"'))
+    assert gen.main(["--out", str(tmp_path), "--check"]) == 1
+    assert "api/longsd.json" in capsys.readouterr().err
+
+
+def test_builder_refuses_wrong_widgets_and_unknown_inputs():
+    wf = gen.Workflow("t")
+    with pytest.raises(ValueError, match="widget values"):
+        wf.add("KSampler", (0, 0), (1, 1), seed=1)  # the rest missing
+    a = wf.add("EmptyLatentImage", (0, 0), (1, 1), width=8, height=8, batch_size=1)
+    b = wf.add("VAEDecode", (0, 0), (1, 1))
+    with pytest.raises(ValueError, match="no input"):
+        wf.link(a.out("LATENT"), b, "latent")
+    wf.link(a.out("LATENT"), b, "samples")
+    with pytest.raises(ValueError, match="already connected"):
+        wf.link(a.out("LATENT"), b, "samples")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UI files: well-formed LiteGraph graphs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_file_is_a_consistent_litegraph_graph(name):
+    wf = ui(name)
+    assert wf["version"] == 0.4 and wf["groups"] == [] and isinstance(wf["config"], dict)
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(set(ids)) == len(ids) and wf["last_node_id"] == max(ids)
+    link_ids = [lk[0] for lk in wf["links"]]
+    assert len(set(link_ids)) == len(link_ids) and wf["last_link_id"] == max(link_ids)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, type_ in wf["links"]:
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id, (name, link_id)
+        assert out["type"] == type_ and inp["type"] in (type_, "*"), (name, link_id, out, inp)
+    for n in wf["nodes"]:
+        assert set(n) >= {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                          "widgets_values"}
+        assert n["mode"] == 0 and n["properties"]["Node name for S&R"] == n["type"]
+        spec = gen.NODE_TYPES[n["type"]]
+        sockets = [(i["name"], i["type"]) for i in n["inputs"] if "widget" not in i]
+        assert sockets == list(spec.inputs), (name, n["type"])
+        for i in n["inputs"]:
+            if "widget" in i:  # a widget driven by a link
+                assert i["widget"]["name"] == i["name"] and i["name"] in spec.widgets and i["link"] is not None
+        assert [(o["name"], o["type"]) for o in n["outputs"]] == list(spec.outputs)
+        assert [o["slot_index"] for o in n["outputs"]] == list(range(len(spec.outputs)))
+        widget_values(n)  # asserts the count
+    # "order" is a topological order: every link goes from an earlier to a later node
+    order = {n["id"]: n["order"] for n in wf["nodes"]}
+    assert sorted(order.values()) == list(range(len(order)))
+    assert all(order[src] < order[dst] for _, src, _, dst, _, _ in wf["links"])
+    ds = wf["extra"]["ds"]
+    assert 0.3 <= ds["scale"] <= 1.0 and len(ds["offset"]) == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_workflow_has_a_note_that_says_where_models_go(name):
+    notes = by_type(ui(name), "MarkdownNote")
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert text.startswith("## ") and "models/checkpoints" in text
+    for loader in by_type(ui(name), "CheckpointLoaderSimple"):
+        assert widget_values(loader)["ckpt_name"] in text or "any SD" in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_workflow_has_a_template_thumbnail(name):
+    """ComfyUI's Templates dialog shows workflows/<name>.jpg on the workflow's card (tests/test_browser.py
+    writes them with LONGALIGN_UPDATE_DOCS=1, as well as the README screenshots in docs/workflows/)."""
+    from PIL import Image
+
+    for path, fmt in ((WORKFLOWS / f"{name}.jpg", "JPEG"), (REPO / "docs" / "workflows" / f"{name}.png", "PNG")):
+        with Image.open(path) as img:
+            assert img.format == fmt and img.width >= 400, path
+            if fmt == "JPEG":
+                assert img.width == img.height
+        assert path.stat().st_size < 200_000, path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UI <-> API twins
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_twins_describe_the_same_graph(name):
+    wf, prompt = ui(name), api(name)
+    real = [n for n in wf["nodes"] if not gen.NODE_TYPES[n["type"]].virtual]
+    assert sorted(prompt, key=int) == [str(n["id"]) for n in sorted(real, key=lambda n: n["id"])]
+    api_links = 0
+    for n in real:
+        entry = prompt[str(n["id"])]
+        assert entry["class_type"] == n["type"]
+        assert entry["_meta"]["title"] == n.get("title", gen.DISPLAY_NAMES[n["type"]])
+        linked = {i["name"]: i["link"] for i in n["inputs"] if i["link"] is not None}
+        for input_name, link_id in linked.items():
+            link = next(lk for lk in wf["links"] if lk[0] == link_id)
+            assert entry["inputs"][input_name] == [str(link[1]), link[2]], (name, n["type"], input_name)
+        api_links += sum(isinstance(v, list) for v in entry["inputs"].values())
+        values = widget_values(n)
+        frontend_only = {w for w, _ in gen.NODE_TYPES[n["type"]].frontend_widgets} | {gen.CONTROL}
+        for widget, value in values.items():
+            if widget in linked:
+                continue  # checked above: the API input is the link
+            if widget in frontend_only:
+                assert widget not in entry["inputs"], (name, n["type"], widget)
+            else:
+                assert entry["inputs"][widget] == value, (name, n["type"], widget)
+        assert set(entry["inputs"]) == (set(values) - frontend_only) | set(linked), (name, n["type"])
+    assert api_links == len(wf["links"])
+    # every link in the UI file ends at a node the API runs (notes have no links)
+    assert all(str(lk[3]) in prompt and str(lk[1]) in prompt for lk in wf["links"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What each workflow is for (issue 6)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sampler(wf, index=0):
+    return widget_values(by_type(wf, "KSampler")[index])
+
+
+def test_long_prompt_sd15_uses_longalign_for_positive_and_negative():
+    wf = ui("long_prompt_sd15")
+    ks = by_type(wf, "KSampler")[0]
+    for slot in ("positive", "negative"):
+        node, out_slot = source(wf, ks, slot)
+        assert node["type"] == "LongAlignTextEncode" and out_slot == 0
+    pos = source(wf, ks, "positive")[0]
+    assert len(widget_values(pos)["text"].split(". ")) >= 10  # a long prompt
+    preview = by_type(wf, "PreviewAny")[0]
+    assert source(wf, preview, "source") == (pos, 1)  # the report output
+    assert not by_type(wf, "CLIPTextEncode")
+
+
+def test_longsd_chains_both_loras_and_the_t5_branch():
+    wf = ui("longsd")
+    ks = by_type(wf, "KSampler")[0]
+    reward, _ = source(wf, ks, "model")
+    assert reward["type"] == "LongAlignLoadLongSDLoRA" and widget_values(reward)["lora_name"] == "sd15-reward-3750.pt"
+    stage1, _ = source(wf, reward, "model")
+    assert widget_values(stage1) == {"lora_name": "s28750_lora_vis.pt", "strength": 1.0}
+    assert source(wf, stage1, "model")[0]["type"] == "CheckpointLoaderSimple"
+    t5 = by_type(wf, "LongAlignLoadT5Adapter")[0]
+    assert widget_values(t5) == {"t5_folder": "t5-large", "adapter_folder": "s28750_adapter", "attention_mask": "none"}
+    for slot in ("positive", "negative"):
+        encode, _ = source(wf, ks, slot)
+        assert encode["type"] == "LongAlignTextEncode" and source(wf, encode, "longalign_t5") == (t5, 0)
+    settings = _sampler(wf)
+    assert (settings["sampler_name"], settings["steps"], settings["cfg"]) == ("uni_pc", 25, 7.5)
+    latent = widget_values(by_type(wf, "EmptyLatentImage")[0])
+    assert (latent["width"], latent["height"]) == (512, 512)
+    note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
+    assert "models/text_encoders/t5-large" in note and "models/longalign/s28750_adapter" in note
+
+
+def test_denscore_best_of_n_scores_a_batch_of_four_and_saves_the_best():
+    wf = ui("denscore_best_of_n")
+    assert widget_values(by_type(wf, "EmptyLatentImage")[0])["batch_size"] == 4
+    score = by_type(wf, "LongAlignDenscoreScore")[0]
+    best = by_type(wf, "LongAlignDenscoreBestOfN")[0]
+    decode = by_type(wf, "VAEDecode")[0]
+    prompt = by_type(wf, "PrimitiveStringMultiline")[0]
+    for node in (score, best):
+        assert source(wf, node, "images") == (decode, 0)
+        assert source(wf, node, "text") == (prompt, 0)
+        assert source(wf, node, "denscore_model")[0]["type"] == "LongAlignPreferenceModelLoader"
+    positive = source(wf, by_type(wf, "KSampler")[0], "positive")[0]
+    assert source(wf, positive, "text") == (prompt, 0)  # images are scored against the prompt they came from
+    saved = [(src["id"], slot) for src, slot in (source(wf, n, "images") for n in by_type(wf, "SaveImage"))]
+    assert sorted(saved) == sorted([(score["id"], 5), (best["id"], 0)])  # the chart and the best image
+    assert widget_values(by_type(wf, "LongAlignPreferenceModelLoader")[0])["model_name"] == "Denscore"
+
+
+def test_sdxl_long_prompt_is_1024():
+    wf = ui("sdxl_long_prompt")
+    latent = widget_values(by_type(wf, "EmptyLatentImage")[0])
+    assert (latent["width"], latent["height"]) == (1024, 1024)
+    assert "xl" in widget_values(by_type(wf, "CheckpointLoaderSimple")[0])["ckpt_name"]
+    assert len(by_type(wf, "LongAlignTextEncode")) == 2
+
+
+def test_comparison_differs_only_in_the_text_encoder():
+    wf = ui("comparison")
+    samplers = by_type(wf, "KSampler")
+    assert len(samplers) == 2
+    a, b = (widget_values(k) for k in samplers)
+    assert a == b and a["control_after_generate"] == "fixed"  # same seed, same settings
+    for slot in ("model", "latent_image"):
+        assert source(wf, samplers[0], slot) == source(wf, samplers[1], slot)
+    kinds = sorted(source(wf, k, "positive")[0]["type"] for k in samplers)
+    assert kinds == ["CLIPTextEncode", "LongAlignTextEncode"]
+    for slot in ("positive", "negative"):
+        encoders = [source(wf, k, slot)[0] for k in samplers]
+        assert source(wf, encoders[0], "text") == source(wf, encoders[1], "text") is not None  # one prompt node
+    assert len(by_type(wf, "SaveImage")) == 2
+    saves = sorted(by_type(wf, "SaveImage"), key=lambda n: n["pos"][0])
+    assert saves[0]["pos"][1] == saves[1]["pos"][1]  # side by side

@@ -1,0 +1,341 @@
+"""Every shipped API workflow (workflows/api/*.json) through a real ComfyUI server (headless, CPU, 127.0.0.1).
+
+Skips without COMFYUI_PATH. The pack is installed into a scratch custom_nodes/ as ComfyUI Manager would; tiny
+random-weight stand-ins of the right formats are put where the workflows' notes tell a user to put the real
+files, under the same names (SD1.5 and SDXL single-file checkpoints, LongSD .pt LoRA lists, a T5 folder +
+LongSD adapter folder, a Denscore CLIPModel folder). The test only shrinks image size and step count; node
+types, links, widget values and model names are the shipped ones. Anything the server rejects (unknown node
+type, validation error, missing model) or fails to execute fails the test with the server's own message.
+
+Set COMFYUI_PYTHON to ComfyUI's interpreter if it is not this one; LONGALIGN_E2E_SDXL=0 skips the SDXL workflow
+(it builds a 2.1 GB stand-in checkpoint, ~15 s).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_support import CLIP_SHAPES, PACK_NAME, Server, build_tiny_sd15_checkpoint, http, \
+    import_comfy, install_pack, requires_comfy, start_comfy, stop_comfy
+
+pytestmark = requires_comfy
+
+REPO = Path(__file__).resolve().parents[1]
+API_DIR = REPO / "workflows" / "api"
+PACK_NODES = {"LongAlignTextEncode", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
+              "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SIZE, STEPS = 64, 2
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "scripts" / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _generator()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stand-in models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random(shape, key: str, gen_: torch.Generator) -> torch.Tensor:
+    """fp16 random weights: LayerNorm-like 1-D ones/zeros, embeddings N(0, 0.3), matrices N(0, 1/fan_in)."""
+    if len(shape) <= 1:
+        fill = torch.zeros if key.endswith("bias") else torch.ones
+        return fill(shape, dtype=torch.float16)
+    std = 0.3 if "embedding" in key else 1 / math.sqrt(math.prod(shape[1:]))
+    return torch.empty(shape, dtype=torch.float16).normal_(0, std, generator=gen_)
+
+
+def _text_encoder_shapes(kind: str, with_projection: bool) -> dict[str, torch.Size]:
+    """Key -> shape of a full-size CLIP text encoder in Hugging Face layout (built on the meta device)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407, **CLIP_SHAPES[kind])
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(cfg)
+    shapes = {}
+    for key, tensor in model.state_dict().items():
+        if "position_ids" in key or (key.startswith("text_projection") and not with_projection):
+            continue
+        if not key.startswith(("text_model.", "text_projection")):
+            key = "text_model." + key
+        shapes[key] = tensor.shape
+    return shapes
+
+
+def build_tiny_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random-weight single-file checkpoint ComfyUI detects as SDXL (its ``SDXL`` model config matches
+    model_channels 320, linear transformers, transformer_depth [0, 0, 2, 2, 10, 10], context 2048, adm 2816),
+    with full-size CLIP-L + OpenCLIP-bigG text encoders and VAE (ComfyUI fixes their configs). The UNet is
+    shrunk where detection does not look: channel_mult [1, 1, 1], one block in the middle and output
+    transformers. ~2.1 GB fp16."""
+    from safetensors.torch import save_file
+
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                    channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
+                    transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                    context_dim=2048, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+                    num_classes="sequential", adm_in_channels=2816, num_head_channels=64, num_heads=-1,
+                    use_temporal_attention=False, use_checkpoint=False)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    shapes = {}
+    with torch.device("meta"):
+        unet = UNetModel(**unet_cfg, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
+        shapes.update({"model.diffusion_model." + k: v.shape for k, v in unet.state_dict().items()})
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+        shapes.update({"first_stage_model." + k: v.shape for k, v in vae.state_dict().items()})
+    # SDXL checkpoint layout: CLIP-L in HF layout under embedders.0, bigG under embedders.1.model (ComfyUI's
+    # SDXL.process_clip_state_dict maps "conditioner.embedders.1.model." to "clip_g.")
+    shapes.update({"conditioner.embedders.0.transformer." + k: s
+                   for k, s in _text_encoder_shapes("l", with_projection=False).items()})
+    shapes.update({"conditioner.embedders.1.model.transformer." + k: s
+                   for k, s in _text_encoder_shapes("g", with_projection=True).items()})
+    gen_ = torch.Generator().manual_seed(seed)
+    sd = {key: _random(shape, key, gen_) for key, shape in shapes.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"note": "random weights, LongAlign tests only"})
+    return path
+
+
+def save_longsd_loras(checkpoint: Path, names: list[str], folder: Path) -> None:
+    """LongSD LoRA .pt files (torch.save of the plain list [up_0, down_0, …], fp16, rank 4) for the UNet of
+    ``checkpoint``, in the module order the pack derives from the UNet config ComfyUI detects."""
+    comfy = import_comfy()
+    from longalign_core.lora import diffusers_config_from_ldm, lora_targets
+
+    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
+    targets = lora_targets(diffusers_config_from_ldm(dict(model.model.model_config.unet_config)))
+    assert targets, "no LoRA targets found for the tiny UNet"
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(names):
+        g = torch.Generator().manual_seed(100 + seed)
+        tensors = []
+        for t in targets:
+            up = torch.randn((t.weight_shape[0], 4) + ((1, 1) if t.kind == "conv" else ()), generator=g) * 0.02
+            down = torch.randn((4,) + tuple(t.weight_shape[1:]), generator=g) * 0.02
+            tensors += [up.half(), down.half()]
+        torch.save(tensors, folder / name)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_clip_dir, tiny_t5_dir):
+    from longalign_core.t5_branch import TextAdapter
+
+    base = tmp_path_factory.mktemp("workflows_e2e")
+    models = base / "models"
+    sd15 = build_tiny_sd15_checkpoint(models / "checkpoints" / gen.SD15_CHECKPOINT)
+    save_longsd_loras(sd15, [gen.LONGSD_STAGE1_LORA, gen.LONGSD_REWARD_LORA], models / "loras")
+    shutil.copytree(tiny_t5_dir, models / "text_encoders" / gen.LONGSD_T5_FOLDER)
+    torch.manual_seed(6)
+    TextAdapter(in_dim=32, int_dim=24, out_dim=768).save_pretrained(models / "longalign" / gen.LONGSD_ADAPTER_FOLDER)
+    shutil.copytree(tiny_clip_dir, models / "denscore" / gen.DENSCORE_FOLDER)
+    install_pack(base / "custom_nodes")
+    proc, srv = start_comfy(base)
+    try:
+        yield srv
+    finally:
+        stop_comfy(proc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shipped(name: str) -> dict:
+    return json.loads((API_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def shrunk(prompt: dict) -> dict:
+    """The same workflow at SIZE x SIZE pixels and STEPS sampling steps (nothing else changes)."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=SIZE, height=SIZE)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = STEPS
+    return prompt
+
+
+def node_id(prompt: dict, class_type: str, title_part: str = "") -> str:
+    found = [k for k, v in prompt.items() if v["class_type"] == class_type and title_part in v["_meta"]["title"]]
+    assert len(found) == 1, (class_type, title_part, found)
+    return found[0]
+
+
+def load_rgb(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def check_report(text: str) -> int:
+    """The LongAlign Text Encode report: number of segments; nothing extended or cut."""
+    m = re.match(r"(\d+) segments, (\d+) content tokens", text)
+    assert m, text[:500]
+    assert "conditioning 240 tokens" in text and "WARNING" not in text, text[:800]
+    return int(m.group(1))
+
+
+def saved_images(server: Server, entry: dict, node: str, count: int = 1) -> list[Path]:
+    images = entry["outputs"][node]["images"]
+    assert len(images) == count, images
+    paths = [server.image_path(i) for i in images]
+    for p in paths:
+        assert p.is_file() and p.stat().st_size > 0, p
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tests
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_pack_loads_and_lists_its_example_workflows(server):
+    log = server.log_text()
+    assert "IMPORT FAILED" not in log, log[-4000:]
+    _, info = http("GET", server.url + "/object_info")
+    assert PACK_NODES <= set(info), sorted(PACK_NODES - set(info))
+    status, templates = http("GET", server.url + "/workflow_templates")
+    assert status == 200 and sorted(templates.get(PACK_NAME, [])) == sorted(gen.build_all()), templates
+    for name in gen.build_all():  # what the frontend's Templates dialog fetches: the workflow and its picture
+        status, body = http("GET", f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}.json")
+        assert status == 200 and body == json.loads((REPO / "workflows" / f"{name}.json").read_text())
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
+
+
+def test_widget_table_matches_the_server_schemas(server):
+    """scripts/make_workflows.py's WIDGETS (frontend widget order) against /object_info: every widget input of
+    every node type the workflows use, in schema order (required, then optional), and no socket among them."""
+    _, info = http("GET", server.url + "/object_info")
+    used = {n["class_type"] for name in gen.build_all() for n in shipped(name).values()}
+    for type_ in sorted(used):
+        schema = info[type_]
+        declared = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
+        ordered = schema["input_order"].get("required", []) + schema["input_order"].get("optional", [])
+
+        def is_widget(spec):
+            return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+        widgets = [n for n in ordered if is_widget(declared[n])]
+        sockets = [n for n in ordered if not is_widget(declared[n])]
+        expected = [w for w in gen.WIDGETS[type_] if w != gen.CONTROL]
+        assert widgets == expected, (type_, widgets, expected)
+        assert sorted(sockets) == sorted(n for n, _ in gen.NODE_TYPES[type_].inputs), type_
+        if gen.CONTROL in gen.WIDGETS[type_]:  # the frontend adds it right after a seed-like widget
+            before = gen.WIDGETS[type_][gen.WIDGETS[type_].index(gen.CONTROL) - 1]
+            assert declared[before][1].get("control_after_generate"), (type_, before)
+        out_names = schema["output_name"]
+        assert out_names == [n for n, _ in gen.NODE_TYPES[type_].outputs], type_
+
+
+def test_rejections_fail_with_the_servers_message(server):
+    prompt = shrunk(shipped("long_prompt_sd15"))
+    missing_model = copy.deepcopy(prompt)
+    missing_model[node_id(prompt, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] = "not_there.safetensors"
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)rejected.*not_there\.safetensors"):
+        server.run(missing_model, "missing model")
+    unknown = copy.deepcopy(prompt)
+    unknown[node_id(prompt, "LongAlignTextEncode", "negative")]["class_type"] = "NoSuchLongAlignNode"
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)rejected.*NoSuchLongAlignNode"):
+        server.run(unknown, "unknown node")
+
+
+def test_long_prompt_sd15(server):
+    prompt = shrunk(shipped("long_prompt_sd15"))
+    entry = server.run(prompt, "long_prompt_sd15")
+    (path,) = saved_images(server, entry, node_id(prompt, "SaveImage"))
+    assert load_rgb(path).shape == (SIZE, SIZE, 3)
+    report = entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0]
+    assert check_report(report) >= 10
+
+
+def test_longsd_with_both_loras_and_t5_branch(server):
+    prompt = shrunk(shipped("longsd"))
+    entry = server.run(prompt, "longsd")
+    (path,) = saved_images(server, entry, node_id(prompt, "SaveImage"))
+    assert load_rgb(path).shape == (SIZE, SIZE, 3)
+    report = entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0]
+    check_report(report.split("\nT5 branch")[0])
+    assert "T5 branch: +240 tokens" in report, report[-300:]
+    log = server.log_text()
+    for name in (gen.LONGSD_STAGE1_LORA, gen.LONGSD_REWARD_LORA):
+        m = re.search(re.escape(name) + r": (\d+) of (\d+) LoRA layers matched", log)
+        assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, name
+    assert "lora key not loaded" not in log.lower()
+
+
+def test_denscore_best_of_n(server):
+    prompt = shrunk(shipped("denscore_best_of_n"))
+    entry = server.run(prompt, "denscore_best_of_n")
+    out = entry["outputs"]
+    batch = [load_rgb(p) for p in saved_images(server, entry, node_id(prompt, "PreviewImage"), count=4)]
+    score_ui = out[node_id(prompt, "LongAlignDenscoreScore")]
+    assert "Denscore x100" in score_ui["text"][0] and "image 3" in score_ui["text"][0]
+    (chart,) = saved_images(server, entry, node_id(prompt, "SaveImage", "chart"))
+    assert load_rgb(chart).shape[1] >= 600
+    ranking = out[node_id(prompt, "PreviewAny")]["text"][0]
+    m = re.match(r"best: image (\d) by score", ranking)
+    assert m, ranking[:300]
+    (best,) = saved_images(server, entry, node_id(prompt, "SaveImage", "best"))
+    # the saved best image is exactly that image of the batch (and the batch images differ from each other)
+    assert (load_rgb(best) == batch[int(m.group(1))]).all()
+    assert all((batch[0] != b).any() for b in batch[1:])
+
+
+def test_sdxl_long_prompt(server):
+    if os.environ.get("LONGALIGN_E2E_SDXL", "1") == "0":
+        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflow needs a 2.1 GB stand-in checkpoint")
+    free = shutil.disk_usage(server.base).free
+    if free < 5 * 2**30:
+        pytest.skip(f"the SDXL stand-in checkpoint needs ~2.1 GB of disk; {free / 2**30:.1f} GB free")
+    build_tiny_sdxl_checkpoint(server.base / "models" / "checkpoints" / gen.SDXL_CHECKPOINT)
+    prompt = shrunk(shipped("sdxl_long_prompt"))
+    log_start = len(server.log_text())
+    entry = server.run(prompt, "sdxl_long_prompt")
+    (path,) = saved_images(server, entry, node_id(prompt, "SaveImage"))
+    assert load_rgb(path).shape == (SIZE, SIZE, 3)
+    check_report(entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0])
+    log = server.log_text()[log_start:]
+    assert "Requested to load SDXLClipModel" in log and re.search(r"Requested to load SDXL\n", log), log[-2000:]
+
+
+def test_comparison_gives_two_different_images_from_one_seed(server):
+    prompt = shrunk(shipped("comparison"))
+    entry = server.run(prompt, "comparison")
+    (native,) = saved_images(server, entry, node_id(prompt, "SaveImage", "CLIP Text Encode"))
+    (longalign,) = saved_images(server, entry, node_id(prompt, "SaveImage", "LongAlign"))
+    a, b = load_rgb(native), load_rgb(longalign)
+    assert a.shape == b.shape == (SIZE, SIZE, 3)
+    assert (a != b).any()  # same seed, latent and sampler: only the text encoder differs
+    check_report(entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0])
