@@ -118,22 +118,14 @@ def host_segment_reference(clip, segment_texts, pad_positions=60):
     return torch.cat(parts), empty[-pad_positions:].mean(0)
 
 
-def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random-weight single-file checkpoint ComfyUI detects as SD1.5: LDM key layout, UNet shrunk to one
-    level (model_channels 320 and context 768 are what detection needs), full-size CLIP-L and VAE (ComfyUI
-    fixes their configs). Shapes come from ComfyUI's own modules on the meta device."""
-    from safetensors.torch import save_file
-
+def ldm_unet_vae_shapes(unet_cfg: dict) -> dict[str, torch.Size]:
+    """Single-file (LDM) key → shape for a UNet of ``unet_cfg`` and the full-size SD VAE, from ComfyUI's own
+    modules on the meta device (nothing is allocated)."""
     import_comfy()
     import comfy.ops
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-                    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False,
-                    use_spatial_transformer=True, legacy=False, adm_in_channels=None,
-                    use_temporal_attention=False, num_heads=8, num_head_channels=-1, use_checkpoint=False)
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     shapes = {}
@@ -142,6 +134,21 @@ def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
         shapes.update({"model.diffusion_model." + k: v.shape for k, v in unet.state_dict().items()})
         vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
         shapes.update({"first_stage_model." + k: v.shape for k, v in vae.state_dict().items()})
+    return shapes
+
+
+def build_tiny_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random-weight single-file checkpoint ComfyUI detects as SD1.5: LDM key layout, UNet shrunk to one
+    level (model_channels 320 and context 768 are what detection needs), full-size CLIP-L and VAE (ComfyUI
+    fixes their configs). Shapes come from ComfyUI's own modules on the meta device."""
+    from safetensors.torch import save_file
+
+    unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False,
+                    use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+                    use_temporal_attention=False, num_heads=8, num_head_channels=-1, use_checkpoint=False)
+    shapes = ldm_unet_vae_shapes(unet_cfg)
     gen = torch.Generator().manual_seed(seed)
     sd = {}
     for key, shape in shapes.items():

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from comfy_support import CLIP_SHAPES, PACK_NAME, Server, build_tiny_sd15_checkpoint, http, \
-    import_comfy, install_pack, requires_comfy, start_comfy, stop_comfy
+    import_comfy, ldm_unet_vae_shapes, install_pack, requires_comfy, start_comfy, stop_comfy
 
 pytestmark = requires_comfy
 
@@ -92,25 +92,13 @@ def build_tiny_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
     transformers. ~2.1 GB fp16."""
     from safetensors.torch import save_file
 
-    import_comfy()
-    import comfy.ops
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
     unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
                     channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
                     transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
                     context_dim=2048, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
                     num_classes="sequential", adm_in_channels=2816, num_head_channels=64, num_heads=-1,
                     use_temporal_attention=False, use_checkpoint=False)
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    shapes = {}
-    with torch.device("meta"):
-        unet = UNetModel(**unet_cfg, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)
-        shapes.update({"model.diffusion_model." + k: v.shape for k, v in unet.state_dict().items()})
-        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-        shapes.update({"first_stage_model." + k: v.shape for k, v in vae.state_dict().items()})
+    shapes = ldm_unet_vae_shapes(unet_cfg)
     # SDXL checkpoint layout: CLIP-L in HF layout under embedders.0, bigG under embedders.1.model (ComfyUI's
     # SDXL.process_clip_state_dict maps "conditioner.embedders.1.model." to "clip_g.")
     shapes.update({"conditioner.embedders.0.transformer." + k: s
