@@ -299,9 +299,4 @@ class HostClipSegments:
         return [e.kept for e in found], padding_embedding(empty, PAD_EMBEDDING_POSITIONS), extra
 
 
-def encode_prompt(clip, prompt: str, cache: SegmentCache | None = None, **options):
-    """Convenience wrapper: ``(conditioning, report)`` for ``prompt`` through ``clip``."""
-    return HostClipSegments(clip, cache).encode(prompt, **options)
-
-
-__all__ = ["HostClipSegments", "SegmentCache", "UnsupportedClipError", "encode_prompt", "SUPPORTED_KEYS"]
+__all__ = ["HostClipSegments", "SegmentCache", "UnsupportedClipError", "SUPPORTED_KEYS"]

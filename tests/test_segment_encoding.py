@@ -250,3 +250,15 @@ def test_merge_validates_inputs():
         merge_segment_states(states, keep, [0, 0], torch.zeros(4), budget=0)
     with pytest.raises(ValueError, match=r"\(T, C\)"):
         padding_embedding(torch.zeros(77))
+
+
+def test_keep_mask_drops_padding_by_position_not_id():
+    from longalign_core import keep_mask_before_end
+
+    ids = torch.tensor([[49406, 0, 320, 49407, 0, 0],     # "!" (id 0) is real content before the end token
+                        [49406, 320, 49407, 49407, 49407, 49407],
+                        [49406, 320, 321, 322, 323, 324]])  # truncated: no end token, all kept
+    keep = keep_mask_before_end(ids, 49407)
+    assert keep.tolist() == [[True, True, True, False, False, False],
+                             [True, True, False, False, False, False],
+                             [True] * 6]

@@ -490,6 +490,8 @@ def apply_embedded_profile(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("accelerate", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = apply_embedded_profile(TrainConfig.from_args(argv), argv)
     except ValueError as exc:
