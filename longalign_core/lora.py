@@ -187,7 +187,9 @@ def from_kohya(state: Mapping[str, torch.Tensor], targets: list[LoraTarget]
         seen.update({key, f"{name}.lora_up.weight", f"{name}.alpha"})
     unused = sorted(set(state) - seen)
     if unused:
-        raise LoraFormatError(f"{len(unused)} LoRA keys match no UNet layer of this model (e.g. {unused[:3]})")
+        raise LoraFormatError(f"{len(unused)} LoRA keys match no LongAlign UNet layer of this model (e.g. "
+                              f"{unused[:3]}); this is not a LongAlign LoRA for this base model. Load other LoRAs "
+                              f"with ComfyUI's Load LoRA node")
     if not pairs:
         raise LoraFormatError("no UNet LoRA keys (lora_unet_…lora_down.weight) found")
     return pairs
