@@ -33,7 +33,7 @@ REQUIRED_FILES = ["__init__.py", "requirements.txt", "pyproject.toml", "README.m
 REQUIRED_DIRS = ["nodes", "longalign_core", "workflows"]
 #: What must not ship: test code and artefacts, benchmarks, environments, caches.
 FORBIDDEN_PREFIXES = ["tests/", "bench/", "test_out/", ".venv/", ".pytest_cache/", ".git/"]
-PROPOSED_COMFYIGNORE = "tests/\nbench/\nscripts/\n.ci/\n/dev\n"
+COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, scripts/, docs/, .ci/, /dev)"
 
 
 def comfy_cli() -> list[str] | None:
@@ -121,7 +121,7 @@ def test_pack_zip_holds_what_an_install_needs_and_nothing_else(packed, checkout)
     assert not unwanted, (
         f"{len(unwanted)} development files would be published, e.g. {unwanted[:5]}. comfy node pack zips every "
         f"git-tracked file except .comfyignore patterns; a .comfyignore at the repository root with\n"
-        f"{PROPOSED_COMFYIGNORE}keeps them out.")
+        f"{COMFYIGNORE_HINT} keeps them out.")
 
 
 def test_unpacked_zip_imports_as_a_custom_node(packed, tmp_path):
