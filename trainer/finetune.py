@@ -146,9 +146,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
         self.acc.wait_for_everyone()
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)  # the LoRA's initial weights; every later draw uses step_generator
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         self._load_models()
         if trackers:
@@ -160,13 +157,20 @@ class Trainer:
         from peft import LoraConfig
 
         cfg, device = self.cfg, self.acc.device
-        base = load_base_model(cfg.model, cfg.seed)
+        # The main process first: it creates the embedded models once (saving under torch.distributed is
+        # rank-aware in transformers, so other ranks must not write them), the others then read them.
+        with self.acc.main_process_first():
+            base = load_base_model(cfg.model, cfg.seed)
+            reward_path = cfg.reward_model or str(embedded_reward_dir(cfg.seed))
         self.base_source = base.source
         unet = base.unet
         unet.requires_grad_(False)
         self.targets = lora_targets(unet)
         for path in cfg.init_lora:  # e.g. the stage-1 LoRA under the reward stage, merged and frozen
             merge_lora(unet, load_lora(path, self.targets))
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # right before the LoRA's initial weights; every later draw uses step_generator
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                     target_modules=[t.path for t in self.targets]))
         if cfg.stage == "align" and cfg.gradient_checkpointing:
@@ -196,7 +200,6 @@ class Trainer:
         self.text_encoder = base.text_encoder.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
         self.encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
-        reward_path = cfg.reward_model or str(embedded_reward_dir(cfg.seed))
         self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device)
         self.reward_source = reward_path
         self.prompts = load_prompts(cfg.prompts, cfg.caption_column) if cfg.stage == "reward" else None

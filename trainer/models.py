@@ -36,6 +36,14 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longalign" / "embedded"
 
 
+def _require(folder: Path, files: list[str]) -> None:
+    """Refuse to publish a folder that was not completely written."""
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise RuntimeError(f"writing {folder} did not produce {missing}; under torch.distributed only the main "
+                           f"process may create the embedded models")
+
+
 def embedded_pipeline_dir(seed: int = 0) -> Path:
     """A tiny SD-architecture diffusers folder (UNet, VAE, CLIP text encoder with the real tokenizer, DDPM
     scheduler config), random weights, created once."""
@@ -65,6 +73,8 @@ def embedded_pipeline_dir(seed: int = 0) -> Path:
                   clip_sample=False, steps_offset=1).save_pretrained(tmp / "scheduler")
     (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
                                                       "note": "LongAlign embedded default: random weights"}))
+    _require(tmp, ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json",
+                   "scheduler/scheduler_config.json"])
     return publish_dir(tmp, root)
 
 
@@ -87,6 +97,7 @@ def embedded_reward_dir(seed: int = 0) -> Path:
                      projection_dim=16)
     CLIPModel(cfg).save_pretrained(tmp)
     load_clip_tokenizer().save_pretrained(tmp)
+    _require(tmp, ["config.json", "model.safetensors"])
     return publish_dir(tmp, root)
 
 
