@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,7 @@ class ScoreResult:
     segment_relevant: list[torch.Tensor]
     segment_irrelevant: list[torch.Tensor]
     prompts: list[PromptFeatures]
+    direction: torch.Tensor | None = None  # the V the scores were decomposed along
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -237,9 +239,10 @@ def _pair_prompts(n_images: int, prompts: str | Sequence[str]) -> list[str]:
 
 
 def image_embeddings(model: PreferenceModel, images: torch.Tensor, crop: CropMode = "center",
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, validate: bool = True) -> torch.Tensor:
     """``x̂``: normalised image embeddings ``(B, D)`` of ``(B, 3, H, W)`` images in [0, 1] (differentiable)."""
-    validate_images(images)
+    if validate:
+        validate_images(images)
     pixels = preprocess_images(images, model.image_size, model.mean, model.std, crop, generator=generator)
     return F.normalize(model.image_features(pixels).float(), dim=-1)
 
@@ -264,7 +267,7 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
         if not isinstance(p, str) or not p.strip():
             raise ValueError("prompt is empty: nothing to score the image against")
     feats = prompt_features(model, paired, split_mode, long_segments)
-    x_hat = image_embeddings(model, images, crop, generator)
+    x_hat = image_embeddings(model, images, crop, generator, validate=False)  # validated above
     t_bar = torch.stack([f.mean for f in feats]).to(x_hat.device)
     v = batch_common_direction(t_bar, gather) if direction is None else direction.to(x_hat.device).float()
     parts = decompose(t_bar, x_hat, v, omega)
@@ -282,7 +285,7 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
         if lost:
             warnings.append(f"{lost} tokens of over-long segments were cut at the text encoder's "
                             f"{model.context_length}-token window")
-    return ScoreResult(parts, seg_s, seg_r, seg_i, feats, warnings)
+    return ScoreResult(parts, seg_s, seg_r, seg_i, feats, v, warnings)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -293,6 +296,20 @@ def default_reference_prompts() -> list[str]:
     """The shipped reference prompt set for V: a few hundred varied long prompts (one per line)."""
     path = Path(__file__).with_name("data") / "reference_prompts.txt"
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def direction_cache_file(model_path: str | Path, digest: str) -> Path | None:
+    """Where V for a local model is cached: next to it (``<folder>/longalign_direction-<digest>.safetensors``,
+    or ``<file>.longalign_direction-<digest>.safetensors``); None when that folder is not writable or the model
+    is not local."""
+    path = Path(model_path)
+    if path.is_dir():
+        cache = path / f"longalign_direction-{digest}.safetensors"
+    elif path.is_file():
+        cache = path.with_name(f"{path.name}.longalign_direction-{digest}.safetensors")
+    else:
+        return None
+    return cache if os.access(cache.parent, os.W_OK) else None
 
 
 def prompts_digest(prompts: Sequence[str]) -> str:

@@ -68,15 +68,9 @@ def read_prompts(args) -> list[str]:
     if args.prompt_file:
         text = Path(args.prompt_file).read_text(encoding="utf-8")
         if args.prompt_file.endswith(".jsonl"):
-            prompts = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or not isinstance(record.get("prompt", record.get("caption")), str):
-                        raise ValueError(f"{args.prompt_file}:{n}: expected an object with a 'prompt' (or "
-                                         f"'caption') string")
-                    prompts.append(record.get("prompt", record.get("caption")))
-            return prompts
+            from .io_utils import read_jsonl_texts
+
+            return read_jsonl_texts(args.prompt_file)
         return [p for p in text.split("\n\n") if p.strip()] if "\n\n" in text else [
             line for line in text.splitlines() if line.strip()]
     return [args.prompt if args.prompt is not None else EXAMPLE_PROMPT]

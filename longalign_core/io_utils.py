@@ -40,6 +40,23 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
+def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption") -> list[str]:
+    """The ``prompt`` (else ``fallback_key``) string of every record of a JSONL file; a bad line is an error
+    naming the file and line."""
+    import json
+
+    texts = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        text = record.get("prompt", record.get(fallback_key)) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: expected an object with a 'prompt' (or '{fallback_key}') string")
+        texts.append(text)
+    return texts
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or holds pickled objects other than tensors."""
 

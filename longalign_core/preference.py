@@ -125,7 +125,7 @@ def _hf_image_preprocessing(source: str | Path | None, model_dir: str | Path, de
 
 def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> PreferenceModel:
     """A Hugging Face ``CLIPModel`` folder (Denscore, PickScore, CLIP-H), or a Hub id when online."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     local = Path(path)
     if local.exists():
@@ -145,7 +145,7 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> Prefe
     except (OSError, ValueError, RuntimeError) as exc:
         raise PreferenceModelError(f"could not load a CLIPModel from {path}: {exc}") from None
     tokenizer = _hf_tokenizer(processor, path)
-    default_size = CLIPConfig.from_pretrained(str(path)).vision_config.image_size
+    default_size = model.config.vision_config.image_size
     size, mean, std = _hf_image_preprocessing(processor, path if local.exists() else "", default_size)
     return wrap_hf_clip(model, tokenizer, Path(str(path)).name, size, mean, std)
 

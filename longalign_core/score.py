@@ -79,7 +79,8 @@ def load_image(path: Path) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from .denscore import DEFAULT_REWEIGHT, direction_from_prompts, prompts_digest, segment_score
+    from .denscore import (DEFAULT_REWEIGHT, direction_cache_file, direction_from_prompts, prompts_digest,
+                           segment_score)
     from .preference import MODEL_KINDS, load_preference_model
     from .score_chart import format_report, render_segment_chart, result_rows, write_csv
 
@@ -113,14 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from .denscore import default_reference_prompts
 
     ref_list = reference if reference is not None else default_reference_prompts()
-    model_path, digest = Path(args.model), prompts_digest(ref_list)
-    cache = None  # V is cached next to a local model when its folder is writable
-    if model_path.is_dir():
-        cache = model_path / f"longalign_direction-{digest}.safetensors"
-    elif model_path.is_file():
-        cache = model_path.with_name(f"{model_path.name}.longalign_direction-{digest}.safetensors")
-    if cache is not None and not _writable(cache.parent):
-        cache = None
+    cache = direction_cache_file(args.model, prompts_digest(ref_list))
     with tqdm(total=1, desc="common direction V", disable=None) as bar:
         v = direction_from_prompts(model, ref_list, cache_file=cache,
                                    progress=lambda d, t: (setattr(bar, "total", t), bar.update(d - bar.n)))
@@ -152,12 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK)
-
-
 def _merge(results):
     """Concatenate per-batch :class:`ScoreResult`s in image order."""
     from .denscore import Decomposition, ScoreResult
@@ -168,7 +156,7 @@ def _merge(results):
     cat = lambda name: [x for r in results for x in getattr(r, name)]  # noqa: E731
     warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
     return ScoreResult(parts, cat("segment_scores"), cat("segment_relevant"), cat("segment_irrelevant"),
-                       cat("prompts"), warnings)
+                       cat("prompts"), results[0].direction, warnings)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from comfy_api.latest import io, ui
 from ..longalign_core.denscore import (
     DEFAULT_REWEIGHT,
     ScoreResult,
+    default_reference_prompts,
+    direction_cache_file,
     direction_from_prompts,
     prompts_digest,
     segment_score,
@@ -44,17 +46,13 @@ class LoadedPreferenceModel:
 
 def _direction_cache_file(path: str, digest: str) -> str:
     """V is cached next to the model when that folder is writable, else in ComfyUI's user folder."""
-    folder, stem = (path, "") if os.path.isdir(path) else (os.path.dirname(path), os.path.basename(path) + ".")
-    if os.access(folder, os.W_OK):
-        return os.path.join(folder, f"{stem}longalign_direction-{digest}.safetensors")
-    return os.path.join(host.user_cache_dir(), f"{os.path.basename(path)}.longalign_direction-{digest}.safetensors")
+    return str(direction_cache_file(path, digest) or os.path.join(
+        host.user_cache_dir(), f"{os.path.basename(path)}.longalign_direction-{digest}.safetensors"))
 
 
 def _direction(bundle: LoadedPreferenceModel, reference_prompts: str, split_mode: str) -> torch.Tensor:
-    prompts = [line.strip() for line in reference_prompts.splitlines() if line.strip()] or None
-    from ..longalign_core.denscore import default_reference_prompts
-
-    prompt_list = prompts if prompts is not None else default_reference_prompts()
+    prompt_list = ([line.strip() for line in reference_prompts.splitlines() if line.strip()]
+                   or default_reference_prompts())
     digest = prompts_digest(prompt_list) + ("" if split_mode == "sentence" else "-" + split_mode)
     if digest not in bundle.directions:
         pbar = host.progress_bar(1)

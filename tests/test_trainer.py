@@ -210,8 +210,8 @@ def test_two_process_run_syncs_lora_and_gathers_v(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "processes = 2" in proc.stdout
     for step in range(2):
-        r0 = torch.load(tmp_path / "ddp" / "debug" / f"rank0-step{step:06d}.pt")
-        r1 = torch.load(tmp_path / "ddp" / "debug" / f"rank1-step{step:06d}.pt")
+        r0 = torch.load(tmp_path / "ddp" / "debug" / f"rank0-step{step:06d}.pt", weights_only=True)
+        r1 = torch.load(tmp_path / "ddp" / "debug" / f"rank1-step{step:06d}.pt", weights_only=True)
         assert r0["lora_checksum"] == pytest.approx(r1["lora_checksum"], rel=1e-9)  # same weights everywhere
         assert not torch.allclose(r0["t_bar_mean"], r1["t_bar_mean"])  # each rank saw other prompts
         gathered = torch.nn.functional.normalize((r0["t_bar_mean"] + r1["t_bar_mean"]) / 2, dim=0)

@@ -72,14 +72,12 @@ def step_generator(seed: int, step: int, process: int, device="cpu") -> torch.Ge
 def batch_prompts(prompts: list[str], seed: int, step: int, micro: int, batch: int, process: int,
                   processes: int, accumulation: int) -> list[str]:
     """The prompts of one micro-batch: a seeded permutation per epoch, walked in order across processes."""
-    per_step = batch * processes * accumulation
     start = ((step * accumulation + micro) * processes + process) * batch
     out = []
     for k in range(start, start + batch):
         epoch, pos = divmod(k, len(prompts))
         order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
         out.append(prompts[order[pos]])
-    del per_step
     return out
 
 
@@ -244,10 +242,7 @@ class Trainer:
         loss = 0.5 * (1 - s_omega.mean())
         if dump is not None:
             t_bar = torch.stack([f.mean for f in result.prompts])
-            from longalign_core.denscore import batch_common_direction
-
-            dump.update(t_bar_mean=t_bar.mean(0).detach().cpu(),
-                        direction=batch_common_direction(t_bar.to(device), self.acc.gather).detach().cpu())
+            dump.update(t_bar_mean=t_bar.mean(0).detach().cpu(), direction=result.direction.detach().cpu())
         parts = result.parts
         stats = {"reward": float(parts.score.detach().mean()),
                  "reward_std": float(parts.score.detach().std()) if len(prompts) > 1 else 0.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from longalign_core.io_utils import publish_dir
+from longalign_core.io_utils import publish_dir, read_jsonl_texts
 
 log = logging.getLogger("LongAlign")
 
@@ -192,14 +192,7 @@ def load_prompts(source: str | None, column: str = "caption") -> list[str]:
             raise ValueError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
         prompts = [str(c) for c in ds[column]]
     elif path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                rec = json.loads(line)
-                text = rec.get("prompt", rec.get(column)) if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{n}: expected an object with a 'prompt' or '{column}' string")
-                prompts.append(text)
+        prompts = read_jsonl_texts(path, column)
     elif path.is_file():
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
