@@ -58,12 +58,23 @@ def load_unet_config(config: str | Path | Mapping | None = None) -> dict:
     raise FileNotFoundError(f"no UNet config.json at {path} (nor in its unet/ folder)")
 
 
+#: SDXL's pooled text (1280) + 6 (base) or 5 (refiner) size/crop/score embeddings of 256 channels each.
+SDXL_TIME_EMBED_DIM = 256
+SDXL_ADM_CHANNELS = (1280 + 6 * SDXL_TIME_EMBED_DIM, 1280 + 5 * SDXL_TIME_EMBED_DIM)
+
+
 def diffusers_config_from_ldm(unet_config: Mapping) -> dict:
     """A diffusers ``UNet2DConditionModel`` config from an LDM/ComfyUI UNet config (``model_channels``,
-    ``channel_mult``, ``num_res_blocks``, ``transformer_depth``, ``context_dim``, …) of the SD1.x/SD2.x family."""
-    if unet_config.get("adm_in_channels"):
-        raise LoraFormatError("LongAlign LoRAs are for SD1.x/SD2.x UNets; this model has extra conditioning "
-                              "(SDXL or similar)")
+    ``channel_mult``, ``num_res_blocks``, ``transformer_depth``, ``context_dim``, …) of the SD1.x/SD2.x and SDXL families (SDXL: the extra ``text_time`` conditioning of
+    ``adm_in_channels``)."""
+    extra = {}
+    adm = unet_config.get("adm_in_channels")
+    if adm:
+        if adm not in SDXL_ADM_CHANNELS:
+            raise LoraFormatError(f"LongAlign LoRAs are for SD1.x/SD2.x and SDXL UNets; this model's extra "
+                                  f"conditioning ({adm} channels) is neither")
+        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+                 "projection_class_embeddings_input_dim": adm}
     mc, mult = unet_config["model_channels"], list(unet_config["channel_mult"])
     nrb = unet_config["num_res_blocks"]
     nrb = list(nrb) if isinstance(nrb, (list, tuple)) else [nrb] * len(mult)
@@ -87,6 +98,7 @@ def diffusers_config_from_ldm(unet_config: Mapping) -> dict:
         "cross_attention_dim": unet_config["context_dim"], "attention_head_dim": head_dim,
         "use_linear_projection": bool(unet_config.get("use_linear_in_transformer", False)),
         "norm_num_groups": 32,
+        **extra,
     }
 
 

@@ -181,5 +181,5 @@ def test_ldm_config_conversion_gives_the_sd15_order():
                     transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], context_dim=768, num_heads=8, num_head_channels=-1,
                     use_linear_in_transformer=False, transformer_depth_middle=1, in_channels=4, out_channels=4)
     assert lora_targets(diffusers_config_from_ldm(sd15_ldm)) == lora_targets()
-    with pytest.raises(LoraFormatError, match="SDXL"):
-        diffusers_config_from_ldm(dict(sd15_ldm, adm_in_channels=2816))
+    with pytest.raises(LoraFormatError, match="1024 channels"):  # SD2 unCLIP-style extra conditioning
+        diffusers_config_from_ldm(dict(sd15_ldm, adm_in_channels=1024))
