@@ -76,7 +76,9 @@ def load_encoder(model: str, clip_skip: int = 0, device: str = "cpu") -> CLIPSeg
     weights do not match its config (every weight missing is not an encoder)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .errors import BadModelFileError
+    from safetensors import SafetensorError
+
+    from .errors import BadModelFileError, check_weights_folder
 
     path = Path(model)
     subfolder = ""
@@ -87,6 +89,7 @@ def load_encoder(model: str, clip_skip: int = 0, device: str = "cpu") -> CLIPSeg
             raise BadModelFileError(f"--model {path} holds neither text_encoder/config.json (a diffusers Stable "
                                     f"Diffusion folder) nor config.json (a CLIPTextModel folder)")
         _check_clip_text_config(path / subfolder / "config.json")
+        check_weights_folder(path / subfolder, "--model", "download the model folder again")
     elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
         raise BadModelFileError(f"--model {path} is a single file; give the diffusers folder of the model (or its "
                                 f"Hub id)")
@@ -97,7 +100,7 @@ def load_encoder(model: str, clip_skip: int = 0, device: str = "cpu") -> CLIPSeg
     kwargs = {"subfolder": subfolder} if subfolder else {}
     try:
         text_encoder, info = CLIPTextModel.from_pretrained(model, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         where = path / subfolder if path.is_dir() else model
         raise BadModelFileError(f"--model {where}: could not load a CLIPTextModel ({detail}); check the folder, "

@@ -166,6 +166,27 @@ def read_safetensors(path: str | os.PathLike, what: str, fix: str = "download or
         raise error(f"{what} {path} is not a valid safetensors file (truncated or corrupt: {detail}); {fix}") from None
 
 
+def check_weights_folder(folder: str | os.PathLike, what: str, fix: str = "download it again",
+                         error: type[LongAlignError] = BadModelFileError) -> None:
+    """Read the header of every ``*.safetensors`` in ``folder`` (cheap: no tensor is loaded) and check that
+    ``*.bin`` weights are non-empty, so a truncated or corrupt weights file is ``error`` naming that file
+    before a library fails on it without naming it."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        check_input_file(f, f"{what} weights file", error=error)
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError is not an OSError/ValueError
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise error(f"{what} weights file {f} is not a valid safetensors file (truncated or corrupt: "
+                        f"{detail}); {fix}") from None
+
+
 def check_positive(value: int | float, option: str, maximum: int | float | None = None,
                    why: str = "") -> int | float:
     """``value`` if ``1 <= value <= maximum``, else :class:`BadConfigError` naming the option and range."""

@@ -127,6 +127,7 @@ def _hf_image_preprocessing(source: str | Path | None, model_dir: str | Path, de
 
 def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> PreferenceModel:
     """A Hugging Face ``CLIPModel`` folder (Denscore, PickScore, CLIP-H), or a Hub id when online."""
+    from safetensors import SafetensorError
     from transformers import CLIPModel
 
     local = Path(path)
@@ -134,7 +135,7 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> Prefe
         _check_hf_clip_folder(local)
     try:
         model = CLIPModel.from_pretrained(str(path), use_safetensors=None)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not local.exists():
             raise PreferenceModelError(f"{path} is not a local folder, and loading it as a Hugging Face Hub id "
@@ -155,7 +156,7 @@ def _looks_local(path: str | Path) -> bool:
 def _check_hf_clip_folder(local: Path) -> None:
     """Refuse a folder that is not a loadable Hugging Face ``CLIPModel`` with a message naming the file at
     fault (missing folder, bad ``config.json``, a corrupt or truncated weights file)."""
-    from .errors import check_input_file, read_safetensors
+    from .errors import check_input_file, check_weights_folder
 
     if not local.exists():
         raise PreferenceModelError(f"preference model folder {local} not found; check the path")
@@ -178,18 +179,8 @@ def _check_hf_clip_folder(local: Path) -> None:
     if not weights:
         raise PreferenceModelError(f"{local} has config.json but no weights (model.safetensors or "
                                    f"pytorch_model.bin)")
-    if weights[0] == "model.safetensors":
-        from safetensors import safe_open
-
-        check_input_file(local / "model.safetensors", "weights file", error=PreferenceModelError)
-        try:  # the header only: a truncated or corrupt file fails here, naming itself
-            with safe_open(str(local / "model.safetensors"), "pt") as f:
-                f.keys()
-        except Exception:
-            read_safetensors(local / "model.safetensors", "weights file", "download model.safetensors again",
-                             error=PreferenceModelError)
-    elif weights[0] == "pytorch_model.bin":
-        check_input_file(local / "pytorch_model.bin", "weights file", error=PreferenceModelError)
+    check_weights_folder(local, "preference model", "download its model.safetensors again",
+                         error=PreferenceModelError)
 
 
 def wrap_hf_clip(model, tokenizer, name: str = "clip", image_size: int | None = None,
@@ -237,8 +228,8 @@ def load_open_clip(path: str | Path, arch: str = "ViT-H-14") -> PreferenceModel:
         arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise PreferenceModelError(f"unknown open_clip architecture {arch!r}; HPSv2 uses 'ViT-H-14'")
+    sd = _open_clip_state_dict(path)  # before building the model: a bad file fails fast
     model = open_clip.create_model(arch, pretrained=None)
-    sd = _open_clip_state_dict(path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing:
         raise PreferenceModelError(f"{path} does not match open_clip {arch}: {len(missing)} weights missing "

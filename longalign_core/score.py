@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         raise BadConfigError(f"--csv and --plot are the same file {args.csv}; give two names")
     images = collect_images(args.images)
     prompts = pair_prompts(images, args.prompt, args.prompts)
+    for path in images:  # decode each once now: a truncated or foreign file fails before the model loads
+        load_image(path)
     reference = None
     if args.reference_prompts:
         text = read_text_file(args.reference_prompts, "reference prompts file", "--reference-prompts")

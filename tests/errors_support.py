@@ -9,7 +9,7 @@ and check the four promises of the project's error handling:
 
 Reusable by the trainer and node catalogues: ``watched(folder)`` snapshots a tree, ``cli_error(...)`` runs a
 CLI ``main`` through :func:`longalign_core.errors.run_cli` in-process (fast: the models stay loaded), and
-``module_error(...)`` runs ``python -m module`` in a subprocess for the real entry point.
+``module_errors(...)`` runs ``python -m module`` in subprocesses for the real entry points.
 """
 
 from __future__ import annotations
@@ -75,10 +75,18 @@ def assert_names(message: str, names: Sequence[object]) -> None:
     assert not missing, f"the message does not name {missing}:\n{message}"
 
 
-def assert_no_traceback(stderr: str) -> None:
+def _is_progress(line: str) -> bool:
+    """A progress-bar line (tqdm / transformers' "Loading weights"), not part of the message."""
+    return "it/s]" in line or "%|" in line or "s/it]" in line
+
+
+def assert_no_traceback(stderr: str, prog: str | None = None) -> None:
+    """No traceback, and one paragraph (``prog: error: …`` when ``prog`` is given) besides progress bars."""
     assert "Traceback" not in stderr, f"a traceback was printed for a user error:\n{stderr}"
-    lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line and "%|" not in line]
+    lines = [line for line in stderr.splitlines() if line.strip() and not _is_progress(line)]
     assert len(lines) == 1, f"expected one paragraph on stderr, got {len(lines)} lines:\n{stderr}"
+    if prog is not None:
+        assert lines[0].startswith(f"{prog}: error: "), lines[0]
 
 
 @dataclass
@@ -99,26 +107,32 @@ def cli_error(main: Callable, argv: Sequence[object], capsys, *, names: Sequence
     rc = run_cli(main, [str(a) for a in argv], prog=prog)
     out, err = capsys.readouterr()
     assert rc == code, f"exit code {rc}, expected {code}; stderr:\n{err}"
-    assert err.startswith(f"{prog}: error: "), err
-    assert_no_traceback(err)
+    assert_no_traceback(err, prog)
     assert_names(err, names)
     assert_unchanged(before, *watch)
     return CliResult(rc, out, err)
 
 
-def module_error(module: str, argv: Sequence[object], cwd: Path, *, names: Sequence[object] = (),
-                 watch: Sequence[Path] = (), code: int = 2, timeout: float = 300) -> CliResult:
-    """``python -m module argv`` in a subprocess (the real entry point, offline); same assertions as
-    :func:`cli_error`."""
-    before = snapshot(*watch)
+def module_errors(cases: Sequence[tuple], cwd: Path, *, code: int = 2, timeout: float = 300) -> list[CliResult]:
+    """Run ``python -m module argv`` for each ``(module, argv, names, watch)`` side by side in subprocesses
+    (the real entry points, offline); for each, the same assertions as :func:`cli_error`. A case whose argv
+    holds ``--debug`` must show the traceback instead."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-    assert proc.returncode == code, f"exit code {proc.returncode}, expected {code}; stderr:\n{proc.stderr}"
-    assert_no_traceback(proc.stderr)
-    assert_names(proc.stderr, names)
-    assert_unchanged(before, *watch)
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    befores = [snapshot(*watch) for _, _, _, watch in cases]
+    procs = [subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for module, argv, _, _ in cases]
+    results = []
+    for proc, before, (module, argv, names, watch) in zip(procs, befores, cases):
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == code, f"{module}: exit code {proc.returncode}, expected {code}:\n{err}"
+        if "--debug" in argv:
+            assert "Traceback" in err, err
+        else:
+            assert_no_traceback(err, f"python -m {module}")
+        assert_names(err, names)
+        assert_unchanged(before, *watch)
+        results.append(CliResult(proc.returncode, out, err))
+    return results
 
 
 def api_error(call: Callable[[], object], error: type[BaseException], *, names: Sequence[object] = (),

@@ -23,7 +23,7 @@ from errors_support import (
     api_error,
     assert_unchanged,
     cli_error,
-    module_error,
+    module_errors,
     previous_outputs,
     snapshot,
     symlink_loop,
@@ -200,7 +200,7 @@ class TestEncodeModel:
         shutil.copytree(clip_text_dir, folder)
         truncate(clip_text_dir / "model.safetensors", folder / "model.safetensors", 0.3)
         cli_error(encode.main, enc_args(out_dir, "x", "--model", folder), capsys, prog=ENC,
-                  names=["--model", folder, "download it again"], watch=[out_dir])
+                  names=["--model", folder / "model.safetensors", "truncated", "download"], watch=[out_dir])
 
     def test_empty_folder(self, tmp_path, out_dir, capsys):
         (tmp_path / "empty").mkdir()
@@ -284,9 +284,9 @@ class TestEncodePrompts:
         cli_error(encode.main, enc_args(out_dir, "A cat.", "--prompt-file", prompts_dir / "p.txt"), capsys,
                   prog=ENC, names=["--prompt-file", "not both"], watch=[out_dir])
 
-    def test_overflow_error_names_the_budget(self, out_dir, capsys):
-        cli_error(encode.main, enc_args(out_dir, "A red fox. " * 40, "--overflow", "error", "--budget", "75"),
-                  capsys, prog=ENC, names=["token budget is 75", "extend"], watch=[out_dir])
+    def test_overflow_error_names_the_budget(self, clip_text_dir, out_dir, capsys):
+        cli_error(encode.main, enc_args(out_dir, "A red fox. " * 40, "--overflow", "error", "--budget", "75",
+                                        "--model", clip_text_dir), capsys, prog=ENC, names=["token budget is 75", "extend"], watch=[out_dir])
 
 
 class TestEncodeOptions:
@@ -351,7 +351,7 @@ class TestRunCli:
         monkeypatch.setattr(encode, "embedded_default_encoder", broken)
         before = snapshot(out_dir)
         with pytest.raises(ZeroDivisionError):
-            run_cli(encode.main, enc_args(out_dir, "x"), prog=ENC)
+            run_cli(encode.main, [str(a) for a in enc_args(out_dir, "x")], prog=ENC)
         assert_unchanged(before, out_dir)
 
     def test_a_bug_raising_plain_value_error_is_not_hidden(self):
@@ -369,7 +369,7 @@ class TestRunCli:
         err = capsys.readouterr().err
         assert str(tmp_path / "big.bin") in err and "disk is full" in err and "Traceback" not in err
 
-    def test_failed_write_leaves_no_temp_file_and_the_old_output(self, out_dir, monkeypatch, capsys):
+    def test_failed_write_leaves_no_temp_file_and_the_old_output(self, clip_text_dir, out_dir, monkeypatch, capsys):
         """A write that fails half-way (disk full) keeps the previous output and removes its temp file."""
         import safetensors.torch
 
@@ -379,7 +379,8 @@ class TestRunCli:
             raise OSError(28, "No space left on device", filename)
 
         monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-        cli_error(encode.main, enc_args(out_dir, "A fox."), capsys, prog=ENC, names=["disk is full"],
+        cli_error(encode.main, enc_args(out_dir, "A fox.", "--model", clip_text_dir), capsys, prog=ENC,
+                  names=["disk is full"],
                   watch=[out_dir])
 
 
@@ -540,7 +541,7 @@ class TestScoreCli:
     def test_corrupt_model_safetensors_names_the_file(self, model_copy, score_images, out_dir, capsys):
         truncate(model_copy / "model.safetensors", model_copy / "model.safetensors", 0.4)
         cli_error(score.main, score_args(out_dir, model_copy, score_images, "--prompt", "x"), capsys, prog=SCORE,
-                  names=[model_copy / "model.safetensors", "download model.safetensors again"], watch=[out_dir])
+                  names=[model_copy / "model.safetensors", "download its model.safetensors again"], watch=[out_dir])
 
     def test_garbage_model_safetensors(self, model_copy, score_images, out_dir, capsys):
         (model_copy / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage" + b"\0" * 64)
@@ -770,29 +771,22 @@ class TestPreferenceApi:
 # The real entry points, once each (subprocess): one paragraph, exit 2, no traceback
 
 
-class TestEntryPoints:
-    def test_encode_module(self, tmp_path, out_dir):
-        module_error("longalign_core.encode", ["x", "--budget", "0", "--out", out_dir / "cond.safetensors"],
-                     tmp_path, names=["--budget", "got 0"], watch=[out_dir])
-
-    def test_score_module(self, tmp_path, score_images, out_dir):
-        module_error("longalign_core.score", ["--model", tmp_path / "nope", "--images", score_images, "--prompt",
-                                              "x", "--batch-size", "0", "--csv", out_dir / "scores.csv"],
-                     tmp_path, names=["--batch-size"], watch=[out_dir])
-
-    def test_lora_module(self, tmp_path, out_dir):
-        module_error("longalign_core.lora", [tmp_path / "missing.pt", out_dir / "lora.safetensors"], tmp_path,
-                     names=[tmp_path / "missing.pt", "not found"], watch=[out_dir])
-
-    def test_debug_flag_on_the_module(self, tmp_path, out_dir):
-        env = {**os.environ, "PYTHONPATH": str(__import__("errors_support").REPO)}
-        import subprocess
-        import sys
-
-        proc = subprocess.run([sys.executable, "-m", "longalign_core.lora", str(tmp_path / "m.pt"),
-                               str(out_dir / "lora.safetensors"), "--debug"], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=300)
-        assert proc.returncode == 2 and "Traceback" in proc.stderr and "not found" in proc.stderr
+def test_entry_points_print_one_paragraph(tmp_path, score_images):
+    """The real ``python -m`` entry points (run side by side to keep the catalogue fast): exit 2, one
+    paragraph naming the option or file, no traceback; ``--debug`` adds the traceback."""
+    outs = [tmp_path / f"out{i}" for i in range(4)]
+    for o in outs:
+        previous_outputs(o, "cond.safetensors", "scores.csv", "lora.safetensors")
+    module_errors([
+        ("longalign_core.encode", ["x", "--budget", "0", "--out", outs[0] / "cond.safetensors"],
+         ["--budget", "got 0"], [outs[0]]),
+        ("longalign_core.score", ["--model", tmp_path / "nope", "--images", score_images, "--prompt", "x",
+                                  "--batch-size", "0", "--csv", outs[1] / "scores.csv"], ["--batch-size"], [outs[1]]),
+        ("longalign_core.lora", [tmp_path / "missing.pt", outs[2] / "lora.safetensors"],
+         [tmp_path / "missing.pt", "not found"], [outs[2]]),
+        ("longalign_core.lora", [tmp_path / "m.pt", outs[3] / "lora.safetensors", "--debug"], ["not found"],
+         [outs[3]]),
+    ], cwd=tmp_path)
 
 
 def test_watched_helper_sees_a_left_temp_file(tmp_path):
