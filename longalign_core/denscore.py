@@ -294,7 +294,8 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
         if not isinstance(p, str):
             raise BadInputError(f"prompt {i} is a {type(p).__name__} ({p!r:.40}), not a string")
         if not p.strip():
-            raise BadInputError(f"prompt {i} is empty: nothing to score the image against")
+            which = f" (prompt {i} of {len(paired)})" if len(set(paired)) > 1 else ""
+            raise BadInputError(f"prompt is empty{which}: nothing to score the image against")
     feats = prompt_features(model, paired, split_mode, long_segments)
     x_hat = image_embeddings(model, images, crop, generator, validate=False)  # validated above
     t_bar = torch.stack([f.mean for f in feats]).to(x_hat.device)

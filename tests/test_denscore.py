@@ -153,7 +153,7 @@ def test_bad_images_are_refused_clearly(denscore, bad, message):
 
 @pytest.mark.parametrize("prompt", ["", "   \n"])
 def test_empty_prompt_is_refused(denscore, images, prompt):
-    with pytest.raises(ValueError, match="prompt 0 is empty"):
+    with pytest.raises(ValueError, match="prompt is empty"):
         segment_score(denscore, images, prompt)
 
 
