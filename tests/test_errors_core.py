@@ -663,6 +663,18 @@ class TestLora:
                         names=["not found"])
         assert "corrupt" not in str(err)
 
+    @pytest.mark.parametrize("state", ["missing", "empty", "folder"])
+    def test_longsd_reader_names_the_file_state(self, tmp_path, targets, state):
+        """The reader itself (nodes and the trainer call it without the CLI's checks)."""
+        path = tmp_path / "sd15-reward-3750.pt"
+        if state == "empty":
+            path.write_bytes(b"")
+        elif state == "folder":
+            path.mkdir()
+        word = {"missing": "not found", "empty": "empty", "folder": "is a folder"}[state]
+        err = api_error(lambda: lora.read_longsd_lora(path, targets), lora.LoraFormatError, names=[path, word])
+        assert "corrupt" not in str(err)
+
     def test_truncated_lora_pt(self, tmp_path, good_pt, unet_config, out_dir, capsys):
         bad = truncate(good_pt, tmp_path / "half.pt")
         cli_error(lora.main, [bad, out_dir / "lora.safetensors", "--unet-config", unet_config], capsys, prog=LORA,
