@@ -81,10 +81,12 @@ def validate_images(images: torch.Tensor) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise BadInputError("images contain NaN or infinite values (a diverged sampler or VAE?)")
     if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
-        if lo >= -RANGE_SLACK and hi <= 255 + RANGE_SLACK:
+        if hi > 1.5 and lo >= -RANGE_SLACK and hi <= 255 + RANGE_SLACK:
             fix = "they look like 0–255 values: divide by 255"
-        elif lo >= -1 - RANGE_SLACK and hi <= 1 + RANGE_SLACK:
+        elif lo < -0.5 and lo >= -1 - RANGE_SLACK and hi <= 1 + RANGE_SLACK:
             fix = "they look like [-1, 1] values (a VAE's output): use (images + 1) / 2"
+        elif -0.5 <= lo and hi <= 1.5:
+            fix = "slightly outside (resampling overshoot?): clamp with images.clamp(0, 1)"
         else:
             fix = "rescale them to [0, 1]"
         raise BadInputError(f"images must have values in [0, 1], found {lo:.4g}..{hi:.4g}; {fix}")

@@ -68,6 +68,9 @@ def load_text_adapter(folder: str | Path, device="cpu", dtype=torch.float32) -> 
     if not (folder / "config.json").is_file():
         raise BadModelFileError(f"{folder} is not a LongSD adapter folder: config.json is missing (expected "
                                 f"config.json + diffusion_pytorch_model.safetensors)")
+    from .errors import check_weights_folder
+
+    check_weights_folder(folder, "T5 adapter", "download the adapter folder (s28750_adapter/) again")
     try:
         adapter = TextAdapter.from_pretrained(str(folder), low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -131,6 +134,9 @@ def load_t5_branch(t5_folder: str | Path, adapter_folder: str | Path, device="cp
     if not (t5_folder / "config.json").is_file():
         raise BadModelFileError(f"{t5_folder} is not a T5 model folder (config.json missing); download "
                                 f"google-t5/t5-large with its tokenizer files")
+    from .errors import check_weights_folder
+
+    check_weights_folder(t5_folder, "T5 encoder", "download google-t5/t5-large again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(t5_folder))
         encoder = T5EncoderModel.from_pretrained(str(t5_folder)).to(device=device, dtype=dtype).eval()

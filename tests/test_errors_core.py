@@ -396,7 +396,8 @@ class TestImages:
         (lambda x: x.permute(0, 2, 3, 1).contiguous(), "permute(0, 3, 1, 2)"),
         (lambda x: x[:, :1] * 0 + torch.nan, "grey"),
         (lambda x: x.double() * 1e6, "rescale"),
-    ], ids=["0-255 floats", "[-1,1]", "uint8", "channels-last", "grey", "huge"])
+        (lambda x: x * 1.3 - 0.15, "images.clamp(0, 1)"),
+    ], ids=["0-255 floats", "[-1,1]", "uint8", "channels-last", "grey", "huge", "overshoot"])
     def test_bad_images_are_refused_with_the_conversion(self, denscore, make, fix):
         x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         err = api_error(lambda: segment_score(denscore, make(x), "A fox."), BadInputError, names=[fix])
@@ -769,6 +770,24 @@ class TestPreferenceApi:
         (model_copy / "model.safetensors").mkdir()
         api_error(lambda: load_preference_model(model_copy), BadModelFileError,
                   names=[model_copy / "model.safetensors", "folder"])
+
+    def test_corrupt_t5_adapter_weights(self, tmp_path, tiny_adapter_dir):
+        from longalign_core.t5_branch import load_text_adapter
+
+        folder = tmp_path / "s28750_adapter"
+        shutil.copytree(tiny_adapter_dir, folder)
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        truncate(weights, weights, 0.5)
+        api_error(lambda: load_text_adapter(folder), BadModelFileError, names=[weights, "truncated", "download"])
+
+    def test_corrupt_t5_encoder_weights(self, tmp_path, tiny_t5_dir, tiny_adapter_dir):
+        from longalign_core.t5_branch import load_t5_branch
+
+        folder = tmp_path / "t5-large"
+        shutil.copytree(tiny_t5_dir, folder)
+        (folder / "model.safetensors").write_bytes(os.urandom(64))
+        api_error(lambda: load_t5_branch(folder, tiny_adapter_dir), BadModelFileError,
+                  names=[folder / "model.safetensors", "not a valid safetensors"])
 
     def test_errors_are_one_vocabulary(self):
         from longalign_core.io_utils import CheckpointError
