@@ -138,7 +138,7 @@ def read_prompts(args) -> list[str]:
             raise BadInputError(f"--prompt-file {path}: {suffix} files are not read; give a .txt (one prompt per "
                                 f"line, or blocks separated by blank lines) or a .jsonl ({{\"prompt\": ...}} per line)")
         text = read_text_file(path, "prompts file", "--prompt-file")
-        prompts = [p for p in text.split("\n\n") if p.strip()] if "\n\n" in text else [
+        prompts = [p.strip() for p in text.split("\n\n") if p.strip()] if "\n\n" in text else [
             line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise BadInputError(f"--prompt-file {path} holds no prompts (only blank lines)")

@@ -131,8 +131,8 @@ def check_output_path(path: str | os.PathLike, option: str) -> Path:
 
 
 def read_text_file(path: str | os.PathLike, what: str, option: str | None = None) -> str:
-    """The UTF-8 text of a user's text file; a binary or mis-encoded file is an error naming it and the byte
-    position (not a bare ``UnicodeDecodeError``)."""
+    """The UTF-8 text of a user's text file (a BOM dropped, Windows/old-Mac line ends read as ``\\n``); a binary
+    or mis-encoded file is an error naming it and the line (not a bare ``UnicodeDecodeError``)."""
     path = Path(path)
     where = f" (given to {option})" if option else ""
     if path.is_dir():
@@ -142,11 +142,12 @@ def read_text_file(path: str | os.PathLike, what: str, option: str | None = None
     except FileNotFoundError:
         raise BadInputError(f"{what} {path}{where} not found; check the path") from None
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise BadInputError(f"{path}:{line}: {what}{where} is not UTF-8 text (byte {exc.start}); save it as UTF-8 "
                             f"(or is it a binary file?)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
 
 
 def read_safetensors(path: str | os.PathLike, what: str, fix: str = "download or export it again",

@@ -41,7 +41,7 @@ def collect_images(items: list[str]) -> list[Path]:
             if not found:
                 raise BadInputError(f"--images {p}: the folder holds no images "
                                     f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths += found
+            paths += [check_input_file(f, "image", "--images") for f in found]  # dangling links, loops, empty
         else:
             paths.append(check_input_file(p, "image", "--images"))
     if not paths:

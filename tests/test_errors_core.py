@@ -266,6 +266,19 @@ class TestEncodePrompts:
         cli_error(encode.main, enc_args(out_dir, "--prompt-file", prompts_dir / "p.json"), capsys, prog=ENC,
                   names=[prompts_dir / "p.json", ".jsonl"], watch=[out_dir])
 
+    def test_bom_and_crlf_prompt_file_reads_like_a_clean_one(self, prompts_dir, tmp_path):
+        """Messy but legitimate: a Windows editor's UTF-8 BOM and CRLF line ends change no prompt."""
+        from types import SimpleNamespace
+
+        clean, messy = prompts_dir / "clean.txt", prompts_dir / "messy.txt"
+        clean.write_bytes("A fox. A café.\nA cat.\n".encode())
+        messy.write_bytes("\ufeffA fox. A café.\r\nA cat.\r\n".encode())
+        read = lambda p: encode.read_prompts(SimpleNamespace(prompt=None, prompt_file=str(p)))  # noqa: E731
+        assert read(messy) == read(clean) == ["A fox. A café.", "A cat."]
+        clean.write_bytes(b"A fox.\nOn a rock.\n\nA cat.\n")  # blocks separated by a blank line
+        messy.write_bytes(b"A fox.\r\nOn a rock.\r\n\r\nA cat.\r\n")
+        assert read(messy) == read(clean) == ["A fox.\nOn a rock.", "A cat."]
+
     def test_prompt_file_symlink_loop(self, prompts_dir, out_dir, capsys):
         loop = symlink_loop(prompts_dir, "p.txt")
         cli_error(encode.main, enc_args(out_dir, "--prompt-file", loop), capsys, prog=ENC,
@@ -495,6 +508,13 @@ class TestScoreCli:
     def test_missing_image(self, tmp_path, tiny_clip_dir, out_dir, capsys):
         cli_error(score.main, score_args(out_dir, tiny_clip_dir, tmp_path / "gone.png", "--prompt", "A fox."),
                   capsys, prog=SCORE, names=["--images", tmp_path / "gone.png", "not found"], watch=[out_dir])
+
+    def test_dangling_link_inside_the_folder(self, tmp_path, score_images, tiny_clip_dir, out_dir, capsys):
+        images = tmp_path / "imgs"
+        shutil.copytree(score_images, images)
+        os.symlink(tmp_path / "moved-away.png", images / "c.png")
+        cli_error(score.main, score_args(out_dir, tiny_clip_dir, images, "--prompt", "A fox."), capsys,
+                  prog=SCORE, names=[images / "c.png", "not found"], watch=[out_dir])
 
     def test_image_symlink_loop(self, tmp_path, tiny_clip_dir, out_dir, capsys):
         loop = symlink_loop(tmp_path, "x.png")
