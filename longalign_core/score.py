@@ -16,7 +16,6 @@ the shipped reference prompt set unless ``--reference-prompts FILE`` is given, a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
