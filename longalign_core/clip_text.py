@@ -23,7 +23,7 @@ from .segment_encoding import (
     padding_embedding,
     plan_segments,
 )
-from .errors import BadConfigError, BadInputError
+from .errors import BadConfigError, BadInputError, kind_of
 from .segmentation import LongSegmentPolicy, SplitMode
 
 
@@ -120,7 +120,7 @@ class CLIPSegmentEncoder:
             raise BadInputError("no prompts given")
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise BadInputError(f"prompt {i} is a {type(p).__name__} ({p!r:.40}), not a string")
+                raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         counts: dict[str, int] = {}
 
         def count(text: str) -> int:

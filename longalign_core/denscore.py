@@ -26,7 +26,7 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import BadConfigError, BadInputError, LongAlignError
+from .errors import BadConfigError, BadInputError, LongAlignError, kind_of
 from .preference import PreferenceModel
 from .segmentation import LongSegmentPolicy, Segment, SplitMode, fit_segments, split_segments
 
@@ -160,7 +160,7 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
     todo: dict[tuple, list[Segment]] = {}
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise BadInputError(f"prompt {i} is a {type(p).__name__} ({p!r:.40}), not a string")
+            raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         key = (p, split_mode, long_segments)
         if key not in cache and key not in todo:
             segs = split_segments(p, split_mode)
@@ -294,7 +294,7 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
     paired = _pair_prompts(images.shape[0], prompts)
     for i, p in enumerate(paired):
         if not isinstance(p, str):
-            raise BadInputError(f"prompt {i} is a {type(p).__name__} ({p!r:.40}), not a string")
+            raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         if not p.strip():
             which = f" (prompt {i} of {len(paired)})" if len(set(paired)) > 1 else ""
             raise BadInputError(f"prompt is empty{which}: nothing to score the image against")

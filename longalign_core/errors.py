@@ -188,6 +188,12 @@ def check_weights_folder(folder: str | os.PathLike, what: str, fix: str = "downl
                         f"{detail}); {fix}") from None
 
 
+def kind_of(value) -> str:
+    """``"an int"``, ``"a list"``…: the type of ``value`` for a message."""
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
 def check_positive(value: int | float, option: str, maximum: int | float | None = None,
                    why: str = "") -> int | float:
     """``value`` if ``1 <= value <= maximum``, else :class:`BadConfigError` naming the option and range."""

@@ -48,7 +48,7 @@ def read_jsonl_records(path: str | os.PathLike, what: str = "JSONL file", option
     an error naming the file, the line and the column."""
     import json
 
-    from .errors import BadInputError, read_text_file
+    from .errors import BadInputError, kind_of, read_text_file
 
     records = []
     for n, line in enumerate(read_text_file(path, what, option).splitlines(), 1):
@@ -60,8 +60,8 @@ def read_jsonl_records(path: str | os.PathLike, what: str = "JSONL file", option
             raise BadInputError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); each line of a "
                                 f".jsonl file must be one JSON object such as {{\"prompt\": \"...\"}}") from None
         if not isinstance(record, dict):
-            raise BadInputError(f"{path}:{n}: expected a JSON object such as {{\"prompt\": \"...\"}}, found a "
-                                f"{type(record).__name__}")
+            raise BadInputError(f"{path}:{n}: expected a JSON object such as {{\"prompt\": \"...\"}}, found "
+                                f"{kind_of(record)}")
         records.append((n, record))
     return records
 
@@ -70,7 +70,7 @@ def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", opt
                      ) -> list[str]:
     """The ``prompt`` (else ``fallback_key``) string of every record of a JSONL file; a bad line, or a prompt
     that is not a string, is an error naming the file and line."""
-    from .errors import BadInputError
+    from .errors import BadInputError, kind_of
 
     texts = []
     for n, record in read_jsonl_records(path, "prompts file", option):
@@ -80,7 +80,7 @@ def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", opt
                                 f"found keys {sorted(record)[:5]}")
         text = record[key]
         if not isinstance(text, str):
-            raise BadInputError(f"{path}:{n}: '{key}' is a {type(text).__name__} ({json_preview(text)}), not a "
+            raise BadInputError(f"{path}:{n}: '{key}' is {kind_of(text)} ({json_preview(text)}), not a "
                                 f"string; quote it")
         texts.append(text)
     if not texts:

@@ -50,7 +50,7 @@ def collect_images(items: list[str]) -> list[Path]:
 
 def pair_prompts(images: list[Path], prompt: str | None, prompts_file: str | None) -> list[str]:
     """One prompt per image: ``--prompt`` for all, or ``--prompts`` (.jsonl by image name, .txt by order)."""
-    from .errors import BadConfigError, BadInputError, check_input_file, read_text_file
+    from .errors import BadConfigError, BadInputError, check_input_file, kind_of, read_text_file
     from .io_utils import json_preview, read_jsonl_records
 
     if (prompt is None) == (prompts_file is None):
@@ -66,7 +66,7 @@ def pair_prompts(images: list[Path], prompt: str | None, prompts_file: str | Non
                                     f"{sorted(rec)[:5]}")
             for key in ("image", "prompt"):
                 if not isinstance(rec[key], str):
-                    raise BadInputError(f"{path}:{n}: '{key}' is a {type(rec[key]).__name__} "
+                    raise BadInputError(f"{path}:{n}: '{key}' is {kind_of(rec[key])} "
                                         f"({json_preview(rec[key])}), not a string; quote it")
             if rec["image"] in table:
                 raise BadInputError(f"{path}:{n}: image {rec['image']!r} already has a prompt on line "

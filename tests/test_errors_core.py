@@ -235,7 +235,7 @@ class TestEncodePrompts:
         p = prompts_dir / "p.jsonl"
         p.write_text('{"prompt": "A fox."}\n{"prompt": 42}\n')
         r = cli_error(encode.main, enc_args(out_dir, "--prompt-file", p), capsys, prog=ENC,
-                      names=[f"{p}:2", "int", "not a string"], watch=[out_dir])
+                      names=[f"{p}:2", "is an int (42)", "not a string"], watch=[out_dir])
         assert "empty" not in r.stderr
 
     def test_jsonl_line_that_is_not_an_object(self, prompts_dir, out_dir, capsys):
@@ -439,7 +439,7 @@ class TestImages:
     def test_non_string_prompt_is_named_not_called_empty(self, denscore):
         x = torch.rand(2, 3, 32, 32)
         err = api_error(lambda: segment_score(denscore, x, ["A fox.", 7]), BadInputError,
-                        names=["prompt 1", "int", "not a string"])
+                        names=["prompt 1", "is an int", "not a string"])
         assert "empty" not in str(err)
 
     def test_sixteen_bit_grey_png_is_read_at_its_depth(self, tmp_path):
