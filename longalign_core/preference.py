@@ -133,6 +133,10 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> Prefe
     local = Path(path)
     if local.exists() or _looks_local(path):
         _check_hf_clip_folder(local)
+    if processor is not None and not Path(processor).is_dir() and (Path(processor).exists() or
+                                                                   _looks_local(processor)):
+        raise PreferenceModelError(f"processor folder {processor} not found (it should hold the CLIP-H tokenizer "
+                                   f"and preprocessor_config.json); check the path")
     try:
         model = CLIPModel.from_pretrained(str(path), use_safetensors=None)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:

@@ -586,6 +586,12 @@ class TestScoreCli:
         cli_error(score.main, score_args(out_dir, model_copy, score_images, "--prompt", "x"), capsys, prog=SCORE,
                   names=[model_copy, "'t5'", "CLIPModel"], watch=[out_dir])
 
+    def test_missing_processor_folder_is_not_silently_replaced(self, tmp_path, tiny_clip_dir, score_images,
+                                                              out_dir, capsys):
+        cli_error(score.main, score_args(out_dir, tiny_clip_dir, score_images, "--prompt", "x", "--processor",
+                                         tmp_path / "CLIP-H"), capsys, prog=SCORE,
+                  names=[tmp_path / "CLIP-H", "processor folder", "not found"], watch=[out_dir])
+
     def test_missing_model_folder(self, tmp_path, score_images, out_dir, capsys):
         cli_error(score.main, score_args(out_dir, tmp_path / "models" / "Denscore", score_images, "--prompt", "x"),
                   capsys, prog=SCORE, names=[tmp_path / "models" / "Denscore", "not found"], watch=[out_dir])
