@@ -23,6 +23,7 @@ from .segment_encoding import (
     padding_embedding,
     plan_segments,
 )
+from .errors import BadConfigError, BadInputError, kind_of
 from .segmentation import LongSegmentPolicy, SplitMode
 
 
@@ -43,8 +44,11 @@ class CLIPSegmentEncoder:
     """
 
     def __init__(self, tokenizer, text_encoder, clip_skip: int = 0, batch_size: int | None = None):
-        if clip_skip < 0 or clip_skip >= text_encoder.config.num_hidden_layers:
-            raise ValueError(f"clip_skip must be in 0..{text_encoder.config.num_hidden_layers - 1}, got {clip_skip}")
+        if not 0 <= clip_skip < text_encoder.config.num_hidden_layers:
+            raise BadConfigError(f"clip_skip must be in 0..{text_encoder.config.num_hidden_layers - 1}, got "
+                                 f"{clip_skip}")
+        if batch_size is not None and batch_size < 1:
+            raise BadConfigError(f"batch_size must be >= 1 (or None for one forward), got {batch_size}")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.clip_skip = clip_skip
@@ -113,7 +117,10 @@ class CLIPSegmentEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
-            raise ValueError("no prompts given")
+            raise BadInputError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         counts: dict[str, int] = {}
 
         def count(text: str) -> int:

@@ -15,6 +15,7 @@ Scores are plain cosines (no logit scale); the paper reports them ×100.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -25,8 +26,11 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import BadConfigError, BadInputError, LongAlignError, kind_of
 from .preference import PreferenceModel
 from .segmentation import LongSegmentPolicy, Segment, SplitMode, fit_segments, split_segments
+
+log = logging.getLogger("LongAlign")
 
 CropMode = Literal["center", "random"]
 CROP_MODES: tuple[str, ...] = ("center", "random")
@@ -37,6 +41,8 @@ DEFAULT_REWEIGHT = 0.3
 REFERENCE_CROP_FRACTION = 504 / 512
 #: Smallest image side accepted for scoring.
 MIN_IMAGE_SIDE = 8
+#: How far outside [0, 1] pixel values may stray (resampling overshoot) before images are refused.
+RANGE_SLACK = 0.1
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -44,23 +50,46 @@ MIN_IMAGE_SIDE = 8
 
 
 def validate_images(images: torch.Tensor) -> None:
-    """Raise a clear error unless ``images`` is a non-empty finite ``(B, 3, H, W)`` batch in [0, 1]."""
+    """Raise :class:`BadInputError` unless ``images`` is a non-empty finite float ``(B, 3, H, W)`` batch in
+    [0, 1]; the message says how to convert what was given (uint8, 0–255 floats, [-1, 1], channels-last).
+
+    Values up to :data:`RANGE_SLACK` outside [0, 1] pass (resampling overshoot, e.g. a bicubic upscale)."""
     if not torch.is_tensor(images):
         raise TypeError(f"images must be a tensor (B, 3, H, W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        fix = "images.float() / 255" if images.dtype == torch.uint8 else "images.float() (scaled to 0..1)"
+        raise BadInputError(f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}; "
+                            f"convert with {fix}")
     if images.ndim != 4:
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        raise BadInputError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}"
+                            + ("; add the batch axis with images[None]" if images.ndim == 3 else ""))
     if images.shape[0] == 0:
-        raise ValueError("the image batch is empty: nothing to score")
+        raise BadInputError("the image batch is empty: nothing to score")
     channels = images.shape[1]
     if channels != 3:
-        fix = {1: "repeat the grey channel: images.expand(-1, 3, -1, -1)",
-               4: "drop the alpha channel: images[:, :3]"}.get(channels, "convert the images to RGB")
-        raise ValueError(f"images must be RGB (3 channels), got {channels}; {fix}")
+        if images.shape[-1] in (1, 3, 4) and channels > 4:
+            fix = "this looks channels-last (B, H, W, C), like a ComfyUI IMAGE: use images.permute(0, 3, 1, 2)"
+        else:
+            fix = {1: "repeat the grey channel: images.expand(-1, 3, -1, -1)",
+                   4: "drop the alpha channel: images[:, :3]"}.get(channels, "convert the images to RGB")
+        raise BadInputError(f"images must be RGB (3 channels), got {channels} channels in shape "
+                            f"{tuple(images.shape)}; {fix}")
     if min(images.shape[-2:]) < MIN_IMAGE_SIDE:
-        raise ValueError(f"images of {images.shape[-2]}x{images.shape[-1]} px are too small to score "
-                         f"(at least {MIN_IMAGE_SIDE} px per side)")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or infinite values (a diverged sampler or VAE?)")
+        raise BadInputError(f"images of {images.shape[-2]}x{images.shape[-1]} px are too small to score "
+                            f"(at least {MIN_IMAGE_SIDE} px per side)")
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise BadInputError("images contain NaN or infinite values (a diverged sampler or VAE?)")
+    if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
+        if hi > 1.5 and lo >= -RANGE_SLACK and hi <= 255 + RANGE_SLACK:
+            fix = "they look like 0–255 values: divide by 255"
+        elif lo < -0.5 and lo >= -1 - RANGE_SLACK and hi <= 1 + RANGE_SLACK:
+            fix = "they look like [-1, 1] values (a VAE's output): use (images + 1) / 2"
+        elif -0.5 <= lo and hi <= 1.5:
+            fix = "slightly outside (resampling overshoot?): clamp with images.clamp(0, 1)"
+        else:
+            fix = "rescale them to [0, 1]"
+        raise BadInputError(f"images must have values in [0, 1], found {lo:.4g}..{hi:.4g}; {fix}")
 
 
 def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
@@ -73,9 +102,9 @@ def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], st
     ``Resize`` on tensors), then normalised. Returns ``(B, 3, size, size)`` in the input dtype.
     """
     if crop not in CROP_MODES:
-        raise ValueError(f"crop {crop!r} is not one of {CROP_MODES}")
+        raise BadConfigError(f"crop {crop!r} is not one of {CROP_MODES}")
     if not 0 < crop_fraction <= 1:
-        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+        raise BadConfigError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     h, w = images.shape[-2:]
     side = max(1, round(min(h, w) * crop_fraction))
     if crop == "center":
@@ -129,9 +158,9 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
     cache = _cache_of(model)
     window = model.context_length - 2
     todo: dict[tuple, list[Segment]] = {}
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise TypeError(f"prompts must be strings, got {type(p).__name__}")
+            raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         key = (p, split_mode, long_segments)
         if key not in cache and key not in todo:
             segs = split_segments(p, split_mode)
@@ -234,7 +263,7 @@ def _pair_prompts(n_images: int, prompts: str | Sequence[str]) -> list[str]:
     if len(prompts) == 1:
         return prompts * n_images
     if len(prompts) != n_images:
-        raise ValueError(f"{len(prompts)} prompts for {n_images} images: give one prompt, or one per image")
+        raise BadInputError(f"{len(prompts)} prompts for {n_images} images: give one prompt, or one per image")
     return prompts
 
 
@@ -260,12 +289,15 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
     (e.g. ``accelerator.gather``) makes the per-batch V the mean over all processes, as in the reference trainer.
     """
     if not 0.0 <= omega <= 1.0:
-        raise ValueError(f"omega (reweight factor) must be in [0, 1], got {omega}")
+        raise BadConfigError(f"omega (reweight factor) must be in [0, 1], got {omega}")
     validate_images(images)
     paired = _pair_prompts(images.shape[0], prompts)
-    for p in paired:
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError("prompt is empty: nothing to score the image against")
+    for i, p in enumerate(paired):
+        if not isinstance(p, str):
+            raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
+        if not p.strip():
+            which = f" (prompt {i} of {len(paired)})" if len(set(paired)) > 1 else ""
+            raise BadInputError(f"prompt is empty{which}: nothing to score the image against")
     feats = prompt_features(model, paired, split_mode, long_segments)
     x_hat = image_embeddings(model, images, crop, generator, validate=False)  # validated above
     t_bar = torch.stack([f.mean for f in feats]).to(x_hat.device)
@@ -312,6 +344,26 @@ def direction_cache_file(model_path: str | Path, digest: str) -> Path | None:
     return cache if os.access(cache.parent, os.W_OK) else None
 
 
+def _read_direction_cache(cache_file: str | Path, digest: str) -> torch.Tensor | None:
+    """V from a cache file written for the same prompts, or None. A corrupt or foreign cache is only a cache:
+    warn and recompute (the new V then replaces it)."""
+    from .errors import read_safetensors
+
+    try:
+        tensors, meta = read_safetensors(cache_file, "direction cache")
+    except LongAlignError as exc:  # truncated, empty, corrupt
+        log.warning("LongAlign: ignoring the direction cache: %s; V is recomputed and the cache rewritten", exc)
+        return None
+    v = tensors.get("direction")
+    if meta.get("prompts_sha256") != digest:
+        return None
+    if v is None or v.ndim != 1 or not torch.isfinite(v).all():
+        log.warning("LongAlign: ignoring the direction cache %s (no finite 'direction' vector); V is recomputed",
+                    cache_file)
+        return None
+    return v
+
+
 def prompts_digest(prompts: Sequence[str]) -> str:
     h = hashlib.sha256()
     for p in prompts:
@@ -331,14 +383,12 @@ def direction_from_prompts(model: PreferenceModel, prompts: Sequence[str] | None
     """
     prompts = list(prompts) if prompts is not None else default_reference_prompts()
     if not prompts:
-        raise ValueError("the reference prompt set is empty; give at least one prompt (a few hundred is better)")
+        raise BadInputError("the reference prompt set is empty; give at least one prompt (a few hundred is better)")
     digest = prompts_digest(prompts)
     if cache_file is not None and Path(cache_file).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache_file), "pt") as f:
-            if (f.metadata() or {}).get("prompts_sha256") == digest:
-                return f.get_tensor("direction")
+        cached = _read_direction_cache(cache_file, digest)
+        if cached is not None:
+            return cached
     means = []
     steps = math.ceil(len(prompts) / batch_size)
     for i in range(steps):

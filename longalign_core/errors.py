@@ -4,12 +4,19 @@ A user's mistake raises one of these; each front-end turns it into one clear mes
 paragraph and exit non-zero without a traceback, the nodes re-raise it so ComfyUI's dialog shows it). A bug is
 anything else and keeps its traceback. All subclass ``ValueError`` so callers that catch ``ValueError`` keep
 working.
+
+The helpers below are the checks every front-end needs for user files (:func:`check_input_file`,
+:func:`check_output_path`, :func:`read_text_file`, :func:`read_safetensors`, :func:`check_positive`), so each
+bad file gets the same message wherever it is read.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -39,8 +46,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             prog: str = "longalign") -> int:
     """Run a CLI ``main`` and turn user errors into one paragraph on stderr and exit code 2.
 
-    ``--debug`` anywhere in argv (removed before ``main`` sees it) keeps the traceback. Anything that is not a
-    user error propagates with its traceback: that is a bug to report.
+    User errors are the project's :class:`LongAlignError` family, the OS errors of :data:`EXPECTED_OS_ERRORS`
+    and any other ``OSError`` that names a file (a symlink loop, a name too long, a full disk): they concern the
+    user's files, not our code. ``--debug`` anywhere in argv (removed before ``main`` sees it) also prints the
+    traceback. Anything else propagates with its traceback: that is a bug to report.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -48,7 +57,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         args = [a for a in args if a != "--debug"]
     try:
         return main(args)
-    except (LongAlignError, *EXPECTED_OS_ERRORS) as err:
+    except (LongAlignError, OSError) as err:
+        if not is_user_error(err):
+            raise
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {format_error(err)}", file=sys.stderr)
@@ -58,9 +69,135 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return 130
 
 
+def is_user_error(err: BaseException) -> bool:
+    """True for errors that describe the user's input or files (see :func:`run_cli`), False for bugs."""
+    if isinstance(err, (LongAlignError, *EXPECTED_OS_ERRORS)):
+        return True
+    return isinstance(err, OSError) and bool(getattr(err, "filename", None))
+
+
 def format_error(err: BaseException) -> str:
     """The one-paragraph text of a user error (OS errors name their file)."""
     if isinstance(err, OSError) and getattr(err, "filename", None):
-        return f"{err.strerror or err}: {err.filename}"
-    return str(err)
+        what = err.strerror or str(err)
+        hint = {errno.ELOOP: " (a symbolic link loop: fix or remove the link)",
+                errno.EACCES: " (not allowed: check the file's permissions)",
+                errno.ENOSPC: " (the disk is full: free space and run again)"}.get(err.errno or 0, "")
+        return f"{what}: {err.filename}{hint}"
+    return " ".join(str(err).split("\n")) if isinstance(err, LongAlignError) else str(err)
 
+
+# ------------------------------------------------------------------------------------------------------------
+# Checks for user files and options
+
+
+def check_input_file(path: str | os.PathLike, what: str, option: str | None = None,
+                     error: type[LongAlignError] = BadInputError) -> Path:
+    """``path`` as a readable, non-empty regular file, else ``error`` naming ``what`` (e.g. "prompts file"),
+    the option it came from and the fix."""
+    path = Path(path)
+    where = f" (given to {option})" if option else ""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(f"{what} {path}{where} is a symbolic link loop; point it at a real file") from None
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+            raise error(f"{what} {path}{where} not found; check the path") from None
+        raise error(f"{what} {path}{where} cannot be read: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise error(f"{what} {path}{where} is a folder; give the file inside it") from None
+    if st.st_size == 0:
+        raise error(f"{what} {path}{where} is empty (0 bytes): an interrupted copy or download? Replace it")
+    if not os.access(path, os.R_OK):
+        raise error(f"{what} {path}{where} is not readable: check its permissions")
+    return path
+
+
+def check_output_path(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a place a file can be written (not a folder, its parent not a file), before any work is
+    done, so a mistake costs nothing and nothing is half-written."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadConfigError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out'}...)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise BadConfigError(f"{option} {path}: the folder {parent} is not writable")
+            break
+    return path
+
+
+def read_text_file(path: str | os.PathLike, what: str, option: str | None = None) -> str:
+    """The UTF-8 text of a user's text file (a BOM dropped, Windows/old-Mac line ends read as ``\\n``); a binary
+    or mis-encoded file is an error naming it and the line (not a bare ``UnicodeDecodeError``)."""
+    path = Path(path)
+    where = f" (given to {option})" if option else ""
+    if path.is_dir():
+        raise BadInputError(f"{what} {path}{where} is a folder; give the file inside it")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(f"{what} {path}{where} not found; check the path") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise BadInputError(f"{path}:{line}: {what}{where} is not UTF-8 text (byte {exc.start}); save it as UTF-8 "
+                            f"(or is it a binary file?)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
+
+
+def read_safetensors(path: str | os.PathLike, what: str, fix: str = "download or export it again",
+                     error: type[LongAlignError] = BadModelFileError) -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a ``.safetensors`` file; a missing, empty, truncated or corrupt file is
+    ``error`` naming the file, ``what`` it is and the ``fix``."""
+    from safetensors import safe_open
+
+    path = check_input_file(path, what, error=error)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError/RuntimeError) types
+        if isinstance(exc, OSError) and not str(exc):
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{what} {path} is not a valid safetensors file (truncated or corrupt: {detail}); {fix}") from None
+
+
+def check_weights_folder(folder: str | os.PathLike, what: str, fix: str = "download it again",
+                         error: type[LongAlignError] = BadModelFileError) -> None:
+    """Read the header of every ``*.safetensors`` in ``folder`` (cheap: no tensor is loaded) and check that
+    ``*.bin`` weights are non-empty, so a truncated or corrupt weights file is ``error`` naming that file
+    before a library fails on it without naming it."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        check_input_file(f, f"{what} weights file", error=error)
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError is not an OSError/ValueError
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise error(f"{what} weights file {f} is not a valid safetensors file (truncated or corrupt: "
+                        f"{detail}); {fix}") from None
+
+
+def kind_of(value) -> str:
+    """``"an int"``, ``"a list"``…: the type of ``value`` for a message."""
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def check_positive(value: int | float, option: str, maximum: int | float | None = None,
+                   why: str = "") -> int | float:
+    """``value`` if ``1 <= value <= maximum``, else :class:`BadConfigError` naming the option and range."""
+    if not value >= 1 or (maximum is not None and value > maximum):
+        limit = f"1..{maximum}" if maximum is not None else ">= 1"
+        raise BadConfigError(f"{option} must be {limit}, got {value}" + (f" ({why})" if why else ""))
+    return value

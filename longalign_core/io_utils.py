@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import BadModelFileError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -40,38 +42,81 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption") -> list[str]:
-    """The ``prompt`` (else ``fallback_key``) string of every record of a JSONL file; a bad line is an error
-    naming the file and line."""
+def read_jsonl_records(path: str | os.PathLike, what: str = "JSONL file", option: str | None = None
+                       ) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a JSON object is
+    an error naming the file, the line and the column."""
     import json
 
-    texts = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    from .errors import BadInputError, kind_of, read_text_file
+
+    records = []
+    for n, line in enumerate(read_text_file(path, what, option).splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        text = record.get("prompt", record.get(fallback_key)) if isinstance(record, dict) else None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno}); each line of a "
+                                f".jsonl file must be one JSON object such as {{\"prompt\": \"...\"}}") from None
+        if not isinstance(record, dict):
+            raise BadInputError(f"{path}:{n}: expected a JSON object such as {{\"prompt\": \"...\"}}, found "
+                                f"{kind_of(record)}")
+        records.append((n, record))
+    return records
+
+
+def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", option: str | None = None
+                     ) -> list[str]:
+    """The ``prompt`` (else ``fallback_key``) string of every record of a JSONL file; a bad line, or a prompt
+    that is not a string, is an error naming the file and line."""
+    from .errors import BadInputError, kind_of
+
+    texts = []
+    for n, record in read_jsonl_records(path, "prompts file", option):
+        key = "prompt" if "prompt" in record else fallback_key
+        if key not in record:
+            raise BadInputError(f"{path}:{n}: expected an object with a 'prompt' (or '{fallback_key}') string, "
+                                f"found keys {sorted(record)[:5]}")
+        text = record[key]
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: expected an object with a 'prompt' (or '{fallback_key}') string")
+            raise BadInputError(f"{path}:{n}: '{key}' is {kind_of(text)} ({json_preview(text)}), not a "
+                                f"string; quote it")
         texts.append(text)
+    if not texts:
+        raise BadInputError(f"{path} holds no prompts (empty, or only blank lines)")
     return texts
 
 
-class CheckpointError(ValueError):
+def json_preview(value, limit: int = 40) -> str:
+    """A short JSON rendering of ``value`` for error messages."""
+    import json
+
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class CheckpointError(BadModelFileError):
     """A checkpoint file is unreadable, or holds pickled objects other than tensors."""
 
 
-def safe_torch_load(path: str | os.PathLike):
-    """``torch.load`` that never executes code from the file (``weights_only=True``), with a clear error."""
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint"):
+    """``torch.load`` that never executes code from the file (``weights_only=True``), with a clear error: a
+    missing, empty or truncated file, or one holding pickled code, is a :class:`CheckpointError` naming it."""
     import pickle
 
     import torch
 
+    from .errors import check_input_file
+
+    path = check_input_file(path, what, error=CheckpointError)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} contains pickled Python objects other than tensors, so it was not loaded (loading it could "
             f"run code). Use a .safetensors file or a plain tensor state dict. ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                              f"{detail}); download or export it again") from None

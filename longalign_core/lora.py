@@ -14,6 +14,7 @@ ComfyUI's stock LoRA loader reads kohya keys ``lora_unet_<diffusers path with _>
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -21,13 +22,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .errors import BadConfigError, BadModelFileError
+
 #: Module classes whose Linear/Conv2d layers carry a LongAlign LoRA (reference ``UNET_EXTENDED_TARGET_REPLACE``).
 LORA_TARGET_CLASSES = ("ResnetBlock2D", "Attention", "CrossAttention", "GEGLU")
 KOHYA_PREFIX = "lora_unet_"
 SD15_UNET_CONFIG = Path(__file__).with_name("data") / "sd15_unet_config.json"
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(BadModelFileError):
     """A LoRA file does not match the expected format or the UNet it is applied to."""
 
 
@@ -54,8 +57,18 @@ def load_unet_config(config: str | Path | Mapping | None = None) -> dict:
     path = Path(config)
     for candidate in (path, path / "config.json", path / "unet" / "config.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise FileNotFoundError(f"no UNet config.json at {path} (nor in its unet/ folder)")
+            from .errors import read_text_file
+
+            try:
+                loaded = json.loads(read_text_file(candidate, "UNet config"))
+            except json.JSONDecodeError as exc:
+                raise BadConfigError(f"{candidate}:{exc.lineno}: not valid JSON ({exc.msg}); give a diffusers "
+                                     f"UNet config.json") from None
+            if not isinstance(loaded, dict) or "block_out_channels" not in loaded:
+                raise BadConfigError(f"{candidate} is not a diffusers UNet config (no 'block_out_channels'); give "
+                                     f"the unet/config.json of the base model, or its folder")
+            return loaded
+    raise BadConfigError(f"no UNet config.json at {path} (nor in its unet/ folder)")
 
 
 #: SDXL's pooled text (1280) + 6 (base) or 5 (refiner) size/crop/score embeddings of 256 channels each.
@@ -122,17 +135,42 @@ def lora_targets(unet: nn.Module | str | Path | Mapping | None = None) -> list[L
     return targets
 
 
-def _check_pair(k: int, target: LoraTarget, up: torch.Tensor, down: torch.Tensor) -> None:
+def _pair_rank(up: torch.Tensor, down: torch.Tensor, file_rank: int | None) -> int | None:
+    """The rank a pair should have: the one its two tensors agree on, else the file's usual rank."""
+    up_rank = up.shape[1] if up.ndim >= 2 else None
+    down_rank = down.shape[0] if down.ndim >= 1 else None
+    if up_rank is not None and up_rank == down_rank:
+        return up_rank
+    return file_rank if file_rank is not None else (down_rank or up_rank)
+
+
+def _check_pair(k: int, target: LoraTarget, up: torch.Tensor, down: torch.Tensor, file_rank: int | None = None
+                ) -> None:
+    """Shapes of pair ``k`` against the layer it targets: ``up (out, r[, 1, 1])``, ``down (r, in[, kh, kw])``.
+    The expected shapes come from the layer's weight and the rank both tensors (or the rest of the file) agree
+    on, not from the possibly broken tensor itself."""
     out_ch, in_ch = target.weight_shape[0], target.weight_shape[1]
     kernel = target.weight_shape[2:]
-    rank = down.shape[0] if down.ndim else -1
+    rank = _pair_rank(up, down, file_rank)
     expected_up = (out_ch, rank) + ((1, 1) if target.kind == "conv" else ())
     expected_down = (rank, in_ch) + kernel
     if tuple(up.shape) != expected_up or tuple(down.shape) != expected_down:
+        swapped = tuple(down.shape) == expected_up and tuple(up.shape) == expected_down
         raise LoraFormatError(
-            f"LoRA pair {k} ({target.path}, {target.kind} weight {list(target.weight_shape)}): expected up "
-            f"{list(expected_up)} and down {list(expected_down)}, found up {list(up.shape)} and down "
-            f"{list(down.shape)}. Is this LoRA for another base model?")
+            f"LoRA pair {k} ({target.path}, {target.kind} weight {list(target.weight_shape)}, rank {rank}): "
+            f"expected up {list(expected_up)} and down {list(expected_down)}, found up {list(up.shape)} and down "
+            f"{list(down.shape)}. "
+            + ("up and down are swapped: the file's order must be [up_0, down_0, up_1, down_1, …]" if swapped
+               else "Is this LoRA for another base model?"))
+
+
+def _usual_rank(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int | None:
+    """The most common rank among pairs whose up and down agree (the file's rank)."""
+    from collections import Counter
+
+    ranks = Counter(up.shape[1] for up, down in pairs
+                    if up.ndim >= 2 and down.ndim >= 1 and up.shape[1] == down.shape[0])
+    return ranks.most_common(1)[0][0] if ranks else None
 
 
 def read_longsd_lora(path: str | Path, targets: list[LoraTarget]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -143,7 +181,7 @@ def read_longsd_lora(path: str | Path, targets: list[LoraTarget]) -> dict[str, t
     from .io_utils import CheckpointError, safe_torch_load
 
     try:
-        tensors = safe_torch_load(path)
+        tensors = safe_torch_load(path, "LoRA file")
     except CheckpointError as exc:
         raise LoraFormatError(str(exc)) from None
     if isinstance(tensors, tuple):
@@ -156,10 +194,14 @@ def read_longsd_lora(path: str | Path, targets: list[LoraTarget]) -> dict[str, t
         raise LoraFormatError(f"{path} has {len(tensors)} tensors ({len(tensors) / 2:g} up/down pairs) but the UNet "
                               f"has {len(targets)} LoRA targets ({2 * len(targets)} tensors expected). Is this a "
                               f"LongSD LoRA for this base model?")
+    raw = [(tensors[2 * k], tensors[2 * k + 1]) for k in range(len(targets))]
+    file_rank = _usual_rank(raw)
     pairs = {}
-    for k, target in enumerate(targets):
-        up, down = tensors[2 * k], tensors[2 * k + 1]
-        _check_pair(k, target, up, down)
+    for k, (target, (up, down)) in enumerate(zip(targets, raw)):
+        try:
+            _check_pair(k, target, up, down, file_rank)
+        except LoraFormatError as exc:
+            raise LoraFormatError(f"{path}: {exc}") from None
         pairs[target.path] = (up, down)
     return pairs
 
@@ -170,10 +212,27 @@ def to_kohya(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: torc
     out = {}
     for path, (up, down) in pairs.items():
         name = KOHYA_PREFIX + path.replace(".", "_")
+        for part, t in (("up", up), ("down", down)):
+            _check_representable(t, dtype, f"{path} ({part})")
         out[f"{name}.lora_up.weight"] = (up if dtype is None else up.to(dtype)).contiguous()
         out[f"{name}.lora_down.weight"] = (down if dtype is None else down.to(dtype)).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
     return out
+
+
+def _check_representable(t: torch.Tensor, dtype: torch.dtype | None, what: str) -> None:
+    """Refuse to write a tensor whose values are not finite, or would not be after the cast to ``dtype``
+    (fp16 overflows to inf above 65504): a silently broken LoRA is worse than none."""
+    if not t.is_floating_point():
+        return
+    biggest = float(t.detach().abs().max()) if t.numel() else 0.0
+    if not math.isfinite(biggest):
+        raise LoraFormatError(f"LoRA layer {what} holds NaN or infinite values; the LoRA is broken (a diverged "
+                              f"training run?), nothing was written")
+    if dtype is not None and dtype.is_floating_point and biggest > torch.finfo(dtype).max:
+        raise LoraFormatError(f"LoRA layer {what} has values up to {biggest:.4g}, beyond "
+                              f"{str(dtype).removeprefix('torch.')}'s largest {torch.finfo(dtype).max:.4g}: they "
+                              f"would become inf. Keep more range: --dtype fp32 (or bf16)")
 
 
 def from_kohya(state: Mapping[str, torch.Tensor], targets: list[LoraTarget]
@@ -209,14 +268,13 @@ def from_kohya(state: Mapping[str, torch.Tensor], targets: list[LoraTarget]
 
 def load_lora(path: str | Path, targets: list[LoraTarget]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A LongSD ``.pt``/``.bin`` list, or a kohya ``.safetensors`` (converted files, this trainer's output)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .errors import check_input_file, read_safetensors
 
+    path = check_input_file(path, "LoRA file", error=LoraFormatError)
+    if path.suffix.lower() == ".safetensors":
+        state, _ = read_safetensors(path, "LoRA file", error=LoraFormatError)
         try:
-            return from_kohya(load_file(str(path)), targets)
+            return from_kohya(state, targets)
         except LoraFormatError as exc:
             raise LoraFormatError(f"{path}: {exc}") from None
     return read_longsd_lora(path, targets)
@@ -254,23 +312,39 @@ def save_kohya(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str
     return Path(path)
 
 
+LORA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m longalign_core.lora IN.pt OUT.safetensors``: convert a LongSD LoRA for ComfyUI's LoraLoader."""
     import argparse
+
+    from .errors import check_input_file, check_output_path
 
     ap = argparse.ArgumentParser(prog="python -m longalign_core.lora", description=main.__doc__)
     ap.add_argument("src", help="LongSD LoRA .pt (list of tensors), e.g. sd15-reward-3750.pt")
     ap.add_argument("dst", help="output .safetensors (kohya keys; put it in ComfyUI/models/loras)")
     ap.add_argument("--unet-config", help="diffusers UNet config.json or model folder (default: SD1.5)")
+    ap.add_argument("--dtype", choices=tuple(LORA_DTYPES), default="fp16",
+                    help="dtype of the written tensors (default fp16, as released; fp32 keeps values beyond 65504)")
     args = ap.parse_args(argv)
+    src = check_input_file(args.src, "LoRA file", error=LoraFormatError)
+    if src.suffix.lower() == ".safetensors":
+        raise BadConfigError(f"{src} is already a .safetensors file; ComfyUI's Load LoRA and this pack's Load "
+                             f"LongSD LoRA read it as is (this converter takes a LongSD .pt)")
+    dst = check_output_path(args.dst, "dst")
+    if dst.suffix.lower() != ".safetensors":
+        raise BadConfigError(f"dst {dst} must end in .safetensors (ComfyUI lists LoRAs by extension)")
     targets = lora_targets(args.unet_config)
-    pairs = read_longsd_lora(args.src, targets)
+    pairs = read_longsd_lora(src, targets)
     rank = next(iter(pairs.values()))[1].shape[0]
-    save_kohya(pairs, args.dst, {"format": "kohya", "source": Path(args.src).name, "rank": rank,
-                                 "ss_network_dim": rank, "ss_network_alpha": rank, "longalign": "longsd-lora"})
-    print(f"wrote {args.dst}: {len(pairs)} LoRA layers, rank {rank}, scale 1")
+    save_kohya(pairs, dst, {"format": "kohya", "source": src.name, "rank": rank, "ss_network_dim": rank,
+                            "ss_network_alpha": rank, "longalign": "longsd-lora"}, dtype=LORA_DTYPES[args.dtype])
+    print(f"wrote {dst}: {len(pairs)} LoRA layers, rank {rank}, scale 1, {args.dtype}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .errors import run_cli
+
+    raise SystemExit(run_cli(main, prog="python -m longalign_core.lora"))

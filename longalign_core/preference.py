@@ -21,6 +21,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from .errors import BadConfigError, BadModelFileError
+
 log = logging.getLogger("LongAlign")
 
 ModelKind = Literal["auto", "hf_clip", "open_clip"]
@@ -31,7 +33,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class PreferenceModelError(ValueError):
+class PreferenceModelError(BadModelFileError):
     """A preference model file or folder is missing, of the wrong kind, or corrupt."""
 
 
@@ -89,7 +91,7 @@ def safe_torch_load(path: str | Path):
     from .io_utils import safe_torch_load as _load
 
     try:
-        return _load(path)
+        return _load(path, "preference model checkpoint")
     except CheckpointError as exc:
         raise PreferenceModelError(str(exc)) from None
 
@@ -125,29 +127,64 @@ def _hf_image_preprocessing(source: str | Path | None, model_dir: str | Path, de
 
 def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> PreferenceModel:
     """A Hugging Face ``CLIPModel`` folder (Denscore, PickScore, CLIP-H), or a Hub id when online."""
+    from safetensors import SafetensorError
     from transformers import CLIPModel
 
     local = Path(path)
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise PreferenceModelError(f"{local} is not a Hugging Face CLIPModel folder: config.json is missing "
-                                       f"(expected config.json + model.safetensors)")
-        config = json.loads((local / "config.json").read_text())
-        if config.get("model_type") != "clip":
-            raise PreferenceModelError(f"{local}/config.json describes a {config.get('model_type')!r} model, "
-                                       f"expected a CLIPModel (model_type 'clip')")
-        if not any((local / f).is_file() for f in ("model.safetensors", "pytorch_model.bin",
-                                                   "model.safetensors.index.json")):
-            raise PreferenceModelError(f"{local} has config.json but no weights (model.safetensors or "
-                                       f"pytorch_model.bin)")
+    if local.exists() or _looks_local(path):
+        _check_hf_clip_folder(local)
+    if processor is not None and not Path(processor).is_dir() and (Path(processor).exists() or
+                                                                   _looks_local(processor)):
+        raise PreferenceModelError(f"processor folder {processor} not found (it should hold the CLIP-H tokenizer "
+                                   f"and preprocessor_config.json); check the path")
     try:
         model = CLIPModel.from_pretrained(str(path), use_safetensors=None)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise PreferenceModelError(f"could not load a CLIPModel from {path}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not local.exists():
+            raise PreferenceModelError(f"{path} is not a local folder, and loading it as a Hugging Face Hub id "
+                                       f"failed ({detail}); check the path") from None
+        raise PreferenceModelError(f"could not load a CLIPModel from {path}: {detail}") from None
     tokenizer = _hf_tokenizer(processor, path)
     default_size = model.config.vision_config.image_size
     size, mean, std = _hf_image_preprocessing(processor, path if local.exists() else "", default_size)
     return wrap_hf_clip(model, tokenizer, Path(str(path)).name, size, mean, std)
+
+
+def _looks_local(path: str | Path) -> bool:
+    """A path that cannot be a Hub id (``org/name``): absolute, relative with ``./``, ``~`` or several parts."""
+    text = str(path)
+    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
+
+
+def _check_hf_clip_folder(local: Path) -> None:
+    """Refuse a folder that is not a loadable Hugging Face ``CLIPModel`` with a message naming the file at
+    fault (missing folder, bad ``config.json``, a corrupt or truncated weights file)."""
+    from .errors import check_input_file, check_weights_folder
+
+    if not local.exists():
+        raise PreferenceModelError(f"preference model folder {local} not found; check the path")
+    if not local.is_dir():
+        raise PreferenceModelError(f"{local} is a file; a Hugging Face CLIPModel is a folder with config.json")
+    if not (local / "config.json").is_file():
+        raise PreferenceModelError(f"{local} is not a Hugging Face CLIPModel folder: config.json is missing "
+                                   f"(expected config.json + model.safetensors)")
+    check_input_file(local / "config.json", "model config", error=PreferenceModelError)
+    try:
+        config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PreferenceModelError(f"{local / 'config.json'} is not valid JSON ({exc}); download it again") from None
+    if not isinstance(config, dict) or config.get("model_type") != "clip":
+        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise PreferenceModelError(f"{local}/config.json describes a {kind!r} model, "
+                                   f"expected a CLIPModel (model_type 'clip')")
+    weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+               if (local / f).exists()]
+    if not weights:
+        raise PreferenceModelError(f"{local} has config.json but no weights (model.safetensors or "
+                                   f"pytorch_model.bin)")
+    check_weights_folder(local, "preference model", "download its model.safetensors again",
+                         error=PreferenceModelError)
 
 
 def wrap_hf_clip(model, tokenizer, name: str = "clip", image_size: int | None = None,
@@ -170,12 +207,9 @@ def wrap_hf_clip(model, tokenizer, name: str = "clip", image_size: int | None = 
 
 def _open_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .errors import read_safetensors
 
-        try:
-            sd = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise PreferenceModelError(f"{path} is not a valid safetensors file: {exc}") from None
+        sd, _ = read_safetensors(path, "open_clip checkpoint", error=PreferenceModelError)
     else:
         sd = safe_torch_load(path)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -190,16 +224,16 @@ def load_open_clip(path: str | Path, arch: str = "ViT-H-14") -> PreferenceModel:
     open_clip model-config JSON for other shapes."""
     import open_clip
 
-    path = Path(path)
-    if not path.is_file():
-        raise PreferenceModelError(f"open_clip checkpoint {path} not found")
+    from .errors import check_input_file
+
+    path = check_input_file(path, "open_clip checkpoint", error=PreferenceModelError)
     if arch.endswith(".json"):
         open_clip.add_model_config(arch)
         arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise PreferenceModelError(f"unknown open_clip architecture {arch!r}; HPSv2 uses 'ViT-H-14'")
+    sd = _open_clip_state_dict(path)  # before building the model: a bad file fails fast
     model = open_clip.create_model(arch, pretrained=None)
-    sd = _open_clip_state_dict(path)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing:
         raise PreferenceModelError(f"{path} does not match open_clip {arch}: {len(missing)} weights missing "
@@ -228,7 +262,7 @@ def load_preference_model(path: str | Path, kind: ModelKind = "auto", processor:
     """Load a preference model. ``kind="auto"``: a folder (or Hub id) is a Hugging Face CLIPModel, a file is an
     open_clip checkpoint."""
     if kind not in MODEL_KINDS:
-        raise ValueError(f"kind {kind!r} is not one of {MODEL_KINDS}")
+        raise BadConfigError(f"kind {kind!r} is not one of {MODEL_KINDS}")
     p = Path(path)
     if kind == "auto":
         kind = "open_clip" if p.is_file() else "hf_clip"

@@ -16,7 +16,6 @@ the shipped reference prompt set unless ``--reference-prompts FILE`` is given, a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,53 +26,111 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def collect_images(items: list[str]) -> list[Path]:
+    """Image files of ``--images``: files as given, folders' images (by extension) in sorted order."""
+    from .errors import BadInputError, check_input_file
+
     paths: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            paths.append(p)
+            try:
+                found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir())
+            except PermissionError:
+                raise BadInputError(f"--images {p}: the folder cannot be listed (permissions)") from None
+            if not found:
+                raise BadInputError(f"--images {p}: the folder holds no images "
+                                    f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths += [check_input_file(f, "image", "--images") for f in found]  # dangling links, loops, empty
         else:
-            raise FileNotFoundError(f"no image or folder at {p}")
+            paths.append(check_input_file(p, "image", "--images"))
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {items}")
+        raise BadInputError("--images: no images given")
     return paths
 
 
 def pair_prompts(images: list[Path], prompt: str | None, prompts_file: str | None) -> list[str]:
+    """One prompt per image: ``--prompt`` for all, or ``--prompts`` (.jsonl by image name, .txt by order)."""
+    from .errors import BadConfigError, BadInputError, check_input_file, kind_of, read_text_file
+    from .io_utils import json_preview, read_jsonl_records
+
     if (prompt is None) == (prompts_file is None):
-        raise ValueError("give exactly one of --prompt or --prompts")
+        raise BadConfigError("give exactly one of --prompt or --prompts")
     if prompt is not None:
         return [prompt] * len(images)
-    path = Path(prompts_file)
-    if path.suffix == ".jsonl":
-        table = {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "image" not in rec or "prompt" not in rec:
-                    raise ValueError(f"{path}:{n}: expected {{\"image\": ..., \"prompt\": ...}}")
-                table[rec["image"]] = rec["prompt"]
+    path = check_input_file(prompts_file, "prompts file", "--prompts")
+    if path.suffix.lower() == ".jsonl":
+        table: dict[str, tuple[int, str]] = {}
+        for n, rec in read_jsonl_records(path, "prompts file", "--prompts"):
+            if "image" not in rec or "prompt" not in rec:
+                raise BadInputError(f"{path}:{n}: expected {{\"image\": ..., \"prompt\": ...}}, found keys "
+                                    f"{sorted(rec)[:5]}")
+            for key in ("image", "prompt"):
+                if not isinstance(rec[key], str):
+                    raise BadInputError(f"{path}:{n}: '{key}' is {kind_of(rec[key])} "
+                                        f"({json_preview(rec[key])}), not a string; quote it")
+            if rec["image"] in table:
+                raise BadInputError(f"{path}:{n}: image {rec['image']!r} already has a prompt on line "
+                                    f"{table[rec['image']][0]}; give one line per image")
+            table[rec["image"]] = (n, rec["prompt"])
         out = []
         for img in images:
             key = next((k for k in (str(img), img.name, img.stem) if k in table), None)
             if key is None:
-                raise ValueError(f"{path} has no prompt for {img.name}")
-            out.append(table[key])
+                raise BadInputError(f"{path} has no prompt for {img.name} (add a line "
+                                    f"{{\"image\": \"{img.name}\", \"prompt\": ...}})")
+            out.append(table[key][1])
         return out
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix.lower() not in (".txt", ""):
+        raise BadInputError(f"--prompts {path}: give a .jsonl ({{image, prompt}} per line) or a .txt (a line "
+                            f"per image), not {path.suffix}")
+    lines = [line for line in read_text_file(path, "prompts file", "--prompts").splitlines() if line.strip()]
     if len(lines) != len(images):
-        raise ValueError(f"{path} has {len(lines)} prompts for {len(images)} images (one line per image, in "
-                         f"sorted image order)")
+        raise BadInputError(f"{path} has {len(lines)} prompts for {len(images)} images (one line per image, in "
+                            f"sorted image order)")
     return lines
 
 
 def load_image(path: Path) -> torch.Tensor:
-    from PIL import Image
+    """``(3, H, W)`` float in [0, 1] from an image file, by its real bit depth (16-bit PNGs are divided by
+    65535, not clipped at 255); alpha is dropped, palettes and greyscale are expanded to RGB. An unreadable,
+    truncated or non-image file is :class:`BadInputError` naming it."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as img:
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float().div(255)
+    from .errors import BadInputError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _image_to_tensor(img, path)
+    except UnidentifiedImageError:
+        raise BadInputError(f"{path} is not an image PIL can read (wrong extension, or not an image at all); "
+                            f"remove it from --images") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) or (
+                isinstance(exc, OSError) and getattr(exc, "filename", None)):
+            raise
+        raise BadInputError(f"{path} could not be read ({exc}): truncated or corrupt? Save it again or remove it "
+                            f"from --images") from None
+
+
+def _image_to_tensor(img, path: Path) -> torch.Tensor:
+    from .errors import BadInputError
+
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale (PNG) is mode I;16 or I; convert("RGB") would clip every value above 255 to white.
+        grey = np.asarray(img).astype(np.float64)
+        peak = 65535.0
+        if mode == "I" and grey.max(initial=0) > peak:
+            raise BadInputError(f"{path}: 32-bit integer pixels (up to {int(grey.max())}) have no known scale; "
+                                f"save it as an 8- or 16-bit image")
+        x = torch.from_numpy(grey / peak).float()[None].expand(3, -1, -1)
+        return x.contiguous()
+    if mode == "F":
+        raise BadInputError(f"{path}: floating-point pixels (mode F) have no known range; save it as an 8- or "
+                            f"16-bit image")
+    rgb = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,14 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default="denscore.png", help="output PNG chart (default denscore.png)")
     args = ap.parse_args(argv)
 
+    # Options, paths and inputs are checked before the model loads: a mistake costs nothing and writes nothing.
+    from .encode import check_device
+    from .errors import BadConfigError, check_output_path, check_positive, read_text_file
+
+    check_positive(args.batch_size, "--batch-size")
+    if not 0.0 <= args.omega <= 1.0:
+        raise BadConfigError(f"--omega (reweight factor) must be in [0, 1], got {args.omega}")
+    check_device(args.device)
+    csv_path, plot_path = check_output_path(args.csv, "--csv"), check_output_path(args.plot, "--plot")
+    if csv_path.resolve() == plot_path.resolve():
+        raise BadConfigError(f"--csv and --plot are the same file {args.csv}; give two names")
     images = collect_images(args.images)
     prompts = pair_prompts(images, args.prompt, args.prompts)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = load_preference_model(args.model, args.kind, args.processor, args.arch, args.device, dtype)
+    for path in images:  # decode each once now: a truncated or foreign file fails before the model loads
+        load_image(path)
     reference = None
     if args.reference_prompts:
-        reference = [line for line in Path(args.reference_prompts).read_text(encoding="utf-8").splitlines()
-                     if line.strip()]
+        text = read_text_file(args.reference_prompts, "reference prompts file", "--reference-prompts")
+        reference = [line for line in text.splitlines() if line.strip()]
+        if not reference:
+            raise BadConfigError(f"--reference-prompts {args.reference_prompts} holds no prompts (one per line)")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = load_preference_model(args.model, args.kind, args.processor, args.arch, args.device, dtype)
     from .denscore import default_reference_prompts
 
     ref_list = reference if reference is not None else default_reference_prompts()
@@ -133,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             k += len(g)
     merged = _merge(results)
     rows = result_rows(merged, labels)
-    write_csv(rows, args.csv)
     chart = render_segment_chart(merged, [Path(p).name for p in labels], max_images=min(len(labels), 12))
     from PIL import Image
 
     from .io_utils import atomic_path
 
-    with atomic_path(args.plot) as tmp:
+    # Both outputs are rendered before either is written.
+    write_csv(rows, csv_path)
+    with atomic_path(plot_path) as tmp:
         Image.fromarray(chart).save(tmp, format="PNG")
     print(format_report(merged, [Path(p).name for p in labels]))
     print(f"wrote {args.csv} ({len(rows)} rows) and {args.plot}")
@@ -160,8 +233,6 @@ def _merge(results):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from .errors import run_cli
+
+    sys.exit(run_cli(main, prog="python -m longalign_core.score"))

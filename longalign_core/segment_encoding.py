@@ -134,7 +134,9 @@ def merge_segment_states(
         over = [(b, m) for b, m in enumerate(merged) if m > budget]
         if over:
             b, m = over[0]
-            raise ValueError(
+            from .errors import BadInputError
+
+            raise BadInputError(
                 f"prompt {b} needs {m} tokens but the token budget is {budget}: raise the budget to at least {m}, "
                 f"shorten the prompt, or choose overflow 'extend' (grow the budget) or 'truncate' (cut, as the "
                 f"reference does)")

@@ -21,6 +21,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .errors import BadConfigError, BadInputError, BadModelFileError
+
 T5AttentionMask = Literal["none", "padding"]
 #: Token length of the T5 branch in the released model (reference ``--token_length 240``).
 T5_MAX_LENGTH = 240
@@ -64,12 +66,17 @@ def load_text_adapter(folder: str | Path, device="cpu", dtype=torch.float32) -> 
     """The released adapter folder (``s28750_adapter/``), checked for missing or extra weights."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a LongSD adapter folder: config.json is missing (expected "
+        raise BadModelFileError(f"{folder} is not a LongSD adapter folder: config.json is missing (expected "
                                 f"config.json + diffusion_pytorch_model.safetensors)")
+    from .errors import check_weights_folder
+
+    check_weights_folder(folder, "T5 adapter", "download the adapter folder (s28750_adapter/) again")
     try:
         adapter = TextAdapter.from_pretrained(str(folder), low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"could not load the T5 adapter from {folder}: {exc}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadModelFileError(f"could not load the T5 adapter from {folder} ({detail}); download the adapter "
+                                f"folder again") from None
     return adapter.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -82,9 +89,9 @@ class T5Branch:
     def __init__(self, tokenizer, encoder, adapter: TextAdapter, max_length: int = T5_MAX_LENGTH,
                  attention_mask: T5AttentionMask = "none"):
         if attention_mask not in ("none", "padding"):
-            raise ValueError(f"attention_mask {attention_mask!r} is not one of ('none', 'padding')")
+            raise BadConfigError(f"attention_mask {attention_mask!r} is not one of ('none', 'padding')")
         if encoder.config.d_model != adapter.config.in_dim:
-            raise ValueError(f"T5 d_model {encoder.config.d_model} does not match the adapter's in_dim "
+            raise BadModelFileError(f"T5 d_model {encoder.config.d_model} does not match the adapter's in_dim "
                              f"{adapter.config.in_dim} (LongSD uses t5-large, d_model 1024)")
         self.tokenizer, self.encoder, self.adapter = tokenizer, encoder, adapter
         self.max_length, self.attention_mask = max_length, attention_mask
@@ -125,10 +132,18 @@ def load_t5_branch(t5_folder: str | Path, adapter_folder: str | Path, device="cp
 
     t5_folder = Path(t5_folder)
     if not (t5_folder / "config.json").is_file():
-        raise FileNotFoundError(f"{t5_folder} is not a T5 model folder (config.json missing); download "
+        raise BadModelFileError(f"{t5_folder} is not a T5 model folder (config.json missing); download "
                                 f"google-t5/t5-large with its tokenizer files")
-    tokenizer = AutoTokenizer.from_pretrained(str(t5_folder))
-    encoder = T5EncoderModel.from_pretrained(str(t5_folder)).to(device=device, dtype=dtype).eval()
+    from .errors import check_weights_folder
+
+    check_weights_folder(t5_folder, "T5 encoder", "download google-t5/t5-large again")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(t5_folder))
+        encoder = T5EncoderModel.from_pretrained(str(t5_folder)).to(device=device, dtype=dtype).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadModelFileError(f"could not load the T5 encoder from {t5_folder} ({detail}); it needs config.json, "
+                                f"the weights and the tokenizer files of google-t5/t5-large") from None
     encoder.requires_grad_(False)
     return T5Branch(tokenizer, encoder, load_text_adapter(adapter_folder, device, dtype), max_length, attention_mask)
 
@@ -136,6 +151,6 @@ def load_t5_branch(t5_folder: str | Path, adapter_folder: str | Path, device="cp
 def combine_conditioning(clip_cond: torch.Tensor, t5_cond: torch.Tensor) -> torch.Tensor:
     """``[CLIP segment merge | adapter(T5)]`` on the token axis: ``(B, L, C)`` + ``(B, T, C)`` → ``(B, L+T, C)``."""
     if clip_cond.shape[0] != t5_cond.shape[0] or clip_cond.shape[-1] != t5_cond.shape[-1]:
-        raise ValueError(f"CLIP conditioning {tuple(clip_cond.shape)} and T5 conditioning {tuple(t5_cond.shape)} "
+        raise BadInputError(f"CLIP conditioning {tuple(clip_cond.shape)} and T5 conditioning {tuple(t5_cond.shape)} "
                          f"differ in batch or channels (the LongSD adapter outputs 768 channels: SD1.x only)")
     return torch.cat([clip_cond, t5_cond.to(clip_cond)], dim=1)

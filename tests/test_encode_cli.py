@@ -31,7 +31,7 @@ def test_cli_on_a_diffusers_style_folder(tmp_path, tiny_text_encoder, clip_token
 
 
 def test_load_encoder_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="text_encoder/config.json"):
+    with pytest.raises(ValueError, match="text_encoder/config.json"):
         load_encoder(str(tmp_path))
     with pytest.raises(ValueError, match="single file"):
         load_encoder(str(tmp_path / "model.safetensors"))

@@ -56,5 +56,5 @@ def test_cli_errors_are_clear(tmp_path, image_dir, tiny_clip_dir):
         main(["--model", str(tiny_clip_dir), "--images", str(image_dir), "--prompts", str(prompts)])
     with pytest.raises(ValueError, match="exactly one of --prompt or --prompts"):
         main(["--model", str(tiny_clip_dir), "--images", str(image_dir)])
-    with pytest.raises(FileNotFoundError, match="no image or folder"):
+    with pytest.raises(ValueError, match="image .*missing.* not found"):
         main(["--model", str(tiny_clip_dir), "--images", str(tmp_path / "missing"), "--prompt", "x"])

@@ -64,7 +64,7 @@ def test_combined_conditioning_is_clip_then_t5(tiny_t5_dir, tiny_adapter_dir, cl
 
 
 def test_adapter_errors(tmp_path, tiny_t5_dir):
-    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+    with pytest.raises(ValueError, match="config.json is missing"):
         load_text_adapter(tmp_path)
     TextAdapter(in_dim=64, int_dim=24, out_dim=32).save_pretrained(tmp_path / "wide")
     with pytest.raises(ValueError, match="d_model 32 does not match the adapter's in_dim 64"):
