@@ -45,14 +45,25 @@ def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption") -> 
     naming the file and line."""
     import json
 
+    from .errors import BadInputError
+
     texts = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path}:{n}: not a JSON record ({exc.msg} at column {exc.colno}); each line must "
+                                f"be an object such as {{\"prompt\": \"A red fox. A blue bird.\"}}") from None
         text = record.get("prompt", record.get(fallback_key)) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: expected an object with a 'prompt' (or '{fallback_key}') string")
+            raise BadInputError(f"{path}:{n}: expected an object with a 'prompt' (or '{fallback_key}') string, "
+                                f"got {type(text).__name__ if isinstance(record, dict) else type(record).__name__}")
         texts.append(text)
     return texts
 
