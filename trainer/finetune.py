@@ -46,7 +46,6 @@ from longalign_core.errors import BadConfigError, BadInputError, BadModelFileErr
 from longalign_core.lora import load_lora, lora_targets, merge_lora, save_kohya
 from longalign_core.preference import load_preference_model
 from longalign_core.segment_encoding import plan_segments
-from longalign_core.t5_branch import combine_conditioning, load_t5_branch
 
 from .config import EMBEDDED_PROFILE, TrainConfig  # noqa: F401  (EMBEDDED_PROFILE: re-exported)
 from .models import embedded_reward_dir, load_base_model, load_prompts
@@ -262,6 +261,8 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         self.t5 = None
         if cfg.t5_model:
+            from longalign_core.t5_branch import load_t5_branch  # imports diffusers: only when used
+
             self.t5 = load_t5_branch(cfg.t5_model, cfg.t5_adapter, device=device, dtype=dtype)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         adapter = None
@@ -354,6 +355,8 @@ class Trainer:
         cond = enc.cond
         t5_lost = 0
         if states is not None:  # the adapter keeps its graph when it is being trained
+            from longalign_core.t5_branch import combine_conditioning
+
             with torch.set_grad_enabled(cfg.train_t5_adapter and torch.is_grad_enabled()):
                 cond = combine_conditioning(cond, self.t5.adapt(states))
             t5_lost = sum(max(0, self.t5.count_tokens(p) - self.t5.max_length) for p in prompts)
