@@ -120,6 +120,8 @@ class TrainConfig:
     caption_dropout: float = _f(0.1, "align stage: probability of training on the empty caption")
     mixed_precision: str | None = _f(None, "no | fp16 | bf16; default bf16 on a GPU, no on the CPU. LoRA master "
                                            "weights stay fp32; frozen parts are cast to this dtype")
+    compile_unet: bool = _f(False, "torch.compile the UNet for the no-grad sampling steps (GPU; the first steps "
+                                   "are slower while it compiles)")
     gradient_checkpointing: bool = _f(True, "checkpoint the UNet at the gradient steps (and in align training)")
     # -- logging, validation, checkpoints ---------------------------------------------------------------------
     log_every: int = _f(1, "log loss/reward every N steps (CSV always; TensorBoard when installed)")

@@ -259,6 +259,11 @@ class Trainer:
         self.dropout_hooks = add_lora_output_dropout(unet, self.targets, cfg.lora_dropout) if cfg.lora_dropout else []
         if cfg.stage == "align" and cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if device.type == "cuda":  # NHWC convolutions: faster with cuDNN for the UNet and the VAE
+            unet.to(memory_format=torch.channels_last)
+            base.vae.to(memory_format=torch.channels_last)
+        # The compiled UNet shares the (LoRA) parameters: optimizer updates reach it.
+        self.compiled_unet = torch.compile(unet) if cfg.compile_unet else None
         self.t5 = None
         if cfg.t5_model:
             from longalign_core.t5_branch import load_t5_branch  # imports diffusers: only when used
@@ -371,6 +376,9 @@ class Trainer:
         return self.encode_step(prompts, with_uncond=False).cond
 
     def unet_eps(self, x, t, context):
+        """ε of the UNet; the no-grad sampling steps go through the compiled UNet with ``--compile-unet``."""
+        if self.compiled_unet is not None and not torch.is_grad_enabled():
+            return self.compiled_unet(x, t, encoder_hidden_states=context).sample
         return self.unet(x, t, encoder_hidden_states=context).sample
 
     # -- one step ---------------------------------------------------------------------------------------------
@@ -533,6 +541,40 @@ class Trainer:
                "first": lambda c: c[0]}
         return {k: float(how[TRAIN_STATS[k]](every[:, i])) for i, k in enumerate(keys)}
 
+    def optimizer_step(self, step: int) -> dict[str, float]:
+        """One optimizer step (all its micro-batches): loss, backward, clip, AdamW, LR schedule. Returns this
+        process's statistics summed over the micro-batches."""
+        cfg, acc = self.cfg, self.acc
+        sums: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            draw = step * cfg.gradient_accumulation_steps + micro
+            gen = step_generator(cfg.seed, draw, acc.process_index)
+            seed_global_rng(cfg.seed, draw, acc.process_index)
+            dump = {} if cfg.dump_debug else None
+            with acc.accumulate(self.unet):
+                if cfg.stage == "reward":
+                    prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
+                                            acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
+                    loss, stats = self.reward_loss(prompts, gen, dump)
+                else:
+                    loss, stats = self.align_loss(self.align_data(step, micro, gen), gen)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
+                        f"--mixed-precision no (or bf16 instead of fp16), or check the models; the last good "
+                        f"checkpoint is in {self.out / 'checkpoints'}")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": float(loss.detach()), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if dump is not None:
+                self._dump(step, dump)
+        return sums
+
     def train(self) -> Path:
         from tqdm.auto import tqdm
 
@@ -571,35 +613,7 @@ class Trainer:
                    desc="training")
         for step in bar:
             t0 = time.time()
-            sums: dict[str, float] = {}
-            for micro in range(cfg.gradient_accumulation_steps):
-                draw = step * cfg.gradient_accumulation_steps + micro
-                gen = step_generator(cfg.seed, draw, acc.process_index)
-                seed_global_rng(cfg.seed, draw, acc.process_index)
-                dump = {} if cfg.dump_debug else None
-                with acc.accumulate(self.unet):
-                    if cfg.stage == "reward":
-                        prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
-                                                acc.process_index, acc.num_processes,
-                                                cfg.gradient_accumulation_steps)
-                        loss, stats = self.reward_loss(prompts, gen, dump)
-                    else:
-                        loss, stats = self.align_loss(self.align_data(step, micro, gen), gen)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
-                            f"--mixed-precision no (or bf16 instead of fp16), or check the models; the last good "
-                            f"checkpoint is in {self.out / 'checkpoints'}")
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad()
-                for k, v in {"loss": float(loss.detach()), **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                if dump is not None:
-                    self._dump(step, dump)
+            sums = self.optimizer_step(step)
             done = step + 1
             micro_n = cfg.gradient_accumulation_steps
             local = {k: v if TRAIN_STATS.get(k) == "sum" else v / micro_n for k, v in sums.items()}
