@@ -162,3 +162,43 @@ def test_precision_lora_fp32_frozen_parts_in_the_training_dtype(tmp_path, fresh_
     t.train()  # one bf16 step on the CPU
     assert all(p.dtype == torch.float32 for p in lora.values())
     assert all(s["exp_avg"].dtype == torch.float32 for s in t.optimizer.optimizer.state.values())
+
+
+def test_reference_settings_reproduce_the_released_conditioning_and_reward_segments(tmp_path, monkeypatch):
+    """--split-mode reference --long-segments truncate (with the default --overflow truncate): the step's
+    conditioning, positive and unconditional, is the released ``caption2embed`` (re-written in the tests), and
+    the reward scores the released split's segments, each cut at 77 tokens."""
+    import trainer.finetune as finetune
+    from longalign_core.clip_vocab import load_clip_tokenizer
+    from test_segment_encoding import reference_caption2embed
+    from test_segmentation import reference_split
+    from trainer_support import long_caption
+
+    captions = [" ".join(["word"] * 90) + ". It costs 3.5 dollars? Mr. Smith agrees; ok",
+                long_caption(300) + " Then 2.5 more."]
+    t = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "1",
+                                       "--split-mode", "reference", "--long-segments", "truncate"]))
+    step = t.encode_step(captions)
+    tok = load_clip_tokenizer()
+    torch.testing.assert_close(step.cond, reference_caption2embed(captions, tok, t.text_encoder), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(step.uncond, reference_caption2embed(["", ""], tok, t.text_encoder), atol=1e-5,
+                               rtol=1e-5)
+    assert step.prompts_cut == 2 and step.tokens_lost > 0
+
+    seen = {}
+    real = finetune.segment_score
+
+    def spy(*args, **kwargs):
+        seen["result"] = real(*args, **kwargs)
+        return seen["result"]
+
+    monkeypatch.setattr(finetune, "segment_score", spy)
+    t.reward_loss(captions, step_generator(0, 0, 0))
+    clip = t.reward.model
+    for caption, feats in zip(captions, seen["result"].prompts):
+        segments = reference_split(caption)
+        ids = tok(segments, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = F.normalize(tensor_of(clip.get_text_features(input_ids=ids)).float(), dim=-1)
+        torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=1e-5)
