@@ -1,14 +1,26 @@
-"""Benchmark: memory and time of one reward-training step, truncated vs full backpropagation.
+"""Benchmark of the shipped trainer: memory and time of one reward-training step of ``trainer.finetune.Trainer``
+(its ``optimizer_step``: ``reward_loss`` → backward → grad clip → AdamW), truncated vs full backpropagation,
+with a per-phase time split.
 
-    python bench/train.py                     # built-in tiny pipeline on the CPU, 256 px
-    python bench/train.py --shape sd15 --device cuda --dtype bf16 --resolution 512 --only truncated
+    python bench/train.py                                   # built-in tiny pipeline on the CPU, 256 px, fp32
+    python bench/train.py --shape sd15 --resolution 512 --batch 1 --only truncated          # GPU, bf16
+    python bench/train.py --shape sd15 --resolution 512 --batch 4 --only truncated --compile-unet
 
-One step = DDIM sampling from noise with CFG → VAE decode → segment-level reward → backward → AdamW step, with a
-rank-32 (tiny: 4) LoRA on the UNet. "truncated" is the method (SPEC §5): gradients at K = 5 of the steps, UNet
-input detached, gradient checkpointing. "full" backpropagates through every step (no detach, no checkpointing).
-Each measurement runs in its own process; peak memory is the increase over the memory held before the step
-(CPU: resident set sampled every 2 ms, after a warm-up step and malloc_trim; GPU:
-torch.cuda.max_memory_allocated after a warm-up step). Ratios are printed side by side.
+"truncated" is the method as shipped (SPEC §5): gradients at K = 5 of the steps, UNet input detached, gradient
+checkpointing (UNet and VAE). "full" is the baseline: the same Trainer and step, with the sampling chain
+switched to backpropagate through every step (no detach, no checkpointing). Each measurement runs in its own
+process: one warm-up step, then one measured step. Peak memory is the increase over the memory held before the
+step (CPU: resident set sampled every 2 ms after malloc_trim; GPU: torch.cuda.max_memory_allocated).
+
+Phases (wall clock; on a GPU each phase boundary synchronises): no-grad UNet calls of the sampling chain, UNet
+calls with gradients, VAE decode, reward (segment-level score), backward (includes the checkpointed
+recomputation), optimizer (clip + AdamW + zero_grad), rest (text encoding, DDIM updates, bookkeeping).
+
+``--shape sd15``: SD1.5 shapes (UNet 860M, SD VAE, CLIP-L text encoder) and a CLIP-H/14-shaped preference model
+(Denscore's size), random weights, written once as diffusers / transformers folders under ``--cache``; the
+Trainer loads them like a real run (``--model``/``--reward-model``). On a GPU the trainer uses bf16 (its
+default), SDPA attention (diffusers' default on torch 2), channels_last UNet and VAE, fused AdamW; with
+``--compile-unet`` the no-grad UNet calls run through ``torch.compile``.
 Targets: truncated peak <= 0.06x full at 50 steps; truncated flat in steps (<= 1.25x from 50 to 100).
 """
 
@@ -21,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -62,126 +75,140 @@ class RSSPeak:
         return self.peak - self.base
 
 
-def build(shape: str, device: str, dtype: torch.dtype):
-    """UNet, VAE, segment encoder, preference model, noise scheduler for the chosen shape (random weights)."""
+def sd15_folders(cache: Path) -> tuple[Path, Path]:
+    """Random-weight SD1.5-shaped diffusers folder and CLIP-H/14-shaped CLIPModel folder (created once)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
-    from longalign_core.clip_text import CLIPSegmentEncoder
     from longalign_core.clip_vocab import load_clip_tokenizer
     from longalign_core.lora import load_unet_config
-    from longalign_core.preference import wrap_hf_clip
 
-    torch.manual_seed(0)
-    if shape == "tiny":
-        from trainer.models import embedded_reward_dir, load_base_model
-        from longalign_core.preference import load_preference_model
-
-        base = load_base_model(None)
-        unet, vae, text, sched = base.unet, base.vae, base.text_encoder, base.noise_scheduler
-        reward = load_preference_model(embedded_reward_dir())
-    else:  # SD1.5 shapes: UNet 860M, VAE, CLIP-L text; a CLIP-H/14-shaped preference model (Denscore's size)
-        unet = UNet2DConditionModel.from_config(load_unet_config(None))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            layers_per_block=2, norm_num_groups=32, sample_size=512)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                            hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-                                            pad_token_id=49407))
+    sd, reward = cache / "sd15-random", cache / "clip-h-random"
+    if not (sd / "model_index.json").is_file():
+        torch.manual_seed(0)
+        UNet2DConditionModel.from_config(load_unet_config(None)).save_pretrained(sd / "unet")
+        AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      layers_per_block=2, norm_num_groups=32, sample_size=512).save_pretrained(sd / "vae")
+        CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+                      ).save_pretrained(sd / "text_encoder")
+        load_clip_tokenizer().save_pretrained(sd / "tokenizer")
+        DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      steps_offset=1).save_pretrained(sd / "scheduler")
+        (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    if not (reward / "config.json").is_file():
         cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
                                           num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=77,
                                           hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
                          vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                             num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu"),
                          projection_dim=1024)
-        reward = wrap_hf_clip(CLIPModel(cfg), load_clip_tokenizer(), "clip-h-shaped")
-        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              steps_offset=1)
-    unet.to(device, dtype)
-    vae.to(device, dtype).requires_grad_(False)
-    text.to(device, dtype).requires_grad_(False)
-    reward.to(device=device, dtype=dtype)
-    return unet, vae, CLIPSegmentEncoder(load_clip_tokenizer(), text), reward, sched
+        CLIPModel(cfg).save_pretrained(reward)
+        load_clip_tokenizer().save_pretrained(reward)
+    return sd, reward
+
+
+class PhaseTimer:
+    """Wall-clock time per phase, taken by wrapping the trainer's pieces (synchronising on a GPU)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.seconds, self.enabled, self.depth = cuda, defaultdict(float), False, 0
+
+    def wrap(self, fn, phase):
+        def timed(*args, **kwargs):
+            if not self.enabled or self.depth:  # nested (the checkpoint recompute inside backward): counted once
+                return fn(*args, **kwargs)
+            name = phase(*args) if callable(phase) else phase
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+
+        return timed
 
 
 def one_run(args) -> dict:
-    from peft import LoraConfig
+    import trainer.finetune as finetune
+    from trainer.config import TrainConfig
 
-    from longalign_core.denscore import segment_score
-    from longalign_core.examples import EXAMPLE_PROMPT
-    from longalign_core.lora import lora_targets
-    from trainer.sampling import ddim_scheduler, decode, grad_step_indices, sample_truncated
-
-    device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    unet, vae, encoder, reward, sched = build(args.shape, device, dtype)
-    unet.requires_grad_(False)
-    rank = 4 if args.shape == "tiny" else 32
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=[t.path for t in lora_targets(unet)]))
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    prompts = [EXAMPLE_PROMPT] * args.batch
-    with torch.no_grad():
-        cond = encoder.encode(prompts).cond.to(device, dtype)
-        uncond = encoder.encode([""] * args.batch).cond.to(device, dtype)
-    scheduler = ddim_scheduler(sched, args.steps)
-    if args.mode == "truncated":
-        idx, detach, ckpt = grad_step_indices(args.steps, 5, 0), True, True
-        vae.enable_gradient_checkpointing()  # as the trainer does with --gradient-checkpointing
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    out = Path(args.cache) / f"run-{os.getpid()}"
+    flags = ["--output-dir", str(out), "--resolution", str(args.resolution), "--train-batch-size", str(args.batch),
+             "--sample-steps", str(args.steps), "--sample-grad-steps", "5", "--validation-prompts", "0",
+             "--lr-warmup-steps", "0", "--train-steps", "1000"]
+    if args.shape == "sd15":
+        sd, reward = sd15_folders(Path(args.cache))
+        flags += ["--model", str(sd), "--reward-model", str(reward), "--lora-rank", "32"]
     else:
-        idx, detach, ckpt = list(range(args.steps)), False, False
+        flags += ["--lora-rank", "4"]
+    if args.dtype:
+        flags += ["--mixed-precision", args.dtype]
+    if args.compile_unet:
+        flags += ["--compile-unet"]
+    if args.mode == "full":  # the baseline: backpropagate through every step of the chain
+        flags += ["--sample-grad-steps", str(args.steps), "--no-gradient-checkpointing"]
+        real = finetune.sample_truncated
+        finetune.sample_truncated = lambda *a, **k: real(*a, **{**k, "use_checkpoint": False, "detach_input": False})
+    trainer = finetune.Trainer(TrainConfig.from_args(flags))
+    trainer.unet.train()
+    timer = PhaseTimer(cuda)
+    eps = trainer.unet_eps
+    trainer.unet_eps = timer.wrap(eps, lambda *a: "unet, grad" if torch.is_grad_enabled() else "unet, no grad")
+    finetune.decode = timer.wrap(finetune.decode, "VAE decode")
+    finetune.segment_score = timer.wrap(finetune.segment_score, "reward")
+    trainer.acc.backward = timer.wrap(trainer.acc.backward, "backward")
+    for name in ("clip_grad_norm_",):
+        setattr(trainer.acc, name, timer.wrap(getattr(trainer.acc, name), "optimizer"))
+    trainer.optimizer.step = timer.wrap(trainer.optimizer.step, "optimizer")
+    trainer.optimizer.zero_grad = timer.wrap(trainer.optimizer.zero_grad, "optimizer")
 
-    def eps(x, t, c):
-        with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype,
-                            enabled=dtype != torch.float32):
-            return unet(x, t, encoder_hidden_states=c).sample
-
-    def step():
-        noise = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device, dtype=dtype)
-        x0 = sample_truncated(eps, scheduler, noise, cond, uncond, 7.5, idx, use_checkpoint=ckpt, detach_input=detach)
-        images = decode(vae, x0)
-        loss = 0.5 * (1 - segment_score(reward, images, prompts, crop="random").parts.reweighted.mean())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    cuda = device.startswith("cuda")
+    trainer.optimizer_step(0)  # warm-up: optimizer state, kernels, compilation, one-time buffers
     if cuda:
-        step()  # warm-up (kernel selection, optimizer state)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        timer.enabled = True
         t0 = time.perf_counter()
-        step()
+        trainer.optimizer_step(1)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        # Warm-up first (optimizer state, thread pools, one-time buffers), then hand freed memory back to the OS so
-        # the measured step's resident-set increase is what the step itself needs.
-        step()
         import ctypes
         import gc
 
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        timer.enabled = True
         with RSSPeak() as mem:
             t0 = time.perf_counter()
-            step()
+            trainer.optimizer_step(1)
             seconds = time.perf_counter() - t0
         peak = mem.increase
-    return {"mode": args.mode, "steps": args.steps, "seconds": seconds, "peak_bytes": peak,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    phases = dict(timer.seconds)
+    phases["rest"] = seconds - sum(phases.values())
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    return {"mode": args.mode, "steps": args.steps, "seconds": seconds, "peak_bytes": peak, "phases": phases,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": trainer.cfg.mixed_precision}
 
 
 def spawn(args, mode, steps) -> dict:
     cmd = [sys.executable, __file__, "--single", "--mode", mode, "--steps", str(steps), "--shape", args.shape,
-           "--device", args.device, "--dtype", args.dtype, "--resolution", str(args.resolution),
-           "--batch", str(args.batch)]
+           "--device", args.device, "--resolution", str(args.resolution), "--batch", str(args.batch),
+           "--cache", args.cache] + (["--dtype", args.dtype] if args.dtype else []) + \
+          (["--compile-unet"] if args.compile_unet else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         return {"mode": mode, "steps": steps, "error": (out.stderr or out.stdout).strip().splitlines()[-1]}
@@ -191,28 +218,37 @@ def spawn(args, mode, steps) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--device", default="auto", help="auto (GPU when there is one) or cpu")
+    ap.add_argument("--dtype", choices=["no", "bf16", "fp16"], help="--mixed-precision (default: the trainer's: "
+                                                                     "bf16 on a GPU, no on the CPU)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--only", choices=["truncated", "full"], help="measure one mode only (e.g. full does not fit)")
+    ap.add_argument("--compile-unet", action="store_true", help="the trainer's --compile-unet")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "longalign" / "bench"))
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="truncated", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=50, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.single:
         print(json.dumps(one_run(args)))
         return
     mib = lambda r: f"{r['peak_bytes'] / 2**20:9.1f} MiB" if "peak_bytes" in r else "   failed"  # noqa: E731
     sec = lambda r: f"{r['seconds']:7.2f} s" if "seconds" in r else r.get("error", "")  # noqa: E731
-    print(f"[{args.shape} shapes, {args.resolution}px, batch {args.batch}, {args.dtype}, {args.device}]")
+    print(f"[shipped Trainer; {args.shape} shapes, {args.resolution}px, batch {args.batch}, device {args.device}"
+          f"{', --compile-unet' if args.compile_unet else ''}]")
     results = {}
     for mode, steps in [("truncated", 50), ("full", 50), ("truncated", 100)]:
         if args.only and mode != args.only:
             continue
         r = spawn(args, mode, steps)
         results[(mode, steps)] = r
-        print(f"  {mode:9s} {steps:3d} steps: peak {mib(r)}  step time {sec(r)}  ({r.get('device', '')})")
+        print(f"  {mode:9s} {steps:3d} steps: peak {mib(r)}  step time {sec(r)}  ({r.get('device', '')}, "
+              f"{r.get('dtype', '')})")
+        if "phases" in r:
+            print("      " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items()))
     t50, f50, t100 = results.get(("truncated", 50)), results.get(("full", 50)), results.get(("truncated", 100))
     if t50 and f50 and "peak_bytes" in t50 and "peak_bytes" in f50:
         print(f"  truncated / full at 50 steps: memory {t50['peak_bytes'] / f50['peak_bytes']:.3f}x (target <= 0.06x),"

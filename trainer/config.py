@@ -1,22 +1,49 @@
 """``TrainConfig``: every hyper-parameter of the trainer, with the paper's values as defaults (SPEC §5).
 
 One dataclass doubles as the command line (each field is a ``--flag``) and the config file (``--config
-run.json`` or ``.toml``; flags given on the command line win). It is validated on creation and written to
-``<output_dir>/config.json`` for every run.
+run.toml`` or ``.json``). Precedence, highest first: flags on the command line > the config file > the CPU demo
+profile (only when no ``--model`` is given by either) > the defaults here. Every value is type-checked and
+validated on creation (a mistake is a :class:`~longalign_core.errors.BadConfigError` naming the option or the
+file and key), and the resolved config is written to ``<output_dir>/config.json`` for every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from longalign_core.denscore import DEFAULT_REWEIGHT
+from longalign_core.errors import BadConfigError
+from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
+from longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
 
 Stage = Literal["reward", "align"]
+
+#: Allowed words of the options that take one (the same words as ``longalign_core`` and the node).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "stage": ("reward", "align"),
+    "overflow": OVERFLOW_POLICIES,
+    "split_mode": SPLIT_MODES,
+    "long_segments": LONG_SEGMENT_POLICIES,
+    "reward_crop": ("random", "center"),
+    "reward_model_kind": ("auto", "hf_clip", "open_clip"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+
+#: Largest accepted ``token_budget``: far above any SD use (the released model was trained at 240), low enough
+#: that a typo cannot ask for gigabytes of padding.
+MAX_TOKEN_BUDGET = 4096
+
+#: Settings of the CPU demo run when no --model is given (below the config file and the flags).
+EMBEDDED_PROFILE = dict(train_steps=30, train_batch_size=2, resolution=64, sample_steps=20,
+                        sample_grad_steps=5, learning_rate=2e-3, lr_warmup_steps=0, lora_rank=4,
+                        validation_every=15, validation_prompts=2, validation_steps=10, checkpoint_every=15,
+                        max_grad_norm=1.0, output_dir="outputs/longalign-demo")
 
 
 def _f(default, help: str, **kw):
@@ -25,13 +52,19 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``train_steps`` -> ``--train-steps``."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass
 class TrainConfig:
     # -- run --------------------------------------------------------------------------------------------------
-    stage: Stage = _f("reward", "reward: decomposed preference optimisation (paper §4); align: supervised "
-                                "ε-MSE on (image, long caption) pairs (the stage-1 'align' LoRA)")
+    stage: str = _f("reward", "reward: decomposed preference optimisation (paper §4); align: supervised "
+                              "ε-MSE on (image, long caption) pairs (the stage-1 'align' LoRA)")
     output_dir: str = _f("outputs/longalign-run", "where the LoRA, logs, checkpoints and report go")
-    seed: int = _f(0, "random seed (noise, DDIM offsets, crops, prompt order all derive from it and the step)")
+    seed: int = _f(0, "random seed: noise, DDIM offsets, crops, prompt order, caption dropout and the LoRA / T5 "
+                      "adapter dropout masks all derive from (seed, step, process)")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue from")
     # -- models -----------------------------------------------------------------------------------------------
     model: str | None = _f(None, "base model: local diffusers SD1.5 folder, single-file .safetensors/.ckpt "
@@ -52,9 +85,19 @@ class TrainConfig:
     image_column: str = _f("image", "align stage: image column of the datasets folder")
     caption_column: str = _f("caption", "align stage: caption column")
     # -- text encoding ----------------------------------------------------------------------------------------
-    token_budget: int = _f(240, "segment-level conditioning length (SPEC §1)")
+    token_budget: int = _f(DEFAULT_TOKEN_BUDGET, "segment-level conditioning length of the CLIP part (SPEC §1)")
+    overflow: str = _f("truncate", "a prompt longer than the token budget: truncate (the release: keep the first "
+                                   "budget tokens; prompts cut and tokens lost are logged every step) | extend "
+                                   "(grow every row of the step, positive and unconditional, to one common "
+                                   "multiple of the budget) | error (stop)")
+    split_mode: str = _f("sentence", "segment splitter for the conditioning and the reward: sentence (real "
+                                     "sentence boundaries) | reference (the released code's split)")
+    long_segments: str = _f("split", "a sentence longer than the text window (75 tokens): split (at clauses, "
+                                     "no token lost) | truncate (the release: cut at the window, logged)")
     # -- LoRA -------------------------------------------------------------------------------------------------
     lora_rank: int = _f(32, "LoRA rank on every Linear/Conv2d in ResnetBlock2D / Attention / GEGLU")
+    lora_dropout: float = _f(0.1, "dropout on the LoRA branch's output (the release's placement and value), "
+                                  "active in every training forward, sampling steps included")
     # -- sampling (reward stage) ------------------------------------------------------------------------------
     sample_steps: int = _f(50, "DDIM steps from noise (t = 999, 979, …, 19)")
     sample_grad_steps: int = _f(5, "steps that get gradients (every sample_steps/K-th, random offset)")
@@ -65,7 +108,7 @@ class TrainConfig:
     reward_crop: str = _f("random", "random (reference) | center crop before the preference model")
     # -- optimisation -----------------------------------------------------------------------------------------
     train_steps: int = _f(3750, "optimizer steps (the released reward LoRA is step 3750)")
-    train_batch_size: int = _f(8, "prompts (reward) or pairs (align) per process and step")
+    train_batch_size: int = _f(8, "prompts (reward) or pairs (align) per process and step", aliases=["--batch-size"])
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     learning_rate: float = _f(3e-5, "AdamW learning rate")
     adam_beta1: float = _f(0.9, "AdamW β1")
@@ -75,12 +118,16 @@ class TrainConfig:
     lr_warmup_steps: int = _f(2000, "linear warm-up, then constant")
     max_grad_norm: float = _f(0.3, "gradient-norm clip")
     caption_dropout: float = _f(0.1, "align stage: probability of training on the empty caption")
-    mixed_precision: str = _f("no", "no | fp16 | bf16 (the paper used bf16 on A100s)")
+    mixed_precision: str | None = _f(None, "no | fp16 | bf16; default bf16 on a GPU, no on the CPU. LoRA master "
+                                           "weights stay fp32; frozen parts are cast to this dtype")
+    compile_unet: bool = _f(False, "torch.compile the UNet for the no-grad sampling steps (GPU; the first steps "
+                                   "are slower while it compiles)")
     gradient_checkpointing: bool = _f(True, "checkpoint the UNet at the gradient steps (and in align training)")
     # -- logging, validation, checkpoints ---------------------------------------------------------------------
     log_every: int = _f(1, "log loss/reward every N steps (CSV always; TensorBoard when installed)")
     validation_every: int = _f(500, "sample and score validation images every N steps (0 = only start/end)")
-    validation_prompts: int = _f(2, "how many prompts to sample for validation")
+    validation_prompts: int | str = _f(2, "held-out validation prompts: a count (drawn with the seed from the "
+                                          "training prompts and removed from them) or a prompts file; 0 = none")
     validation_steps: int = _f(25, "DDIM steps for validation images")
     checkpoint_every: int = _f(500, "save the full training state every N steps")
     checkpoints_keep: int = _f(2, "keep the newest N checkpoints")
@@ -88,31 +135,45 @@ class TrainConfig:
     dump_debug: bool = _f(False, "write per-process diagnostics (V, batch text means, LoRA checksum) each step")
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name), flag(f.name)))
+        bad = [f"{flag(k)} {getattr(self, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items()
+               if getattr(self, k) is not None and getattr(self, k) not in v]
         checks = [
-            (self.stage in get_args(Stage), f"stage {self.stage!r} is not one of {get_args(Stage)}"),
-            (self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
-            (self.sample_steps >= 1, f"sample_steps must be >= 1, got {self.sample_steps}"),
+            (self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}"),
+            (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.sample_steps >= 1, f"--sample-steps must be >= 1, got {self.sample_steps}"),
             (1 <= self.sample_grad_steps <= self.sample_steps,
-             f"sample_grad_steps must be in 1..sample_steps ({self.sample_steps}), got {self.sample_grad_steps}"),
+             f"--sample-grad-steps must be in 1..--sample-steps ({self.sample_steps}), got {self.sample_grad_steps}"),
             (self.sample_grad_steps < 1 or self.sample_steps % self.sample_grad_steps == 0,
-             f"sample_steps ({self.sample_steps}) must be a multiple of sample_grad_steps ({self.sample_grad_steps})"),
-            (0.0 <= self.reward_omega <= 1.0, f"reward_omega must be in [0, 1], got {self.reward_omega}"),
-            (self.reward_crop in ("random", "center"), f"reward_crop must be random or center, got {self.reward_crop!r}"),
-            (self.resolution % 8 == 0 and self.resolution >= 16, "resolution must be a multiple of 8 >= 16"),
-            (self.train_steps >= 1, f"train_steps must be >= 1, got {self.train_steps}"),
-            (self.train_batch_size >= 1, f"train_batch_size must be >= 1, got {self.train_batch_size}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision must be no, fp16 or bf16"),
-            (0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout}"),
-            (self.token_budget >= 1, "token_budget must be >= 1"),
+             f"--sample-steps ({self.sample_steps}) must be a multiple of --sample-grad-steps "
+             f"({self.sample_grad_steps})"),
+            (0.0 <= self.reward_omega <= 1.0, f"--reward-omega must be in [0, 1], got {self.reward_omega}"),
+            (self.resolution % 8 == 0 and 16 <= self.resolution <= 4096,
+             f"--resolution must be a multiple of 8 in 16..4096, got {self.resolution}"),
+            (self.train_steps >= 1, f"--train-steps must be >= 1, got {self.train_steps}"),
+            (self.train_batch_size >= 1, f"--train-batch-size (--batch-size) must be >= 1, got "
+                                         f"{self.train_batch_size}"),
+            (self.gradient_accumulation_steps >= 1,
+             f"--gradient-accumulation-steps must be >= 1, got {self.gradient_accumulation_steps}"),
+            (self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}"),
+            (0.0 <= self.caption_dropout < 1.0, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}"),
+            (1 <= self.token_budget <= MAX_TOKEN_BUDGET,
+             f"--token-budget must be in 1..{MAX_TOKEN_BUDGET}, got {self.token_budget} (the released model was "
+             f"trained at {DEFAULT_TOKEN_BUDGET}; for longer prompts keep it and use --overflow extend)"),
             ((self.t5_model is None) == (self.t5_adapter is None), "give both --t5-model and --t5-adapter, or neither"),
             (not self.train_t5_adapter or (self.stage == "align" and self.t5_model is not None),
              "--train-t5-adapter needs --stage align and --t5-model/--t5-adapter"),
-            (self.checkpoint_every >= 1 and self.checkpoints_keep >= 1, "checkpoint_every and checkpoints_keep must be >= 1"),
+            (self.checkpoint_every >= 1 and self.checkpoints_keep >= 1,
+             "--checkpoint-every and --checkpoints-keep must be >= 1"),
+            (self.log_every >= 1 and self.validation_every >= 0 and self.validation_steps >= 1,
+             "--log-every and --validation-steps must be >= 1, --validation-every >= 0"),
+            (not isinstance(self.validation_prompts, int) or self.validation_prompts >= 0,
+             f"--validation-prompts must be a count >= 0 or a prompts file, got {self.validation_prompts!r}"),
         ]
-        errors = [msg for ok, msg in checks if not ok]
+        errors = bad + [msg for ok, msg in checks if not ok]
         if errors:
-            raise ValueError("invalid training config: " + "; ".join(errors))
+            raise BadConfigError("invalid training config: " + "; ".join(errors))
 
     # -- CLI / files ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -130,35 +191,105 @@ class TrainConfig:
 
         ap = argparse.ArgumentParser(prog="python -m trainer.finetune", description=finetune.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-        ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win)")
+        ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win; both win "
+                                         "over the demo profile used when no --model is given)")
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            names = [flag(f.name), *f.metadata.get("aliases", [])]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f"{f.metadata['help']} (default: {default})"
+            choices = f" [{' | '.join(CHOICES[f.name])}]" if f.name in CHOICES else ""
+            help_text = f"{f.metadata['help']}{choices} (default: {default})"
             if f.type in ("bool", bool):
-                ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+                ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
             elif f.metadata.get("nargs"):
-                ap.add_argument(flag, nargs=f.metadata["nargs"], default=None, help=help_text)
+                ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], default=None, help=help_text)
             else:
-                kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-                ap.add_argument(flag, type=kind, default=None, help=help_text)
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
         return ap
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "TrainConfig":
+        """Resolve flags > ``--config`` file > demo profile (no ``--model`` anywhere) > defaults."""
         args = vars(cls.parser().parse_args(argv))
-        values: dict[str, Any] = {}
         config_file = args.pop("config")
-        if config_file:
-            text = Path(config_file).read_text()
-            if config_file.endswith(".toml"):
-                import tomllib
+        from_file = read_config_file(config_file) if config_file else {}
+        from_flags = {k: v for k, v in args.items() if v is not None}
+        given = {**from_file, **from_flags}
+        profile = EMBEDDED_PROFILE if given.get("model") is None else {}
+        return cls(**{**profile, **given})
 
-                values.update(tomllib.loads(text))
-            else:
-                values.update(json.loads(text))
-            unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                raise ValueError(f"{config_file}: unknown options {sorted(unknown)}")
-        values.update({k: v for k, v in args.items() if v is not None})
-        return cls(**values)
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a ``.toml`` or ``.json`` config file, each type-checked (errors name the file and key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadConfigError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadConfigError(f"--config {path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise BadConfigError(f"{path}: TOML syntax error: {exc}. Fix the file (strings need quotes, e.g. "
+                                 f'split_mode = "reference")') from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadConfigError(f"{path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                                 f"(use a .toml file for TOML)") from None
+    if not isinstance(values, dict):
+        raise BadConfigError(f"{path}: expected a table of options (key = value), got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see python -m trainer.finetune --help"
+            raise BadConfigError(f"{path}: unknown option {key!r}{hint}")
+        out[name] = _coerce(fields[name], value, f"{path}: {key}")
+    return out
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """``value`` checked against the field's type (ints are accepted for floats, digit strings for counts)."""
+    kind = str(f.type)
+
+    def fail(expected: str):
+        raise BadConfigError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if value is None:
+        if "None" not in kind:
+            fail(_describe(kind))
+        return None
+    if kind == "bool":
+        return value if isinstance(value, bool) else fail("true or false")
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        fail("a number")
+    if kind == "list[str]":
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        fail("a list of strings")
+    if kind == "int | str":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return int(value) if value.strip().isdigit() else value
+        fail("a count or a file name")
+    return value if isinstance(value, str) else fail(_describe(kind))
+
+
+def _describe(kind: str) -> str:
+    return {"str | None": "a string"}.get(kind, f"a {kind}")

@@ -13,22 +13,27 @@ The paper's reward stage on SD1.5 with Denscore (one GPU; the release trained 37
 
 Several GPUs or machines: the same command under ``accelerate launch`` (``--multi_gpu --num_processes 6``) or
 ``torchrun --nproc_per_node 6 -m trainer.finetune …``. Resume with ``--resume latest``. Every option can also
-come from ``--config run.toml``; the resolved config is written to ``<output_dir>/config.json``.
+come from ``--config run.toml`` (flags > config file > demo profile > defaults); the resolved config is
+written to ``<output_dir>/config.json``. User mistakes print one paragraph and exit with code 2 (``--debug``
+keeps the traceback).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from longalign_core.clip_text import CLIPSegmentEncoder
 from longalign_core.denscore import (
@@ -37,23 +42,27 @@ from longalign_core.denscore import (
     prompts_digest,
     segment_score,
 )
+from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora, save_kohya
 from longalign_core.preference import load_preference_model
-from longalign_core.t5_branch import combine_conditioning, load_t5_branch
+from longalign_core.segment_encoding import plan_segments
 
-from .config import TrainConfig
-from .models import EMBEDDED_RESOLUTION, embedded_reward_dir, load_base_model, load_prompts
+from .config import EMBEDDED_PROFILE, TrainConfig  # noqa: F401  (EMBEDDED_PROFILE: re-exported)
+from .models import embedded_reward_dir, load_base_model, load_prompts
 from .sampling import ddim_scheduler, decode, grad_step_indices, sample_truncated
 
 log = logging.getLogger("LongAlign")
 
-#: Settings of the CPU demo run when no --model is given (fields the user did not set).
-EMBEDDED_PROFILE = dict(train_steps=30, train_batch_size=2, resolution=EMBEDDED_RESOLUTION, sample_steps=20,
-                        sample_grad_steps=5, learning_rate=2e-3, lr_warmup_steps=0, lora_rank=4,
-                        validation_every=15, validation_prompts=2, validation_steps=10, checkpoint_every=15,
-                        max_grad_norm=1.0)
-
 LORA_FILE = "longalign_lora.safetensors"
+
+#: Columns of ``train_log.csv`` and how each is combined over processes.
+TRAIN_STATS = {
+    "loss": "mean", "reward": "mean", "reward_std": "first", "reweighted": "mean", "text_relevant": "mean",
+    "text_irrelevant": "mean", "grad_offset": "first", "prompts_cut": "sum", "tokens_lost": "sum",
+    "t5_tokens_lost": "sum", "reward_tokens_lost": "sum", "cond_length": "max",
+}
+TRAIN_COLUMNS = ["step", *TRAIN_STATS, "prompts_cut_total", "tokens_lost_total", "lr", "seconds"]
+VALIDATION_COLUMNS = ["step", "denscore", "text_relevant", "text_irrelevant", "prompts_cut", "tokens_lost"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,9 +73,22 @@ class NonFiniteLossError(RuntimeError):
 # Small pieces
 
 
+def step_seed(seed: int, step: int, process: int) -> int:
+    """The seed of one (step, process): every random draw of the step derives from it."""
+    return ((seed * 1_000_003 + step) * 1_009 + process) % (2**63 - 1)
+
+
 def step_generator(seed: int, step: int, process: int, device="cpu") -> torch.Generator:
-    """Every random draw of a step comes from (seed, step, process): a resumed run repeats it exactly."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+    """Explicit draws of a step (noise, DDIM offset, crop, caption dropout) come from (seed, step, process): a
+    resumed run repeats them exactly."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, process))
+
+
+def seed_global_rng(seed: int, step: int, process: int) -> None:
+    """Seed torch's global generators (CPU and CUDA) for the step: the implicit draws — the LoRA dropout masks
+    and the T5 adapter's dropout — then also derive from (seed, step, process). Gradient checkpointing replays
+    them exactly (it saves and restores the RNG state)."""
+    torch.manual_seed(step_seed(seed, step, process) ^ 0x5EED)
 
 
 def batch_prompts(prompts: list[str], seed: int, step: int, micro: int, batch: int, process: int,
@@ -81,6 +103,12 @@ def batch_prompts(prompts: list[str], seed: int, step: int, micro: int, batch: i
     return out
 
 
+def hold_out(n_items: int, count: int, seed: int) -> list[int]:
+    """Indices of ``count`` held-out items, drawn with the seed (not the first N: files are often sorted)."""
+    rng = np.random.default_rng([seed, 0x7A11D])
+    return sorted(int(i) for i in rng.choice(n_items, size=count, replace=False))
+
+
 def lora_pairs(unet, targets) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(up, down) per target from a peft-wrapped UNet, with the peft scale folded into ``up``."""
     modules = dict(unet.named_modules())
@@ -91,6 +119,19 @@ def lora_pairs(unet, targets) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         down = layer.lora_A["default"].weight.detach().float().cpu()
         pairs[t.path] = (up * float(layer.scaling["default"]), down)
     return pairs
+
+
+def add_lora_output_dropout(unet, targets, p: float) -> list:
+    """Dropout on the output of every LoRA branch, as the released LongAlign LoRA layers do
+    (``W x + dropout(B A x)``); peft's own ``lora_dropout`` would drop the branch's input instead
+    (``W x + B A dropout(x)``). Active while the module is in training mode. Returns the hook handles."""
+    modules = dict(unet.named_modules())
+    handles = []
+    for t in targets:
+        up = modules[t.path].lora_B["default"]
+        handles.append(up.register_forward_hook(
+            lambda module, args, out: F.dropout(out, p, training=module.training)))
+    return handles
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -111,10 +152,45 @@ class CSVLog:
             with path.open("w", newline="") as f:
                 csv.DictWriter(f, fieldnames=fields).writeheader()
 
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def keep_until(self, step: int) -> list[dict]:
+        """Drop rows logged after ``step`` (a resumed run logs them again); returns the rows kept."""
+        kept = [r for r in self.rows() if r.get("step") and float(r["step"]) <= step]
+        if self.enabled:
+            from longalign_core.io_utils import atomic_path
+
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+        return kept
+
     def write(self, row: dict) -> None:
         if self.enabled:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fields).writerow({k: row.get(k, "") for k in self.fields})
+
+
+@dataclass
+class StepConditioning:
+    """The conditioning of one step: ``cond`` ``(B, L, C)`` and, for CFG, ``uncond`` of the same length, with
+    what overflow did (per step: prompts cut, tokens lost by the CLIP part and the T5 part)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None
+    prompts_cut: int
+    tokens_lost: int
+    t5_tokens_lost: int
+
+    @property
+    def stats(self) -> dict:
+        return {"prompts_cut": self.prompts_cut, "tokens_lost": self.tokens_lost,
+                "t5_tokens_lost": self.t5_tokens_lost, "cond_length": self.cond.shape[1]}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -128,16 +204,22 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
+        has_gpu = torch.cuda.is_available()
+        if cfg.mixed_precision is None:
+            cfg = dataclasses.replace(cfg, mixed_precision="bf16" if has_gpu else "no")
+        if cfg.mixed_precision == "fp16" and not has_gpu:
+            raise BadConfigError("--mixed-precision fp16 needs a CUDA GPU: torch cannot run this model in fp16 on "
+                                 "the CPU. Use --mixed-precision no (the CPU default) or bf16")
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         import importlib.util
 
-        trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+        self.trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
         # cpu=True on a machine without an accelerator lets accelerate pick up torchrun's processes (gloo).
-        has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+        has_accelerator = has_gpu or torch.backends.mps.is_available()
         self.acc = Accelerator(cpu=not has_accelerator, mixed_precision=cfg.mixed_precision,
                                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                               log_with=trackers or None,
+                               log_with=self.trackers or None,
                                project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                    logging_dir=str(self.out / "logs")))
         if self.acc.is_main_process:
@@ -145,16 +227,16 @@ class Trainer:
             cfg.save(self.out / "config.json")
         self.acc.wait_for_everyone()
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.totals = {"prompts_cut": 0, "tokens_lost": 0}
         self._load_models()
-        if trackers:
-            self.acc.init_trackers("longalign", config={k: v for k, v in cfg.to_dict().items()
-                                                        if isinstance(v, (int, float, str, bool))})
 
     # -- models -----------------------------------------------------------------------------------------------
     def _load_models(self) -> None:
         from peft import LoraConfig
 
-        cfg, device = self.cfg, self.acc.device
+        cfg, device, dtype = self.cfg, self.acc.device, self.weight_dtype
+        # Data first: a bad prompts file should fail before minutes of model loading.
+        self._load_data()
         # The main process first: it creates the embedded models once (saving under torch.distributed is
         # rank-aware in transformers, so other ranks must not write them), the others then read them.
         with self.acc.main_process_first():
@@ -168,21 +250,33 @@ class Trainer:
             merge_lora(unet, load_lora(path, self.targets))
         from accelerate.utils import set_seed
 
-        set_seed(cfg.seed)  # right before the LoRA's initial weights; every later draw uses step_generator
+        set_seed(cfg.seed)  # right before the LoRA's initial weights; every later draw is seeded per step
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=[t.path for t in self.targets]))
+                                    lora_dropout=0.0, target_modules=[t.path for t in self.targets]))
+        # Precision: LoRA master weights (and AdamW state) fp32; the frozen base weights in the training dtype.
+        for p in unet.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+        self.dropout_hooks = add_lora_output_dropout(unet, self.targets, cfg.lora_dropout) if cfg.lora_dropout else []
         if cfg.stage == "align" and cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if device.type == "cuda":  # NHWC convolutions: faster with cuDNN for the UNet and the VAE
+            unet.to(memory_format=torch.channels_last)
+            base.vae.to(memory_format=torch.channels_last)
+        # The compiled UNet shares the (LoRA) parameters: optimizer updates reach it.
+        self.compiled_unet = torch.compile(unet) if cfg.compile_unet else None
         self.t5 = None
         if cfg.t5_model:
-            self.t5 = load_t5_branch(cfg.t5_model, cfg.t5_adapter, device=device, dtype=self.weight_dtype)
+            from longalign_core.t5_branch import load_t5_branch  # imports diffusers: only when used
+
+            self.t5 = load_t5_branch(cfg.t5_model, cfg.t5_adapter, device=device, dtype=dtype)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         adapter = None
         if cfg.train_t5_adapter:
             adapter = self.t5.adapter.float().train().requires_grad_(True)
             self.params += list(adapter.parameters())
         optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                      **({"fused": True} if device.type == "cuda" else {}))
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
@@ -192,40 +286,107 @@ class Trainer:
                 unet, adapter, optimizer, lr_scheduler)
         else:
             self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
-        self.vae = base.vae.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
+        self.vae = base.vae.to(device, dtype=dtype).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
             self.vae.enable_gradient_checkpointing()
-        self.text_encoder = base.text_encoder.to(device, dtype=self.weight_dtype).requires_grad_(False).eval()
+        self.text_encoder = base.text_encoder.to(device, dtype=dtype).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
         self.encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
-        self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device)
+        self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
+        self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
-        self.prompts = load_prompts(cfg.prompts, cfg.caption_column) if cfg.stage == "reward" else None
-        self.validation_prompts = (self.prompts or default_reference_prompts())[: cfg.validation_prompts]
+        reference = default_reference_prompts()
         self.reference_direction = direction_from_prompts(
-            self.reward, default_reference_prompts(),
-            cache_file=self.out / f"reference_direction-{prompts_digest(default_reference_prompts())}.safetensors"
+            self.reward, reference, split_mode=cfg.split_mode,
+            cache_file=self.out / f"reference_direction-{cfg.split_mode}-{prompts_digest(reference)}.safetensors"
             if self.acc.is_main_process else None).to(device)
 
-    def conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """Segment-level CLIP conditioning (+ the T5 branch when configured), ``(B, L, C)``."""
+    def _load_data(self) -> None:
+        """Training prompts (reward) or dataset rows (align), and the held-out validation prompts."""
+        cfg = self.cfg
+        spec = cfg.validation_prompts
+        if cfg.stage == "reward":
+            pool = load_prompts(cfg.prompts, cfg.caption_column)
+            source = cfg.prompts or "the built-in prompts"
+        else:
+            self.align_data = self._align_dataset()
+            pool = self.align_captions
+            source = cfg.prompts
+        if isinstance(spec, int):
+            if spec >= len(pool):
+                raise BadConfigError(f"--validation-prompts {spec} would hold out every one of the {len(pool)} "
+                                     f"training prompts of {source}: lower it, or give a validation prompts file")
+            held = set(hold_out(len(pool), spec, cfg.seed)) if spec else set()
+            self.validation_prompts = [pool[i] for i in sorted(held)]
+            train_rows = [i for i in range(len(pool)) if i not in held]
+        else:
+            self.validation_prompts = load_prompts(spec)
+            val = set(self.validation_prompts)
+            train_rows = [i for i, p in enumerate(pool) if p not in val]
+            if not train_rows:
+                raise BadConfigError(f"every training prompt of {source} is also in --validation-prompts {spec}")
+        if cfg.stage == "reward":
+            self.prompts = [pool[i] for i in train_rows]
+        else:
+            self.prompts = None
+            self.align_rows = train_rows
+
+    # -- conditioning -----------------------------------------------------------------------------------------
+    def _merged_tokens(self, prompt: str) -> int:
+        """Merged CLIP tokens of ``prompt`` before the budget (each segment's start token + its content)."""
+        enc, cfg = self.encoder, self.cfg
+        plan = plan_segments(prompt, enc.count_tokens, enc.window, cfg.split_mode, cfg.long_segments)
+        return sum(1 + min(enc.count_tokens(s.text), enc.window) for s in plan)
+
+    def encode_step(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:
+        """Segment-level conditioning of a step's prompts (+ the T5 branch) and, with ``with_uncond``, the
+        empty prompt's for CFG — encoded together, so every row has one common length: the budget (truncate,
+        error) or the step's longest prompt rounded up to a multiple of the budget (extend); the T5 part is
+        always ``T5_MAX_LENGTH`` tokens after it."""
+        cfg, n = self.cfg, len(prompts)
+        if cfg.overflow == "error":
+            for p in prompts:
+                merged = self._merged_tokens(p)
+                if merged > cfg.token_budget:
+                    raise BadInputError(
+                        f"a prompt needs {merged} tokens but --token-budget is {cfg.token_budget} and --overflow is "
+                        f"error: use --overflow truncate (the release) or extend, raise --token-budget, or shorten "
+                        f"it in {cfg.prompts or 'the prompts'}. The prompt: {p[:120]!r}…")
+        texts = list(prompts) + ([""] * n if with_uncond else [])
         with torch.no_grad():
-            cond = self.encoder.encode(prompts, budget=self.cfg.token_budget).cond
-            states = self.t5.t5_states(prompts) if self.t5 is not None else None
+            enc = self.encoder.encode(texts, budget=cfg.token_budget, overflow=cfg.overflow,
+                                      split_mode=cfg.split_mode, long_segments=cfg.long_segments)
+            states = self.t5.t5_states(texts) if self.t5 is not None else None
+        cond = enc.cond
+        t5_lost = 0
         if states is not None:  # the adapter keeps its graph when it is being trained
-            with torch.set_grad_enabled(self.cfg.train_t5_adapter and torch.is_grad_enabled()):
+            from longalign_core.t5_branch import combine_conditioning
+
+            with torch.set_grad_enabled(cfg.train_t5_adapter and torch.is_grad_enabled()):
                 cond = combine_conditioning(cond, self.t5.adapt(states))
-        return cond.to(self.weight_dtype)
+            t5_lost = sum(max(0, self.t5.count_tokens(p) - self.t5.max_length) for p in prompts)
+        cond = cond.to(self.weight_dtype)
+        reports = enc.reports[:n]
+        return StepConditioning(cond[:n], cond[n:] if with_uncond else None,
+                                prompts_cut=sum(1 for r in reports if not r.lossless),
+                                tokens_lost=sum(r.dropped + r.truncated for r in reports), t5_tokens_lost=t5_lost)
+
+    def conditioning(self, prompts: list[str]) -> torch.Tensor:
+        """The conditioning ``(B, L, C)`` of ``prompts`` alone (see :meth:`encode_step`)."""
+        return self.encode_step(prompts, with_uncond=False).cond
 
     def unet_eps(self, x, t, context):
+        """ε of the UNet; the no-grad sampling steps go through the compiled UNet with ``--compile-unet``."""
+        if self.compiled_unet is not None and not torch.is_grad_enabled():
+            return self.compiled_unet(x, t, encoder_hidden_states=context).sample
         return self.unet(x, t, encoder_hidden_states=context).sample
 
     # -- one step ---------------------------------------------------------------------------------------------
     def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
-        """Loss ``0.5 · (1 − mean S_ω)`` of one micro-batch (SPEC §5) and its statistics."""
+        """Loss ``0.5 · (1 − mean S_ω)`` of one micro-batch (SPEC §5), ``S_ω = relevant + ω · irrelevant`` with V
+        from the step's prompts gathered over all processes, and its statistics."""
         cfg, device = self.cfg, self.acc.device
-        cond = self.conditioning(prompts)
-        uncond = self.conditioning([""] * len(prompts))
+        step_cond = self.encode_step(prompts, with_uncond=True)
         side = cfg.resolution // 8
         noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(device, self.weight_dtype)
         scheduler = ddim_scheduler(self.noise_scheduler, cfg.sample_steps)
@@ -233,21 +394,25 @@ class Trainer:
         offset = int(torch.randint(0, every, (1,), generator=gen))
         grad_idx = grad_step_indices(cfg.sample_steps, cfg.sample_grad_steps, offset)
         with self.acc.autocast():
-            x0 = sample_truncated(self.unet_eps, scheduler, noise, cond, uncond, cfg.sample_guidance, grad_idx,
-                                  use_checkpoint=cfg.gradient_checkpointing)
+            x0 = sample_truncated(self.unet_eps, scheduler, noise, step_cond.cond, step_cond.uncond,
+                                  cfg.sample_guidance, grad_idx, use_checkpoint=cfg.gradient_checkpointing)
             images = decode(self.vae, x0)
         result = segment_score(self.reward, images, prompts, direction=None, omega=cfg.reward_omega,
-                               crop=cfg.reward_crop, generator=gen, gather=self.acc.gather)
-        s_omega = result.parts.reweighted
+                               crop=cfg.reward_crop, split_mode=cfg.split_mode, long_segments=cfg.long_segments,
+                               generator=gen, gather=self.acc.gather)
+        parts = result.parts
+        s_omega = parts.reweighted
         loss = 0.5 * (1 - s_omega.mean())
         if dump is not None:
             t_bar = torch.stack([f.mean for f in result.prompts])
-            dump.update(t_bar_mean=t_bar.mean(0).detach().cpu(), direction=result.direction.detach().cpu())
-        parts = result.parts
+            dump.update(t_bar_mean=t_bar.mean(0).detach().cpu(), direction=result.direction.detach().cpu(),
+                        cond_length=step_cond.cond.shape[1], uncond_length=step_cond.uncond.shape[1])
+        all_scores = self.acc.gather(parts.score.detach())  # the std over every process's images
         stats = {"reward": float(parts.score.detach().mean()),
-                 "reward_std": float(parts.score.detach().std()) if len(prompts) > 1 else 0.0,
+                 "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
                  "reweighted": float(s_omega.detach().mean()), "text_relevant": float(parts.relevant.detach().mean()),
-                 "text_irrelevant": float(parts.irrelevant.detach().mean()), "grad_offset": offset}
+                 "text_irrelevant": float(parts.irrelevant.detach().mean()), "grad_offset": offset,
+                 "reward_tokens_lost": sum(sum(f.truncated) for f in result.prompts), **step_cond.stats}
         return loss, stats
 
     def align_loss(self, batch, gen: torch.Generator):
@@ -263,10 +428,11 @@ class Trainer:
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=gen).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        step_cond = self.encode_step(captions, with_uncond=False)
         with self.acc.autocast():
-            eps = self.unet_eps(noisy, t, self.conditioning(captions))
-        loss = torch.nn.functional.mse_loss(eps.float(), noise.float())
-        return loss, {}
+            eps = self.unet_eps(noisy, t, step_cond.cond)
+        loss = F.mse_loss(eps.float(), noise.float())
+        return loss, step_cond.stats
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
@@ -281,7 +447,8 @@ class Trainer:
         self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "seed": self.cfg.seed}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "seed": self.cfg.seed,
+                                                                "totals": self.totals}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in checkpoints(self.out)[: -self.cfg.checkpoints_keep]:
@@ -290,108 +457,171 @@ class Trainer:
         return final
 
     def load_checkpoint(self, which: str) -> int:
+        """Restore the state of a checkpoint (``latest`` or a folder); returns its step. A corrupt or incomplete
+        checkpoint is a :class:`BadModelFileError` that names it and the previous one."""
+        found = checkpoints(self.out)
         if which == "latest":
-            found = checkpoints(self.out)
             if not found:
-                raise FileNotFoundError(f"--resume latest: no complete checkpoint in {self.out / 'checkpoints'}")
+                raise BadConfigError(f"--resume latest: no complete checkpoint in {self.out / 'checkpoints'}; "
+                                     f"start without --resume")
             path = found[-1]
         else:
             path = Path(which)
             if not (path / "trainer_state.json").is_file():
-                raise FileNotFoundError(f"{path} is not a complete LongAlign checkpoint (no trainer_state.json)")
-        self.acc.load_state(str(path))
-        step = json.loads((path / "trainer_state.json").read_text())["step"]
+                raise BadConfigError(f"--resume {path}: not a complete LongAlign checkpoint (no trainer_state.json)"
+                                     f"; complete ones: {[str(p) for p in found] or 'none'}")
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            step = int(state["step"])
+            self.acc.load_state(str(path))
+        except Exception as exc:  # noqa: BLE001 — torch, safetensors and accelerate raise many kinds for a bad file
+            earlier = [p for p in found if p.name < path.name]
+            fix = (f"resume from the previous one with --resume {earlier[-1]}" if earlier
+                   else "there is no earlier checkpoint: start again without --resume")
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise BadModelFileError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {detail}); it is "
+                                    f"corrupt or incomplete: {fix}, or delete {path}") from None
+        self.totals = {**self.totals, **state.get("totals", {})}
         self.acc.print(f"resumed from {path} at step {step}")
         return step
 
     # -- validation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self, step: int, vlog: CSVLog) -> dict:
-        cfg = self.cfg
+    def validate(self, step: int, vlog: CSVLog) -> dict | None:
+        """Sample the held-out prompts from fixed noise and score them (V from the reference prompt set). Runs on
+        the main process only, on the unwrapped UNet in eval mode (no LoRA dropout)."""
+        cfg, acc = self.cfg, self.acc
         prompts = self.validation_prompts
-        gen = step_generator(cfg.seed, 10**6, 0)  # the same noise at every validation
-        cond, uncond = self.conditioning(prompts), self.conditioning([""] * len(prompts))
-        side = cfg.resolution // 8
-        noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(self.acc.device, self.weight_dtype)
-        scheduler = ddim_scheduler(self.noise_scheduler, cfg.validation_steps)
-        with self.acc.autocast():
-            x0 = sample_truncated(self.unet_eps, scheduler, noise, cond, uncond, cfg.sample_guidance, [])
-            images = decode(self.vae, x0)
-        result = segment_score(self.reward, images, prompts, direction=self.reference_direction, crop="center")
+        if not prompts or not acc.is_main_process:
+            return None
+        unet = acc.unwrap_model(self.unet)
+        unet.eval()
+        if self.t5 is not None:
+            self.t5.adapter.eval()
+        try:
+            gen = step_generator(cfg.seed, 10**6, 0)  # the same noise at every validation
+            step_cond = self.encode_step(prompts, with_uncond=True)
+            side = cfg.resolution // 8
+            noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(acc.device, self.weight_dtype)
+            scheduler = ddim_scheduler(self.noise_scheduler, cfg.validation_steps)
+            eps = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+            with acc.autocast():
+                x0 = sample_truncated(eps, scheduler, noise, step_cond.cond, step_cond.uncond, cfg.sample_guidance, [])
+                images = decode(self.vae, x0)
+            result = segment_score(self.reward, images, prompts, direction=self.reference_direction, crop="center",
+                                   split_mode=cfg.split_mode, long_segments=cfg.long_segments)
+        finally:
+            unet.train()
+            if cfg.train_t5_adapter:
+                self.t5.adapter.train()
         p = result.parts
         row = {"step": step, "denscore": float(p.score.mean()), "text_relevant": float(p.relevant.mean()),
-               "text_irrelevant": float(p.irrelevant.mean())}
-        if self.acc.is_main_process:
-            from PIL import Image
+               "text_irrelevant": float(p.irrelevant.mean()), "prompts_cut": step_cond.prompts_cut,
+               "tokens_lost": step_cond.tokens_lost}
+        from PIL import Image
 
-            grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-            (self.out / "validation").mkdir(exist_ok=True)
-            Image.fromarray(np.concatenate(list(grid), axis=1)).save(self.out / "validation" / f"step-{step:06d}.png")
-            vlog.write(row)
-            self.acc.log({f"validation/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        (self.out / "validation").mkdir(exist_ok=True)
+        Image.fromarray(np.concatenate(list(grid), axis=1)).save(self.out / "validation" / f"step-{step:06d}.png")
+        vlog.write(row)
+        acc.log({f"validation/{k}": v for k, v in row.items() if k != "step"}, step=step)
         return row
 
+    def _validate_everywhere(self, step: int, vlog: CSVLog) -> None:
+        self.validate(step, vlog)
+        self.acc.wait_for_everyone()
+
     # -- loop -------------------------------------------------------------------------------------------------
+    def _reduce(self, stats: dict) -> dict:
+        """Combine the step's statistics over all processes (mean / sum / max / rank 0's, per TRAIN_STATS)."""
+        keys = [k for k in TRAIN_STATS if k in stats]
+        local = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
+        every = self.acc.gather(local[None]).reshape(-1, len(keys)).cpu()
+        how = {"mean": lambda c: c.mean(), "sum": lambda c: c.sum(), "max": lambda c: c.max(),
+               "first": lambda c: c[0]}
+        return {k: float(how[TRAIN_STATS[k]](every[:, i])) for i, k in enumerate(keys)}
+
+    def optimizer_step(self, step: int) -> dict[str, float]:
+        """One optimizer step (all its micro-batches): loss, backward, clip, AdamW, LR schedule. Returns this
+        process's statistics summed over the micro-batches."""
+        cfg, acc = self.cfg, self.acc
+        sums: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            draw = step * cfg.gradient_accumulation_steps + micro
+            gen = step_generator(cfg.seed, draw, acc.process_index)
+            seed_global_rng(cfg.seed, draw, acc.process_index)
+            dump = {} if cfg.dump_debug else None
+            with acc.accumulate(self.unet):
+                if cfg.stage == "reward":
+                    prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
+                                            acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
+                    loss, stats = self.reward_loss(prompts, gen, dump)
+                else:
+                    loss, stats = self.align_loss(self.align_data(step, micro, gen), gen)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
+                        f"--mixed-precision no (or bf16 instead of fp16), or check the models; the last good "
+                        f"checkpoint is in {self.out / 'checkpoints'}")
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": float(loss.detach()), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if dump is not None:
+                self._dump(step, dump)
+        return sums
+
     def train(self) -> Path:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
         main = acc.is_main_process
         start = self.load_checkpoint(cfg.resume) if cfg.resume else 0
-        tlog = CSVLog(self.out / "train_log.csv", ["step", "loss", "reward", "reward_std", "reweighted",
-                                                   "text_relevant", "text_irrelevant", "lr", "grad_offset",
-                                                   "seconds"], main)
-        vlog = CSVLog(self.out / "validation.csv", ["step", "denscore", "text_relevant", "text_irrelevant"], main)
+        if self.trackers:  # a resumed run hides the events it is about to log again
+            acc.init_trackers("longalign", config={k: v for k, v in cfg.to_dict().items()
+                                                   if isinstance(v, (int, float, str, bool))},
+                              init_kwargs={"tensorboard": {"purge_step": start + 1}} if start else {})
+        tlog = CSVLog(self.out / "train_log.csv", TRAIN_COLUMNS, main)
+        vlog = CSVLog(self.out / "validation.csv", VALIDATION_COLUMNS, main)
+        if start:
+            tlog.keep_until(start)
+            validated = {float(r["step"]) for r in vlog.keep_until(start)}
+        acc.wait_for_everyone()
         if main:
-            n_prompts = len(self.prompts) if self.prompts else 0
+            n_prompts = len(self.prompts) if self.prompts is not None else len(self.align_rows)
             print(f"***** Running training ({cfg.stage} stage) *****\n"
                   f"  base model = {self.base_source}\n  reward model = {self.reward_source}\n"
-                  f"  prompts = {n_prompts}\n  processes = {acc.num_processes}, batch per process = "
+                  f"  training prompts = {n_prompts}, held-out validation prompts = {len(self.validation_prompts)}\n"
+                  f"  processes = {acc.num_processes}, batch per process = "
                   f"{cfg.train_batch_size}, accumulation = {cfg.gradient_accumulation_steps}\n"
                   f"  steps = {start} -> {cfg.train_steps}, LoRA rank = {cfg.lora_rank} on {len(self.targets)} "
-                  f"layers, trainable parameters = {sum(p.numel() for p in self.params):,}\n"
+                  f"layers (dropout {cfg.lora_dropout} on the branch output), trainable parameters = "
+                  f"{sum(p.numel() for p in self.params):,} (fp32), frozen weights {cfg.mixed_precision}\n"
+                  f"  text: budget {cfg.token_budget}, overflow {cfg.overflow}, split {cfg.split_mode}, long "
+                  f"segments {cfg.long_segments}{', + T5 branch' if self.t5 is not None else ''}\n"
                   f"  DDIM {cfg.sample_steps} steps, gradients at {cfg.sample_grad_steps}, CFG "
                   f"{cfg.sample_guidance}, ω = {cfg.reward_omega}, {cfg.resolution}px", flush=True)
-        if start == 0:
-            self.validate(0, vlog)
-        align_data = self._align_dataset() if cfg.stage == "align" else None
+        due = start == 0 or (cfg.validation_every and start % cfg.validation_every == 0 and start not in validated)
+        if due:  # a run killed between a checkpoint and its validation validates on resume
+            self._validate_everywhere(start, vlog)
+        self.unet.train()
         bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, disable=not main,
                    desc="training")
         for step in bar:
             t0 = time.time()
-            stats_sum: dict[str, float] = {}
-            loss_sum = 0.0
-            for micro in range(cfg.gradient_accumulation_steps):
-                gen = step_generator(cfg.seed, step * cfg.gradient_accumulation_steps + micro, acc.process_index)
-                dump = {} if cfg.dump_debug else None
-                with acc.accumulate(self.unet):
-                    if cfg.stage == "reward":
-                        prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
-                                                acc.process_index, acc.num_processes,
-                                                cfg.gradient_accumulation_steps)
-                        loss, stats = self.reward_loss(prompts, gen, dump)
-                    else:
-                        loss, stats = self.align_loss(align_data(step, micro, gen), gen)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
-                            f"--mixed-precision no (or bf16 instead of fp16), or check the models; the last good "
-                            f"checkpoint is in {self.out / 'checkpoints'}")
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad()
-                loss_sum += float(loss.detach())
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                if dump is not None:
-                    self._dump(step, dump)
+            sums = self.optimizer_step(step)
             done = step + 1
-            row = {"step": done, "loss": loss_sum / cfg.gradient_accumulation_steps,
-                   "lr": self.lr_scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3),
-                   **{k: v / cfg.gradient_accumulation_steps for k, v in stats_sum.items()}}
+            micro_n = cfg.gradient_accumulation_steps
+            local = {k: v if TRAIN_STATS.get(k) == "sum" else v / micro_n for k, v in sums.items()}
+            row = {"step": done, **self._reduce(local)}
+            for k in self.totals:
+                self.totals[k] += int(row.get(k, 0))
+            row.update(prompts_cut_total=self.totals["prompts_cut"], tokens_lost_total=self.totals["tokens_lost"],
+                       lr=self.lr_scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
             if done % cfg.log_every == 0 and main:
                 tlog.write(row)
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
@@ -399,8 +629,9 @@ class Trainer:
             if done % cfg.checkpoint_every == 0 and done < cfg.train_steps:
                 self.save_checkpoint(done)
             if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.train_steps:
-                self.validate(done, vlog)
-        self.validate(cfg.train_steps, vlog)
+                self._validate_everywhere(done, vlog)
+                self.unet.train()
+        self._validate_everywhere(cfg.train_steps, vlog)
         lora_file = self.save_outputs()
         acc.end_training()
         return lora_file
@@ -413,32 +644,39 @@ class Trainer:
                    folder / f"rank{self.acc.process_index}-step{step:06d}.pt")
 
     def _align_dataset(self):
-        """(images, captions) micro-batches from a ``datasets`` folder with an image and a caption column."""
+        """(images, captions) micro-batches from a ``datasets`` folder with an image and a caption column; sets
+        ``align_captions`` (every row's caption, for the held-out split)."""
         import datasets
 
         cfg = self.cfg
         if not cfg.prompts or not Path(cfg.prompts).is_dir():
-            raise ValueError("the align stage needs --prompts pointing at a local `datasets` folder (save_to_disk) "
-                             "with image and caption columns")
+            raise BadConfigError("the align stage needs --prompts pointing at a local `datasets` folder "
+                                 "(save_to_disk) with image and caption columns")
         ds = datasets.load_from_disk(cfg.prompts)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        for col in (cfg.image_column, cfg.caption_column):
+        for col, opt in ((cfg.image_column, "--image-column"), (cfg.caption_column, "--caption-column")):
             if col not in ds.column_names:
-                raise ValueError(f"{cfg.prompts} has no column {col!r} (columns: {ds.column_names})")
-        n = len(ds)
+                raise BadInputError(f"{cfg.prompts} has no column {col!r} (columns: {ds.column_names}); set {opt}")
+        captions = ds[cfg.caption_column]
+        for i, c in enumerate(captions):
+            if not isinstance(c, str):
+                raise BadInputError(f"{cfg.prompts}: row {i} of column {cfg.caption_column!r} is "
+                                    f"{type(c).__name__}, not a string caption")
+        self.align_captions = [c.replace("\n\n", " ").strip() for c in captions]
 
         def get(step, micro, gen):
             from torchvision.transforms.v2 import functional as TF
 
-            idx = [int(i) for i in torch.randint(0, n, (cfg.train_batch_size,), generator=gen)]
+            idx = [self.align_rows[int(i)] for i in torch.randint(0, len(self.align_rows), (cfg.train_batch_size,),
+                                                                  generator=gen)]
             rows = ds.select(idx)
             images = []
             for img in rows[cfg.image_column]:
                 t = TF.to_dtype(TF.to_image(img.convert("RGB")), torch.float32, scale=True)
                 t = TF.resize(t, cfg.resolution, antialias=True)
                 images.append(TF.center_crop(t, cfg.resolution))
-            return torch.stack(images), [str(c).replace("\n\n", " ").strip() for c in rows[cfg.caption_column]]
+            return torch.stack(images), [self.align_captions[i] for i in idx]
 
         return get
 
@@ -455,7 +693,9 @@ class Trainer:
                 "format": "kohya", "longalign": "trainer-lora", "base_model": self.base_source,
                 "stage": cfg.stage, "rank": cfg.lora_rank, "ss_network_dim": cfg.lora_rank,
                 "ss_network_alpha": cfg.lora_rank, "omega": cfg.reward_omega, "steps": cfg.train_steps,
-                "prompts_sha256": prompts_hash, "reward_model": self.reward_source, "seed": cfg.seed})
+                "prompts_sha256": prompts_hash, "reward_model": self.reward_source, "seed": cfg.seed,
+                "overflow": cfg.overflow, "token_budget": cfg.token_budget, "split_mode": cfg.split_mode,
+                "long_segments": cfg.long_segments, "lora_dropout": cfg.lora_dropout})
             if cfg.train_t5_adapter:
                 acc.unwrap_model(self.t5.adapter).save_pretrained(self.out / "t5_adapter")
             if cfg.merge_checkpoint:
@@ -473,28 +713,13 @@ class Trainer:
         return lora_file
 
 
-def apply_embedded_profile(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
-    """Without --model, use the demo profile for every setting the user did not give."""
-    if cfg.model is not None:
-        return cfg
-    given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-    values = cfg.to_dict()
-    values.update({k: v for k, v in EMBEDDED_PROFILE.items() if k not in given})
-    if "output_dir" not in given:
-        values["output_dir"] = "outputs/longalign-demo"
-    return TrainConfig(**values)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Train; user mistakes raise :class:`~longalign_core.errors.LongAlignError` (see :func:`cli`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = apply_embedded_profile(TrainConfig.from_args(argv), argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = TrainConfig.from_args(argv)
     if cfg.model is None:
         print("No --model given: training the built-in tiny random-weight SD pipeline on the CPU demo profile "
               "(real file formats and code paths; the pictures are noise). Pass --model for a real run.",
@@ -507,5 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m trainer.finetune``: user mistakes print one paragraph (no traceback) and exit with code 2."""
+    return run_cli(main, argv, prog="python -m trainer.finetune")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -17,6 +17,7 @@ from longalign_core.io_utils import publish_dir, read_jsonl_texts
 
 log = logging.getLogger("LongAlign")
 
+#: The demo profile's resolution (trainer.config.EMBEDDED_PROFILE).
 EMBEDDED_RESOLUTION = 64
 
 
@@ -176,7 +177,10 @@ def _load_single_file(path: str, unet_config: dict | None = None) -> BaseModel:
 
 def load_prompts(source: str | None, column: str = "caption") -> list[str]:
     """Prompts from a .txt (one per line), .jsonl (``prompt``/``caption``), a ``datasets`` folder, or the
-    built-in long prompts."""
+    built-in long prompts. A bad file is a :class:`~longalign_core.errors.BadInputError` naming it (and the
+    line or row)."""
+    from longalign_core.errors import BadConfigError, BadInputError
+
     if source is None:
         from longalign_core.denscore import default_reference_prompts
 
@@ -185,18 +189,30 @@ def load_prompts(source: str | None, column: str = "caption") -> list[str]:
     if path.is_dir():
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise BadInputError(f"{path} is not a `datasets` folder written by save_to_disk ({exc})") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         if column not in ds.column_names:
-            raise ValueError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
-        prompts = [str(c) for c in ds[column]]
+            raise BadInputError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
+        prompts = list(ds[column])
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise BadInputError(f"{path}: row {i} of column {column!r} is {type(p).__name__}, not a string")
     elif path.suffix == ".jsonl":
-        prompts = read_jsonl_texts(path, column)
+        prompts = read_jsonl_texts(path, column, option="--prompts")
     elif path.is_file():
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise BadInputError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the prompts file as UTF-8") \
+                from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        raise FileNotFoundError(f"prompts file or folder {path} not found")
+        raise BadConfigError(f"prompts file or folder {path} not found (--prompts or --validation-prompts)")
     if not prompts:
-        raise ValueError(f"no prompts found in {path}")
+        raise BadInputError(f"no prompts found in {path}")
     return prompts

@@ -1,0 +1,159 @@
+"""The trainer's configuration: precedence, held-out validation prompts, the report, and what a user's mistake
+prints (one paragraph naming the option or file, exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from longalign_core.errors import BadConfigError
+from trainer.config import EMBEDDED_PROFILE, TrainConfig
+from trainer_support import FAST, one_thread, run_module  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Precedence: flags > config file > demo profile (no --model) > defaults
+
+
+def test_precedence(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('train_steps = 100\nlora_rank = 8\nlearning_rate = 1e-4\nsplit_mode = "reference"\n')
+    c = TrainConfig.from_args(["--config", str(toml)])
+    assert c.model is None  # the demo profile applies, but under the file
+    assert (c.train_steps, c.lora_rank, c.learning_rate, c.split_mode) == (100, 8, 1e-4, "reference")
+    assert (c.train_batch_size, c.sample_steps) == (EMBEDDED_PROFILE["train_batch_size"],
+                                                    EMBEDDED_PROFILE["sample_steps"])  # profile > defaults
+    assert c.sample_guidance == 7.5  # neither file nor profile: the default
+    c = TrainConfig.from_args(["--config", str(toml), "--train-steps", "9"])
+    assert (c.train_steps, c.lora_rank) == (9, 8)  # flag > file
+    c = TrainConfig.from_args(["--config", str(toml), "--train-step", "7", "--batch-size", "3"])
+    assert (c.train_steps, c.train_batch_size) == (7, 3)  # an abbreviated flag and the alias count as flags
+    toml.write_text('model = "/models/sd15"\n')
+    c = TrainConfig.from_args(["--config", str(toml)])
+    assert (c.train_steps, c.lora_rank, c.output_dir) == (3750, 32, "outputs/longalign-run")  # no demo profile
+    c = TrainConfig.from_args([])
+    assert (c.train_steps, c.output_dir) == (EMBEDDED_PROFILE["train_steps"], "outputs/longalign-demo")
+    assert (c.overflow, c.split_mode, c.long_segments, c.lora_dropout, c.mixed_precision) == (
+        "truncate", "sentence", "split", 0.1, None)
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"validation_prompts": "held.txt", "init_lora": "a.pt", "reward_omega": 1}))
+    c = TrainConfig.from_args(["--config", str(js)])
+    assert (c.validation_prompts, c.init_lora, c.reward_omega) == ("held.txt", ["a.pt"], 1.0)
+    assert TrainConfig.from_args(["--validation-prompts", "4"]).validation_prompts == 4
+
+
+def test_type_errors_name_the_file_and_key(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('train_steps = "ten"\n')
+    with pytest.raises(BadConfigError, match=r"run\.toml: train_steps must be an integer, got 'ten' \(str\)"):
+        TrainConfig.from_args(["--config", str(toml)])
+    toml.write_text("gradient_checkpointing = 1\n")
+    with pytest.raises(BadConfigError, match="gradient_checkpointing must be true or false"):
+        TrainConfig.from_args(["--config", str(toml)])
+    toml.write_text('overflow = "grow"\n')
+    with pytest.raises(BadConfigError, match="--overflow 'grow' is not one of extend, truncate, error"):
+        TrainConfig.from_args(["--config", str(toml)])
+
+
+def test_validation_prompts_are_held_out(tmp_path):
+    from trainer.finetune import Trainer
+
+    prompts = [f"Prompt number {i}. It has two sentences." for i in range(20)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts))
+
+    def split(*extra):
+        t = Trainer.__new__(Trainer)  # only the data split, no models
+        t.cfg = TrainConfig.from_args(["--prompts", str(tmp_path / "p.txt"), *extra])
+        t._load_data()
+        return t.prompts, t.validation_prompts
+
+    train, val = split("--validation-prompts", "3")
+    assert len(val) == 3 and val != prompts[:3] and not set(val) & set(train)
+    assert sorted(train + val) == sorted(prompts)
+    assert split("--validation-prompts", "3") == (train, val)  # derived from the seed
+    assert split("--validation-prompts", "3", "--seed", "1")[1] != val
+    (tmp_path / "v.txt").write_text(prompts[5] + "\nA held-out prompt.\n")
+    train, val = split("--validation-prompts", str(tmp_path / "v.txt"))
+    assert val == [prompts[5], "A held-out prompt."] and prompts[5] not in train and len(train) == 19
+    with pytest.raises(BadConfigError, match="would hold out every one of the 20 training prompts"):
+        split("--validation-prompts", "20")
+
+
+def test_report_flags_reward_hacking(tmp_path):
+    from trainer.report import write_report
+
+    def run(relevant, irrelevant):
+        with (tmp_path / "validation.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "denscore", "text_relevant", "text_irrelevant"])
+            for k, (r, i) in enumerate(zip(relevant, irrelevant)):
+                w.writerow([k * 100, r + i, r, i])
+        write_report(tmp_path)
+        assert (tmp_path / "report.png").stat().st_size > 0
+        return (tmp_path / "report.md").read_text()
+
+    hacked = run([0.050, 0.060, 0.058, 0.055, 0.052], [0.200, 0.200, 0.203, 0.207, 0.210])
+    assert "WARNING: possible reward hacking: from step 200 to 400" in hacked
+    assert "| text_relevant ×100 | 5.00 | 5.20 |" in hacked
+    assert "WARNING" not in run([0.050, 0.052, 0.055], [0.200, 0.203, 0.207])  # both rose: aligned gains
+    assert "WARNING" not in run([0.050, 0.048, 0.045], [0.200, 0.199, 0.190])  # both fell
+    # Earlier hacking that stopped is not flagged: only the last validations count.
+    assert "WARNING" not in run([0.05, 0.04, 0.03, 0.04, 0.05, 0.06], [0.20, 0.25, 0.30, 0.30, 0.30, 0.31])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# User mistakes on the command line: exit code 2, one paragraph naming the option or file, no traceback
+
+
+def check_user_error(proc, *names: str) -> str:
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.stdout + err)[-3000:]
+    assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-3000:]
+    line = [ln for ln in err.splitlines() if "error:" in ln]
+    assert line, err[-2000:]
+    for name in names:
+        assert name in line[-1], line[-1]
+    return line[-1]
+
+
+def test_cli_option_mistakes(tmp_path):
+    out = ["--output-dir", str(tmp_path / "run")]
+    check_user_error(run_module([*out, "--mixed-precision", "fp16"]), "--mixed-precision fp16", "CPU", "bf16")
+    check_user_error(run_module([*out, "--batch-size", "0"]), "--train-batch-size (--batch-size)", ">= 1")
+    check_user_error(run_module([*out, "--token-budget", "1000000000"]), "--token-budget", "1..4096")
+
+
+def test_cli_config_file_mistakes(tmp_path):
+    out = ["--output-dir", str(tmp_path / "run")]
+    bad_type = tmp_path / "types.toml"
+    bad_type.write_text('train_steps = "ten"\n')
+    check_user_error(run_module([*out, "--config", str(bad_type)]), str(bad_type), "train_steps", "an integer")
+    bad_syntax = tmp_path / "syntax.toml"
+    bad_syntax.write_text("train_steps = 10\nsplit_mode = reference\n")
+    check_user_error(run_module([*out, "--config", str(bad_syntax)]), str(bad_syntax), "TOML syntax error",
+                     "line 2")
+
+
+def test_cli_prompts_file_mistakes(tmp_path):
+    out = ["--output-dir", str(tmp_path / "run"), *FAST]
+    not_a_string = tmp_path / "numbers.jsonl"
+    not_a_string.write_text('{"prompt": "A red fox."}\n{"prompt": 5}\n')
+    check_user_error(run_module([*out, "--prompts", str(not_a_string)]), f"{not_a_string}:2", "string")
+    bad_record = tmp_path / "broken.jsonl"
+    bad_record.write_text('{"prompt": "A red fox."}\n{"prompt": "A blue bird."}\n{"prompt": "A cat.",\n')
+    check_user_error(run_module([*out, "--prompts", str(bad_record)]), f"{bad_record}:3", "not valid JSON")
+
+
+def test_cli_corrupt_checkpoint_offers_the_previous_one(tmp_path):
+    from trainer.finetune import Trainer, checkpoints
+
+    args = ["--output-dir", str(tmp_path / "run"), *FAST, "--sample-steps", "2", "--sample-grad-steps", "1",
+            "--train-steps", "3", "--checkpoint-every", "1", "--checkpoints-keep", "5"]
+    Trainer(TrainConfig.from_args(args)).train()
+    first, latest = checkpoints(tmp_path / "run")[-2:]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
+    line = check_user_error(run_module([*args, "--resume", "latest"]), str(latest), f"--resume {first}")
+    assert "corrupt or incomplete" in line
