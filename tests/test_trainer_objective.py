@@ -102,7 +102,7 @@ def test_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkeypatch
     # The same check cannot pass for the plain score: its loss and gradient differ far beyond the tolerance.
     assert abs(float(plain.detach() - expected.detach())) > 1e-3
     assert float((flat(g_plain) - flat(g_expected)).abs().max()) > 1e-2 * scale
-    assert stats["reweighted"] == pytest.approx(1 - 2 * float(expected), abs=1e-6)
+    assert stats["reweighted"] == pytest.approx(1 - 2 * float(expected.detach()), abs=1e-6)
 
 
 def test_lora_dropout_drops_the_branch_output(trainer):
