@@ -42,7 +42,10 @@ def test_cli_writes_csv_and_plot_matching_the_core(tmp_path, image_dir, tiny_cli
         img = load_image(image_dir / name)[None]
         expected = segment_score(model, img, PROMPTS[name], direction=v).parts
         assert float(r["score"]) == pytest.approx(float(expected.score[0]), abs=1e-5)
-        assert float(r["text_relevant"]) + float(r["text_irrelevant"]) == pytest.approx(float(r["score"]), abs=1e-6)
+        # each column holds its own part (a swapped or duplicated column fails: the parts differ by far)
+        assert float(r["text_relevant"]) == pytest.approx(float(expected.relevant[0]), abs=1e-5)
+        assert float(r["text_irrelevant"]) == pytest.approx(float(expected.irrelevant[0]), abs=1e-5)
+        assert float(r["eta"]) == pytest.approx(float(expected.eta[0]), abs=1e-5)
     with Image.open(out_png) as im:
         assert im.size[0] > 400
     assert "wrote" in capsys.readouterr().out
