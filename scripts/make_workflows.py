@@ -451,7 +451,7 @@ def long_prompt_sd15() -> Workflow:
 
 
 def longsd() -> Workflow:
-    wf = Workflow("longsd", "LongAlign LongSD with LoRAs and T5",
+    wf = Workflow("longsd", "LongAlign LongSD (LoRA, T5)",
                   "The paper's fine-tuned SD1.5: two LoRAs and the T5 branch")
     ckpt = wf.add("CheckpointLoaderSimple", (A, CKPT_Y), (360, 98), ckpt_name=SD15_CHECKPOINT)
     # The LoRA chain sits in the corridor between the two encoders, below the checkpoint's VAE link.
