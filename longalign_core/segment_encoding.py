@@ -1,4 +1,4 @@
-"""Segment-level long-prompt conditioning, host-independent (SPEC §1.2–1.6).
+"""Segment-level long-prompt conditioning, host-independent (docs/method.md §1.2–1.6).
 
 The pieces every front-end (transformers here, ComfyUI's CLIP object in ``nodes/``) composes:
 
@@ -43,7 +43,7 @@ def plan_segments(
     split_mode: SplitMode = "sentence",
     long_segments: LongSegmentPolicy = "split",
 ) -> list[Segment]:
-    """Sentence segments of ``prompt`` that each fit ``window`` content tokens (SPEC §1.1).
+    """Sentence segments of ``prompt`` that each fit ``window`` content tokens (docs/method.md §1.1).
 
     ``count_tokens(text)`` returns the number of content tokens (no start/end) the encoder sees for ``text``.
     """
@@ -51,7 +51,7 @@ def plan_segments(
 
 
 def padding_embedding(empty_prompt_states: torch.Tensor, positions: int = PAD_EMBEDDING_POSITIONS) -> torch.Tensor:
-    """``<pad*>``: the mean of the last ``positions`` hidden states of the encoded empty prompt (SPEC §1.4).
+    """``<pad*>``: the mean of the last ``positions`` hidden states of the encoded empty prompt (docs/method.md §1.4).
 
     ``empty_prompt_states``: ``(T, C)`` states of ``[sot, eot, pad, …]`` padded to the full window (T = 77).
     Returns ``(C,)`` in the input dtype.
@@ -104,7 +104,7 @@ def merge_segment_states(
     overflow: OverflowPolicy = "extend",
     num_prompts: int | None = None,
 ) -> MergeResult:
-    """Merge per-segment hidden states into one conditioning per prompt (SPEC §1.3–1.5).
+    """Merge per-segment hidden states into one conditioning per prompt (docs/method.md §1.3–1.5).
 
     states: ``(N, T, C)`` one row per segment, rows of a prompt in segment order.
     keep: ``(N, T)`` bool, True for positions to keep (each segment's start token and content tokens).

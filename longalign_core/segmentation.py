@@ -1,4 +1,4 @@
-"""Split a long prompt into sentence segments (SPEC §1.1).
+"""Split a long prompt into sentence segments (docs/method.md §1.1).
 
 LongAlign encodes every sentence of a prompt on its own. Two splitters are offered:
 
@@ -75,7 +75,7 @@ def split_segments(prompt: str, mode: SplitMode = "sentence") -> list[Segment]:
     """Split ``prompt`` into sentence segments.
 
     Returns at least one segment: an empty or white-space-only prompt gives one empty segment (it encodes to a
-    lone start token, exactly as the reference encodes the empty/unconditional prompt, SPEC §1.6).
+    lone start token, exactly as the reference encodes the empty/unconditional prompt, docs/method.md §1.6).
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")

@@ -214,7 +214,8 @@ def test_link_geometry_matches_the_frontend(frontend, name):  # noqa: F811
     res = frontend.load(name)
     file_wf = res["file"]
     drawn = frontend.page.evaluate("""() => app.graph.nodes.map(n => ({id: n.id, size: [...n.size],
-        ins: (n.inputs || []).map((s, i) => n.getInputPos(i)), outs: (n.outputs || []).map((s, i) => n.getOutputPos(i))}))""")
+        ins: (n.inputs || []).map((s, i) => n.getInputPos(i)),
+        outs: (n.outputs || []).map((s, i) => n.getOutputPos(i))}))""")
     by_id = {n["id"]: n for n in file_wf["nodes"]}
     for d in drawn:
         node = by_id[d["id"]]
@@ -224,5 +225,6 @@ def test_link_geometry_matches_the_frontend(frontend, name):  # noqa: F811
         real_in = next(d for d in drawn if d["id"] == dst)["ins"][dst_slot]
         ours_out = layout.socket_pos(by_id[src], "output", src_slot)
         ours_in = layout.socket_pos(by_id[dst], "input", dst_slot)
-        assert max(abs(a - b) for a, b in zip(real_out, ours_out)) <= 1, (name, by_id[src]["type"], real_out, ours_out)
+        assert max(abs(a - b) for a, b in zip(real_out, ours_out)) <= 1, (name, by_id[src]["type"], real_out,
+                                                                           ours_out)
         assert max(abs(a - b) for a, b in zip(real_in, ours_in)) <= 1, (name, by_id[dst]["type"], real_in, ours_in)
