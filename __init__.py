@@ -7,6 +7,12 @@ anywhere else (tests, the trainer) imports no ``comfy`` module; the trainer and 
 import importlib.util
 import logging
 
+#: Served by ComfyUI at /extensions/<this folder's name>/: the node help pages the frontend's "?" panel reads
+#: (web/docs/<node id>/en.md) and one small frontend extension (web/js/). Set here, not as [tool.comfy] web in
+#: pyproject.toml: ComfyUI 0.8.0 registers that under the project name ("comfyui-longalign"), while the frontend
+#: asks for help pages under the folder name ("ComfyUI-LongAlign").
+WEB_DIRECTORY = "./web"
+
 if importlib.util.find_spec("comfy_api") is not None:
     try:
         from .nodes import comfy_entrypoint  # noqa: F401

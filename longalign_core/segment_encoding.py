@@ -1,4 +1,4 @@
-"""Segment-level long-prompt conditioning, host-independent (SPEC §1.2–1.6).
+"""Segment-level long-prompt conditioning, host-independent (docs/method.md §1.2–1.6).
 
 The pieces every front-end (transformers here, ComfyUI's CLIP object in ``nodes/``) composes:
 
@@ -15,6 +15,7 @@ Symbols: B prompts, N segments over all prompts, T positions per segment row, C 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -31,6 +32,8 @@ DEFAULT_TOKEN_BUDGET = 240
 PAD_EMBEDDING_POSITIONS = 60
 #: CLIP's window: 77 positions minus the start and end tokens.
 CLIP_WINDOW = 75
+#: Characters per line of :meth:`PromptReport.format`: what a 420 px wide *Preview as Text* shows unwrapped.
+REPORT_WIDTH = 48
 
 
 def plan_segments(
@@ -40,7 +43,7 @@ def plan_segments(
     split_mode: SplitMode = "sentence",
     long_segments: LongSegmentPolicy = "split",
 ) -> list[Segment]:
-    """Sentence segments of ``prompt`` that each fit ``window`` content tokens (SPEC §1.1).
+    """Sentence segments of ``prompt`` that each fit ``window`` content tokens (docs/method.md §1.1).
 
     ``count_tokens(text)`` returns the number of content tokens (no start/end) the encoder sees for ``text``.
     """
@@ -48,7 +51,7 @@ def plan_segments(
 
 
 def padding_embedding(empty_prompt_states: torch.Tensor, positions: int = PAD_EMBEDDING_POSITIONS) -> torch.Tensor:
-    """``<pad*>``: the mean of the last ``positions`` hidden states of the encoded empty prompt (SPEC §1.4).
+    """``<pad*>``: the mean of the last ``positions`` hidden states of the encoded empty prompt (docs/method.md §1.4).
 
     ``empty_prompt_states``: ``(T, C)`` states of ``[sot, eot, pad, …]`` padded to the full window (T = 77).
     Returns ``(C,)`` in the input dtype.
@@ -101,7 +104,7 @@ def merge_segment_states(
     overflow: OverflowPolicy = "extend",
     num_prompts: int | None = None,
 ) -> MergeResult:
-    """Merge per-segment hidden states into one conditioning per prompt (SPEC §1.3–1.5).
+    """Merge per-segment hidden states into one conditioning per prompt (docs/method.md §1.3–1.5).
 
     states: ``(N, T, C)`` one row per segment, rows of a prompt in segment order.
     keep: ``(N, T)`` bool, True for positions to keep (each segment's start token and content tokens).
@@ -160,7 +163,7 @@ def merge_segment_states(
 @dataclass
 class SegmentInfo:
     """One encoded segment: its text and span, the content tokens kept, and tokens lost to the window
-    (only with ``long_segments="truncate"``)."""
+    (only with ``long_segments="truncate"``); ``after_break`` when an explicit ``BREAK`` precedes it."""
 
     text: str
     start: int
@@ -169,6 +172,7 @@ class SegmentInfo:
     truncated: int = 0
     part: int = 1
     parts: int = 1
+    after_break: bool = False
 
 
 @dataclass
@@ -219,18 +223,30 @@ class PromptReport:
                 return k
         return len(self.segments)
 
-    def format(self, max_chars: int = 60) -> str:
-        """A readable table: one line per segment, then totals and warnings."""
-        lines = [f"{len(self.segments)} segments, {self.content_tokens} content tokens + "
-                 f"{len(self.segments)} start tokens = {self.merged} merged; "
-                 f"conditioning {self.length} tokens ({self.padding} padding)"]
+    def format(self, width: int = REPORT_WIDTH) -> str:
+        """A table no wider than ``width`` characters, so it reads in a 420 px *Preview as Text* without
+        wrapping: two summary lines, one line per segment (number, tokens, text trimmed with ``…``), then
+        warnings and notes wrapped at word boundaries.
+
+        Segment lines: ``BREAK`` before the text marks a segment that an explicit ``BREAK`` started,
+        ``[2/3]`` after it the part of a sentence longer than the window, ``[-12 cut]`` tokens cut from it.
+        """
+        n = len(self.segments)
+        lines = [f"{n} segment{'s' if n != 1 else ''}, {self.merged} tokens, budget {self.budget}",
+                 f"({self.content_tokens} text + {n} start); cond {self.length}"
+                 + (f" = {self.merged - self.dropped} + {self.padding} pad" if self.padding else "")]
+        lines.append(f"{'#':>3} {'tok':>3}  text")
         for k, s in enumerate(self.segments, 1):
-            text = s.text if len(s.text) <= max_chars else s.text[: max_chars - 1] + "…"
-            part = f" [part {s.part}/{s.parts}]" if s.parts > 1 else ""
-            cut = f" (-{s.truncated} cut)" if s.truncated else ""
-            lines.append(f"{k:>3}. {s.tokens:>3} tok{cut}{part}  {text!r}")
-        lines += ["WARNING: " + w for w in self.warnings()]
-        lines += ["note: " + n for n in self.notes]
+            head = f"{k:>3} {s.tokens:>3}  " + ("BREAK " if s.after_break else "")
+            tags = (f" [{s.part}/{s.parts}]" if s.parts > 1 else "") + (f" [-{s.truncated} cut]" if s.truncated else "")
+            room = max(width - len(head) - len(tags), 8)
+            text = " ".join(s.text.split())  # line breaks and runs of spaces shown as one space
+            if len(text) > room:
+                text = text[: room - 1].rstrip() + "…"
+            lines.append(head + text + tags)
+        for prefix, items in (("WARNING: ", self.warnings()), ("note: ", self.notes)):
+            for item in items:
+                lines += textwrap.wrap(prefix + item, width, subsequent_indent="  ", break_long_words=True)
         return "\n".join(lines)
 
 
@@ -248,7 +264,8 @@ def build_report(
     infos = []
     for seg, n in zip(segments, content_tokens):
         kept = min(n, window)
-        infos.append(SegmentInfo(seg.text, seg.start, seg.end, kept, n - kept, seg.part, seg.parts))
+        infos.append(SegmentInfo(seg.text, seg.start, seg.end, kept, n - kept, seg.part, seg.parts,
+                                 seg.after_break))
     subsplit = sum(1 for s in segments if s.part == 1 and s.parts > 1)
     notes = [f"{subsplit} sentence(s) longer than {window} tokens were split at clause or word boundaries"] \
         if subsplit else []

@@ -1,14 +1,18 @@
-"""Split a long prompt into sentence segments (SPEC §1.1).
+"""Split a long prompt into sentence segments (docs/method.md §1.1).
 
 LongAlign encodes every sentence of a prompt on its own. Two splitters are offered:
 
 * ``"sentence"`` (default): real sentence boundaries — ``. ! ? ;`` (and their full-width CJK forms
   ``。 ！ ？ ；``) followed by white space or the end of the text, and line breaks. A full stop inside a number
   (``3.5``), after a common abbreviation (``Mr.``, ``e.g.``) or after a single-letter initial (``J. R. R.``) is
-  not a boundary, and nothing inside ``( … )`` splits, so ComfyUI's ``(word:1.2)`` weight syntax survives.
+  not a boundary, and nothing inside ``( … )`` splits, so ComfyUI's ``(word:1.2)`` weight syntax survives. A
+  ``(`` that is never closed (``so sad :(``) or belongs to an emoticon (``:(`` ``;-)``) is plain text.
+  The word ``BREAK`` (upper case, on its own, outside parentheses; A1111's and other ComfyUI packs' "start a new
+  chunk here") is an explicit boundary: it ends the segment before it, is itself dropped, and the segment after
+  it is marked ``after_break``.
 * ``"reference"``: exactly the released LongAlign code (``tools.py``): ``re.split(r'"!|\\.|\\?|;"', prompt)``
   (it splits at every ``.`` and ``?``), ``"."`` appended to every non-empty piece, and the whole prompt as the
-  only segment when no piece is left.
+  only segment when no piece is left. ``BREAK`` stays text here, as in the release.
 
 Every :class:`Segment` keeps its character span in the original prompt, for display.
 
@@ -28,6 +32,12 @@ LongSegmentPolicy = Literal["split", "truncate"]
 
 SPLIT_MODES: tuple[str, ...] = ("sentence", "reference")
 LONG_SEGMENT_POLICIES: tuple[str, ...] = ("split", "truncate")
+
+#: ``BREAK`` as its own upper-case word (not ``BREAKFAST``, ``break``, ``xBREAK``).
+BREAK_WORD = "BREAK"
+_BREAK_RE = re.compile(r"(?<![\w])BREAK(?![\w])")
+#: Emoticons whose parenthesis is not ComfyUI weight syntax.
+_EMOTICON_RE = re.compile(r"[:;=][-'^]?[()]")
 
 #: The released code's pattern, kept verbatim: as written it means `"!` or `.` or `?` or `;"`.
 REFERENCE_PATTERN = re.compile(r'"!|\.|\?|;"')
@@ -50,6 +60,7 @@ class Segment:
     ``text`` is what gets encoded; ``start``/``end`` is its character span in the original prompt
     (``prompt[start:end]``). In reference mode ``text`` is the source piece plus the appended ``"."``.
     ``part`` and ``parts`` number the pieces of a sentence that had to be sub-split (``parts == 1`` otherwise).
+    ``after_break`` is True when an explicit ``BREAK`` ends the text before this segment (sentence mode).
     """
 
     text: str
@@ -57,13 +68,14 @@ class Segment:
     end: int
     part: int = 1
     parts: int = 1
+    after_break: bool = False
 
 
 def split_segments(prompt: str, mode: SplitMode = "sentence") -> list[Segment]:
     """Split ``prompt`` into sentence segments.
 
     Returns at least one segment: an empty or white-space-only prompt gives one empty segment (it encodes to a
-    lone start token, exactly as the reference encodes the empty/unconditional prompt, SPEC §1.6).
+    lone start token, exactly as the reference encodes the empty/unconditional prompt, docs/method.md §1.6).
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -117,26 +129,49 @@ def _is_boundary(prompt: str, i: int, depth: int) -> int:
     return j
 
 
+def _bracket_positions(prompt: str) -> set[int]:
+    """Indices of the ``(`` and ``)`` that group text (weight syntax): not escaped (``\\(``), not part of an
+    emoticon (``:(``, ``;-)``), and matched by a partner; an unmatched one is plain text."""
+    emoticon = set()
+    for m in _EMOTICON_RE.finditer(prompt):
+        emoticon.update(i for i in range(m.start(), m.end()) if prompt[i] in "()")
+    opened: list[int] = []
+    pairs: set[int] = set()
+    for i, ch in enumerate(prompt):
+        if ch not in "()" or i in emoticon or (i > 0 and prompt[i - 1] == "\\"):
+            continue
+        if ch == "(":
+            opened.append(i)
+        elif opened:
+            pairs.update((opened.pop(), i))
+    return pairs
+
+
 def _split_sentences(prompt: str) -> list[Segment]:
-    spans: list[tuple[int, int]] = []
-    start, depth, i = 0, 0, 0
+    brackets = _bracket_positions(prompt)
+    breaks = {m.start(): m.end() for m in _BREAK_RE.finditer(prompt)}
+    spans: list[tuple[int, int, bool]] = []  # (start, end, the span follows a BREAK)
+    start, depth, i, after_break = 0, 0, 0, False
     while i < len(prompt):
         ch = prompt[i]
-        escaped = i > 0 and prompt[i - 1] == "\\"
-        if ch == "(" and not escaped:
-            depth += 1
-        elif ch == ")" and not escaped and depth > 0:
-            depth -= 1
+        if i in brackets:
+            depth += 1 if ch == "(" else -1
+        elif depth == 0 and i in breaks:
+            spans.append((start, i, after_break))
+            start = i = breaks[i]
+            after_break = True
+            continue
         end = _is_boundary(prompt, i, depth)
         if end:
-            spans.append((start, end))
+            spans.append((start, end, after_break))
             start = i = end
+            after_break = False
             continue
         i += 1
-    spans.append((start, len(prompt)))
+    spans.append((start, len(prompt), after_break))
 
     segments: list[Segment] = []
-    for s, e in spans:
+    for s, e, brk in spans:
         while s < e and prompt[s].isspace():
             s += 1
         while e > s and prompt[e - 1].isspace():
@@ -144,12 +179,12 @@ def _split_sentences(prompt: str) -> list[Segment]:
         if s == e:
             continue
         text = prompt[s:e]
-        if segments and not any(c.isalnum() for c in text):
+        if segments and not brk and not any(c.isalnum() for c in text):
             # A punctuation-only piece ("a cat . . .") joins the sentence before it.
             prev = segments[-1]
-            segments[-1] = Segment(prompt[prev.start:e], prev.start, e)
+            segments[-1] = Segment(prompt[prev.start:e], prev.start, e, after_break=prev.after_break)
             continue
-        segments.append(Segment(text, s, e))
+        segments.append(Segment(text, s, e, after_break=brk))
     if not segments:
         segments = [Segment("", 0, 0)]
     return segments
@@ -233,7 +268,8 @@ def fit_segments(
             offset = seg.start + min(s + lead, src_len)
             pieces.append((stripped, offset, min(offset + len(stripped), seg.end)))
         n = len(pieces)
-        out.extend(Segment(t, a, b, part=k + 1, parts=n) for k, (t, a, b) in enumerate(pieces))
+        out.extend(Segment(t, a, b, part=k + 1, parts=n, after_break=seg.after_break and k == 0)
+                   for k, (t, a, b) in enumerate(pieces))
     return out
 
 

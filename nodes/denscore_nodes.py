@@ -19,6 +19,7 @@ from ..longalign_core.denscore import (
     prompts_digest,
     segment_score,
 )
+from ..longalign_core.model_files import missing_model_message
 from ..longalign_core.preference import MODEL_KINDS, PreferenceModel, load_preference_model
 from ..longalign_core.score_chart import format_report, render_segment_chart
 from ..longalign_core.segmentation import SPLIT_MODES
@@ -123,6 +124,11 @@ class LongAlignPreferenceModelLoader(io.ComfyNode):
             ],
             outputs=[DenscoreModel.Output(tooltip="The preference model, for Denscore Score / Best-of-N.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name):  # at queue time, instead of ComfyUI's "value not in list"
+        return missing_model_message("Load Preference Model (Denscore)", "model_name", model_name, "denscore",
+                                     host.list_preference_models())
 
     @classmethod
     def execute(cls, model_name, kind, precision) -> io.NodeOutput:

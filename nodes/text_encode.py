@@ -20,7 +20,7 @@ SEGMENT_CACHE = SegmentCache()
 
 class LongAlignTextEncode(io.ComfyNode):
     """Encode a long prompt sentence by sentence (LongAlign, ICLR 2025) into a CONDITIONING longer than 77
-    tokens, with no silent loss of text."""
+    tokens, with no silent loss of text. Outputs: conditioning, report (text), segments and tokens (counts)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -38,7 +38,8 @@ class LongAlignTextEncode(io.ComfyNode):
                                               "honoured."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True,
                                 tooltip="The prompt, as long as you like. Sentences end at . ! ? ; or a line "
-                                        "break. Weights like (red:1.2) and embedding:name work."),
+                                        "break; the word BREAK starts a new segment (split_mode sentence). "
+                                        "Weights like (red:1.2) and embedding:name work."),
                 io.Int.Input("token_budget", default=DEFAULT_TOKEN_BUDGET, min=1, max=4096, step=1,
                              tooltip="Length of the conditioning in tokens. 240 is what LongSD was trained "
                                      "with. Use the same budget for positive and negative so they batch "
@@ -49,8 +50,8 @@ class LongAlignTextEncode(io.ComfyNode):
                                        "the budget like the reference code (reported); error = stop."),
                 io.Combo.Input("split_mode", options=list(SPLIT_MODES), default="sentence",
                                tooltip="sentence = real sentence boundaries (not inside 3.5, Mr., or "
-                                       "parentheses); reference = the released LongAlign code's split at "
-                                       "every . and ?"),
+                                       "parentheses) and BREAK; reference = the released LongAlign code's "
+                                       "split at every . and ? (BREAK stays text)"),
                 io.Combo.Input("long_sentences", options=list(LONG_SEGMENT_POLICIES), default="split",
                                tooltip="A sentence over 75 tokens: split = cut it at commas, then words "
                                        "(nothing lost); truncate = keep its first 75 tokens like the "
@@ -66,6 +67,13 @@ class LongAlignTextEncode(io.ComfyNode):
                 io.String.Output(display_name="report",
                                  tooltip="Segments, tokens per segment, totals, and anything extended or cut. "
                                          "Connect to Preview as Text to read it."),
+                # Appended after the original outputs, so links saved in older workflows keep their slots.
+                io.Int.Output(display_name="segments",
+                              tooltip="How many segments the prompt became (sentences, BREAK pieces and parts "
+                                      "of over-long sentences); each is one CLIP encode."),
+                io.Int.Output(display_name="tokens",
+                              tooltip="Tokens the prompt needs: its text tokens plus one start token per "
+                                      "segment. Compare with token_budget: more means extend/truncate acts."),
             ],
         )
 
@@ -88,4 +96,4 @@ class LongAlignTextEncode(io.ComfyNode):
             text_report += (f"\nT5 branch: +{t5_cond.shape[1]} tokens ({n} T5 tokens"
                             + (f"; {n - t5_cond.shape[1]} cut at {t5_cond.shape[1]}, as in LongSD" if n > t5_cond.shape[1]
                                else "") + ")")
-        return io.NodeOutput(conditioning, text_report)
+        return io.NodeOutput(conditioning, text_report, len(report.segments), report.merged)

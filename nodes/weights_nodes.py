@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..longalign_core.lora import diffusers_config_from_ldm, load_lora, lora_targets, to_kohya
+from ..longalign_core.model_files import missing_model_message
 from ..longalign_core.t5_branch import load_t5_branch
 from . import host
 
@@ -39,6 +40,10 @@ class LongAlignLoadLongSDLoRA(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with the LoRA patches (the input model is unchanged).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name):  # at queue time, instead of ComfyUI's "value not in list"
+        return missing_model_message("Load LongSD LoRA", "lora_name", lora_name, "loras", host.list_loras())
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
@@ -75,6 +80,15 @@ class LongAlignLoadT5Adapter(io.ComfyNode):
             ],
             outputs=[LongAlignT5.Output(tooltip="The T5 branch, for LongAlign Text Encode's longalign_t5 input.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, t5_folder, adapter_folder):
+        t5 = missing_model_message("Load LongAlign T5 Adapter", "t5_folder", t5_folder, "text_encoders",
+                                   host.list_model_folders("text_encoders"))
+        if t5 is not True:
+            return t5
+        return missing_model_message("Load LongAlign T5 Adapter", "adapter_folder", adapter_folder,
+                                     host.ADAPTER_FOLDER, host.list_model_folders(host.ADAPTER_FOLDER))
 
     @classmethod
     def execute(cls, t5_folder, adapter_folder, attention_mask) -> io.NodeOutput:

@@ -43,46 +43,56 @@ class NodeType:
     #: widgets the frontend adds on its own (not sent to the server): name -> value stored in the UI file
     frontend_widgets: tuple[tuple[str, object], ...] = ()
     virtual: bool = False  # frontend-only node (Note, MarkdownNote): not part of the API format
+    #: the smallest size the frontend (1.35.9) draws the node at; a smaller saved size is enlarged on load
+    min_size: tuple[float, float] = (210, 26)
 
 
 NODE_TYPES: dict[str, NodeType] = {
     "CheckpointLoaderSimple": NodeType(outputs=(("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")),
-                                       widgets=("ckpt_name",)),
+                                       widgets=("ckpt_name",), min_size=(210, 98)),
     "CLIPTextEncode": NodeType(inputs=(("clip", "CLIP"),), outputs=(("CONDITIONING", "CONDITIONING"),),
-                               widgets=("text",)),
-    "EmptyLatentImage": NodeType(outputs=(("LATENT", "LATENT"),), widgets=("width", "height", "batch_size")),
+                               widgets=("text",), min_size=(219, 88)),
+    "EmptyLatentImage": NodeType(outputs=(("LATENT", "LATENT"),), widgets=("width", "height", "batch_size"),
+                                 min_size=(210, 106)),
     "KSampler": NodeType(inputs=(("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                  ("latent_image", "LATENT")),
                          outputs=(("LATENT", "LATENT"),),
-                         widgets=("seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise")),
-    "VAEDecode": NodeType(inputs=(("samples", "LATENT"), ("vae", "VAE")), outputs=(("IMAGE", "IMAGE"),)),
-    "SaveImage": NodeType(inputs=(("images", "IMAGE"),), widgets=("filename_prefix",)),
-    "PreviewImage": NodeType(inputs=(("images", "IMAGE"),)),
+                         widgets=("seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+                         min_size=(210, 262)),
+    "VAEDecode": NodeType(inputs=(("samples", "LATENT"), ("vae", "VAE")), outputs=(("IMAGE", "IMAGE"),),
+                          min_size=(140, 46)),
+    "SaveImage": NodeType(inputs=(("images", "IMAGE"),), widgets=("filename_prefix",), min_size=(210, 58)),
+    "PreviewImage": NodeType(inputs=(("images", "IMAGE"),), min_size=(140, 26)),
     # "Preview as Text": the frontend adds two display widgets that are never restored from a file (the
     # frontend skips them when it reads widgets_values) and a previewMode toggle, which is.
-    "PreviewAny": NodeType(inputs=(("source", "*"),), frontend_widgets=(("previewMode", False),)),
-    "PrimitiveStringMultiline": NodeType(outputs=(("STRING", "STRING"),), widgets=("value",)),
-    "MarkdownNote": NodeType(widgets=("text",), virtual=True),
+    "PreviewAny": NodeType(inputs=(("source", "*"),), frontend_widgets=(("previewMode", False),),
+                           min_size=(210, 112)),
+    "PrimitiveStringMultiline": NodeType(outputs=(("STRING", "STRING"),), widgets=("value",), min_size=(210, 88)),
+    "MarkdownNote": NodeType(widgets=("text",), virtual=True, min_size=(210, 88)),
+    # The frontend's Reroute node (no title bar): a link bend point; graphToPrompt links straight through it.
+    "Reroute": NodeType(inputs=(("", "*"),), outputs=(("", "*"),), virtual=True, min_size=(75, 26)),
     # --- this pack ---
     "LongAlignTextEncode": NodeType(
         inputs=(("clip", "CLIP"), ("longalign_t5", "LONGALIGN_T5")),
-        outputs=(("CONDITIONING", "CONDITIONING"), ("report", "STRING")),
-        widgets=("text", "token_budget", "overflow", "split_mode", "long_sentences")),
+        outputs=(("CONDITIONING", "CONDITIONING"), ("report", "STRING"), ("segments", "INT"), ("tokens", "INT")),
+        widgets=("text", "token_budget", "overflow", "split_mode", "long_sentences"), min_size=(210, 244)),
     "LongAlignLoadLongSDLoRA": NodeType(inputs=(("model", "MODEL"),), outputs=(("MODEL", "MODEL"),),
-                                        widgets=("lora_name", "strength")),
+                                        widgets=("lora_name", "strength"), min_size=(210, 82)),
     "LongAlignLoadT5Adapter": NodeType(outputs=(("LONGALIGN_T5", "LONGALIGN_T5"),),
-                                       widgets=("t5_folder", "adapter_folder", "attention_mask")),
+                                       widgets=("t5_folder", "adapter_folder", "attention_mask"),
+                                       min_size=(221, 106)),
     "LongAlignPreferenceModelLoader": NodeType(outputs=(("DENSCORE_MODEL", "DENSCORE_MODEL"),),
-                                               widgets=("model_name", "kind", "precision")),
+                                               widgets=("model_name", "kind", "precision"), min_size=(273, 106)),
     "LongAlignDenscoreScore": NodeType(
         inputs=(("denscore_model", "DENSCORE_MODEL"), ("images", "IMAGE")),
         outputs=(("scores", "FLOAT"), ("text_relevant", "FLOAT"), ("text_irrelevant", "FLOAT"), ("eta", "FLOAT"),
                  ("report", "STRING"), ("chart", "IMAGE")),
-        widgets=("text", "omega", "reference_prompts", "split_mode")),
+        widgets=("text", "omega", "reference_prompts", "split_mode"), min_size=(220, 290)),
     "LongAlignDenscoreBestOfN": NodeType(
         inputs=(("denscore_model", "DENSCORE_MODEL"), ("images", "IMAGE")),
         outputs=(("best_image", "IMAGE"), ("best_index", "INT"), ("scores", "FLOAT"), ("report", "STRING")),
-        widgets=("text", "omega", "rank_by", "reference_prompts", "split_mode")),  # required first, then optional
+        widgets=("text", "omega", "rank_by", "reference_prompts", "split_mode"),  # required first, then optional
+        min_size=(212, 274)),
 }
 
 WIDGETS = {name: t.widgets for name, t in NODE_TYPES.items()}
@@ -125,7 +135,12 @@ class Node:
 
 @dataclass
 class Workflow:
-    name: str
+    name: str  # short id: the API file's name (workflows/api/<name>.json)
+    #: the UI file's name (workflows/<title>.json): ComfyUI 0.8.0's Templates dialog shows a custom node
+    #: pack's template by its file name, as title and description, and searches it by that name
+    title: str = ""
+    #: one line on what the workflow shows, drawn on its template card (scripts/make_template_cards.py)
+    blurb: str = ""
     nodes: list[Node] = field(default_factory=list)
 
     def add(self, type_: str, pos, size, title: str | None = None, colors: dict | None = None, **values) -> Node:
@@ -133,9 +148,29 @@ class Workflow:
         expected = list(spec.widgets)
         if sorted(values) != sorted(expected):
             raise ValueError(f"{type_}: widget values {sorted(values)} != widgets {sorted(expected)}")
+        if size[0] < spec.min_size[0] or size[1] < spec.min_size[1]:
+            raise ValueError(f"{type_}: size {size} is below the frontend's minimum {spec.min_size}")
         node = Node(len(self.nodes) + 1, type_, tuple(pos), tuple(size), values, title, dict(colors or {}))
         self.nodes.append(node)
         return node
+
+    def reroute(self, source: tuple[Node, int], pos) -> Node:
+        """A Reroute node at ``pos`` fed by ``source``; link onwards from ``node.out("")``."""
+        node = self.add("Reroute", pos, (75, 26))
+        self.link(source, node, "")
+        return node
+
+    @staticmethod
+    def origin(source: tuple[Node, int]) -> tuple[Node, int]:
+        """The real output behind a chain of Reroute nodes."""
+        node, slot = source
+        while node.type == "Reroute":
+            node, slot = node.links_in[""]
+        return node, slot
+
+    def out_type(self, node: Node, slot: int) -> str:
+        src, k = self.origin((node, slot))
+        return src.spec.outputs[k][1]
 
     def note(self, text: str, pos, size) -> Node:
         return self.add("MarkdownNote", pos, size, title="Read me", text=text)
@@ -185,7 +220,7 @@ class Workflow:
             for name in spec.widgets:  # widget inputs appear as inputs only while connected
                 if name in n.links_in:
                     src, slot = n.links_in[name]
-                    inputs.append({"name": name, "type": src.spec.outputs[slot][1], "widget": {"name": name},
+                    inputs.append({"name": name, "type": self.out_type(src, slot), "widget": {"name": name},
                                    "link": None})
             slot_of = {i["name"]: k for k, i in enumerate(inputs)}
             for link_id, src, slot, target, name in links:
@@ -194,13 +229,16 @@ class Workflow:
             outputs = []
             for k, (name, t) in enumerate(spec.outputs):
                 ids = [lid for lid, src, slot, _, _ in links if src is n and slot == k]
+                if n.type == "Reroute":  # the frontend types a reroute's output by what it carries
+                    t = self.out_type(n, k)
                 outputs.append({"name": name, "type": t, "links": ids, "slot_index": k})
             entry = {"id": n.id, "type": n.type}
             if n.title:
                 entry["title"] = n.title
             entry.update({"pos": list(n.pos), "size": list(n.size), "flags": {}, "order": order[n.id], "mode": 0,
                           "inputs": inputs, "outputs": outputs,
-                          "properties": {"Node name for S&R": n.type},
+                          "properties": {"showOutputText": False, "horizontal": False} if n.type == "Reroute"
+                          else {"Node name for S&R": n.type},
                           "widgets_values": [n.values[w] for w in spec.widgets]
                           + [v for _, v in spec.frontend_widgets]})
             entry.update(n.colors)
@@ -209,7 +247,7 @@ class Workflow:
             "last_node_id": max(n.id for n in self.nodes),
             "last_link_id": len(links),
             "nodes": nodes,
-            "links": [[lid, src.id, slot, target.id, self._slot(target, name), src.spec.outputs[slot][1]]
+            "links": [[lid, src.id, slot, target.id, self._slot(target, name), self.out_type(src, slot)]
                       for lid, src, slot, target, name in links],
             "groups": [],
             "config": {},
@@ -244,11 +282,14 @@ class Workflow:
             for name in n.spec.widgets:
                 if name == CONTROL:
                     continue
-                inputs[name] = [str(n.links_in[name][0].id), n.links_in[name][1]] if name in n.links_in \
-                    else n.values[name]
+                if name in n.links_in:
+                    src, slot = self.origin(n.links_in[name])
+                    inputs[name] = [str(src.id), slot]
+                else:
+                    inputs[name] = n.values[name]
             for name, _ in n.spec.inputs:
                 if name in n.links_in:
-                    src, slot = n.links_in[name]
+                    src, slot = self.origin(n.links_in[name])
                     inputs[name] = [str(src.id), slot]
             prompt[str(n.id)] = {"inputs": inputs, "class_type": n.type,
                                  "_meta": {"title": n.title or DISPLAY_NAMES[n.type]}}
@@ -267,6 +308,7 @@ DISPLAY_NAMES = {
     "PreviewAny": "Preview as Text",
     "PrimitiveStringMultiline": "String (Multiline)",
     "MarkdownNote": "Markdown Note",
+    "Reroute": "Reroute",
     "LongAlignTextEncode": "LongAlign Text Encode",
     "LongAlignLoadLongSDLoRA": "Load LongSD LoRA",
     "LongAlignLoadT5Adapter": "Load LongAlign T5 Adapter",
@@ -322,13 +364,28 @@ SDXL_PROMPT = (
 LONGALIGN_WIDGETS = dict(token_budget=240, overflow="extend", split_mode="sentence", long_sentences="split")
 
 
-def _encode_pair(wf: Workflow, clip, positive: str, negative: str, x: float, y: float, t5=None,
-                 heights=(300, 200)):
-    """A positive and a negative LongAlign Text Encode sharing one CLIP (and T5 branch)."""
-    pos = wf.add("LongAlignTextEncode", (x, y), (420, heights[0]), title="LongAlign Text Encode (positive)",
+# --------------------------------------------------------------------------------------------------------------
+# The workflows. Columns A x=20 (loaders, prompt, note), B x=440 (text encoders, latent), C x=960 (report,
+# sampler), D x=1460 (decode, Denscore loader), E and F (outputs). A node's pos is the top-left of its body; its
+# 30 px title bar sits above it. Links are splines that leave an output to the right and enter an input from
+# the left, so a link that crosses a column must stay in a free band of it: the checkpoint's MODEL and VAE
+# links run through a corridor between the positive and the negative encoder, the VAE link passes above the
+# sampler, and no link runs behind a node (tests/test_workflows.py computes it).
+# --------------------------------------------------------------------------------------------------------------
+
+A, B, C, D = 20, 440, 960, 1460
+TOP = 60
+CKPT_Y = 400  # the checkpoint loader; its MODEL / CLIP / VAE outputs are at y + 14 / 34 / 54
+ENCODER_W = 420
+
+
+def _encode_pair(wf: Workflow, clip, positive: str, negative: str, pos_y: float, neg_y: float, t5=None,
+                 pos_h: float = 300):
+    """A positive and a negative LongAlign Text Encode (column B) sharing one CLIP (and T5 branch)."""
+    pos = wf.add("LongAlignTextEncode", (B, pos_y), (ENCODER_W, pos_h), title="LongAlign Text Encode (positive)",
                  colors=GREEN, text=positive, **LONGALIGN_WIDGETS)
-    neg = wf.add("LongAlignTextEncode", (x, y + heights[0] + GAP), (420, heights[1]),
-                 title="LongAlign Text Encode (negative)", colors=RED, text=negative, **LONGALIGN_WIDGETS)
+    neg = wf.add("LongAlignTextEncode", (B, neg_y), (ENCODER_W, 244), title="LongAlign Text Encode (negative)",
+                 colors=RED, text=negative, **LONGALIGN_WIDGETS)
     for node in (pos, neg):
         wf.link(clip, node, "clip")
         if t5 is not None:
@@ -354,37 +411,32 @@ def _decode(wf: Workflow, ks, vae, x: float, y: float) -> Node:
     return dec
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The workflows. Columns: A x=20 (loaders, prompt, note), B x=420 (text encoders), C x=880 (sampling),
-# D x=1240 and E x=1700 (outputs). A node's pos is the top-left of its body; its title bar sits above it.
-# --------------------------------------------------------------------------------------------------------------
-
-GAP = 60  # vertical distance between one node's body and the next node's body (title bar + margin)
-A, B, C, D, E = 20, 420, 880, 1240, 1700
-TOP = 60
-
-
 def _text_to_image(wf: Workflow, checkpoint: str, prompt: str, size: int, seed: int, steps: int, cfg: float,
-                   sampler: str, scheduler: str, prefix: str, model=None, t5=None, ckpt=None):
-    """checkpoint -> LongAlign positive/negative -> KSampler -> VAE Decode -> Save Image, + report preview."""
-    ckpt = ckpt or wf.add("CheckpointLoaderSimple", (A, TOP), (360, 98), ckpt_name=checkpoint)
-    pos, neg = _encode_pair(wf, ckpt.out("CLIP"), prompt, NEGATIVE_PROMPT, B, TOP, t5=t5)
-    latent = wf.add("EmptyLatentImage", (B, TOP + 300 + GAP + 200 + GAP), (320, 106), width=size, height=size,
+                   sampler: str, scheduler: str, prefix: str, saved: str, model=None, t5=None, ckpt=None,
+                   neg_y: float = 570, sampler_y: float = 520):
+    """checkpoint -> LongAlign positive/negative -> KSampler -> VAE Decode -> Save Image, with the positive
+    prompt's segment report in Preview as Text right next to it."""
+    ckpt = ckpt or wf.add("CheckpointLoaderSimple", (A, CKPT_Y), (360, 98), ckpt_name=checkpoint)
+    pos, neg = _encode_pair(wf, ckpt.out("CLIP"), prompt, NEGATIVE_PROMPT, TOP, neg_y, t5=t5)
+    latent = wf.add("EmptyLatentImage", (B, neg_y + 244 + 60), (ENCODER_W, 106), width=size, height=size,
                     batch_size=1)
-    ks = _sample(wf, model or ckpt.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"),
-                 latent.out("LATENT"), C, TOP, seed=seed, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler)
-    dec = _decode(wf, ks, ckpt.out("VAE"), C, TOP + 262 + GAP)
-    save = wf.add("SaveImage", (D, TOP), (420, 440), filename_prefix=prefix)
-    wf.link(dec.out("IMAGE"), save, "images")
-    report = wf.add("PreviewAny", (D, TOP + 440 + GAP), (420, 260), title="Preview as Text (segment report)")
+    report = wf.add("PreviewAny", (C, TOP), (ENCODER_W, 340), title="Preview as Text (segment report)")
     wf.link(pos.out("report"), report, "source")
+    ks = _sample(wf, model or ckpt.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"),
+                 latent.out("LATENT"), C, sampler_y, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+                 scheduler=scheduler)
+    dec = _decode(wf, ks, ckpt.out("VAE"), D, CKPT_Y + 20)  # its vae input level with the checkpoint's VAE
+    save = wf.add("SaveImage", (D + 210 + 100, TOP), (512, 560), title=f"Save Image ({saved})",
+                  filename_prefix=prefix)
+    wf.link(dec.out("IMAGE"), save, "images")
     return ckpt, pos
 
 
 def long_prompt_sd15() -> Workflow:
-    wf = Workflow("long_prompt_sd15")
+    wf = Workflow("long_prompt_sd15", "LongAlign long prompt on SD1.5",
+                  "A 13-sentence prompt, every sentence encoded, nothing cut")
     _text_to_image(wf, SD15_CHECKPOINT, LONG_PROMPT, 512, seed=42, steps=25, cfg=7.5, sampler="dpmpp_2m",
-                   scheduler="karras", prefix="longalign_sd15")
+                   scheduler="karras", prefix="longalign_sd15", saved="SD1.5 image from the long prompt")
     wf.note(
         "## Long prompt on SD1.5\n"
         "**LongAlign Text Encode** replaces *CLIP Text Encode*: the prompt is split into sentences, each "
@@ -394,23 +446,26 @@ def long_prompt_sd15() -> Workflow:
         "* Give positive and negative the same `token_budget` so they batch together.\n"
         "* **Preview as Text** shows the report: every sentence with its token count, and a `WARNING` line if "
         "anything was extended or cut.",
-        (A, TOP + 98 + GAP), (360, 320))
+        (A, TOP), (360, 280))
     return wf
 
 
 def longsd() -> Workflow:
-    wf = Workflow("longsd")
-    ckpt = wf.add("CheckpointLoaderSimple", (A, TOP), (360, 98), ckpt_name=SD15_CHECKPOINT)
-    lora1 = wf.add("LongAlignLoadLongSDLoRA", (A, TOP + 98 + GAP), (360, 82), title="Load LongSD LoRA (stage 1)",
+    wf = Workflow("longsd", "LongAlign LongSD (LoRA, T5)",
+                  "The paper's fine-tuned SD1.5: two LoRAs and the T5 branch")
+    ckpt = wf.add("CheckpointLoaderSimple", (A, CKPT_Y), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    # The LoRA chain sits in the corridor between the two encoders, below the checkpoint's VAE link.
+    lora1 = wf.add("LongAlignLoadLongSDLoRA", (B, CKPT_Y + 140), (210, 82), title="LongSD LoRA (stage 1)",
                    lora_name=LONGSD_STAGE1_LORA, strength=1.0)
-    lora2 = wf.add("LongAlignLoadLongSDLoRA", (A, TOP + 98 + 82 + 2 * GAP), (360, 82),
-                   title="Load LongSD LoRA (reward)", lora_name=LONGSD_REWARD_LORA, strength=1.0)
+    lora2 = wf.add("LongAlignLoadLongSDLoRA", (B + 250, CKPT_Y + 140), (210, 82), title="LongSD LoRA (reward)",
+                   lora_name=LONGSD_REWARD_LORA, strength=1.0)
     wf.link(ckpt.out("MODEL"), lora1, "model")
     wf.link(lora1.out("MODEL"), lora2, "model")
-    t5 = wf.add("LongAlignLoadT5Adapter", (A, TOP + 98 + 2 * 82 + 3 * GAP), (360, 106), t5_folder=LONGSD_T5_FOLDER,
+    t5 = wf.add("LongAlignLoadT5Adapter", (A, CKPT_Y + 98 + 60), (360, 106), t5_folder=LONGSD_T5_FOLDER,
                 adapter_folder=LONGSD_ADAPTER_FOLDER, attention_mask="none")
     _text_to_image(wf, SD15_CHECKPOINT, LONG_PROMPT, 512, seed=42, steps=25, cfg=7.5, sampler="uni_pc",
-                   scheduler="normal", prefix="longsd", model=lora2.out("MODEL"), t5=t5.out("LONGALIGN_T5"), ckpt=ckpt)
+                   scheduler="normal", prefix="longsd", saved="LongSD image", model=lora2.out("MODEL"),
+                   t5=t5.out("LONGALIGN_T5"), ckpt=ckpt, neg_y=CKPT_Y + 140 + 82 + 70, sampler_y=CKPT_Y + 140)
     wf.note(
         "## LongSD (LongAlign's fine-tuned SD1.5)\n"
         "Files from the LongAlign release (`luping-liu/LongAlign`) and `google-t5/t5-large`:\n\n"
@@ -423,58 +478,69 @@ def longsd() -> Workflow:
         "diffusion_pytorch_model.safetensors)\n\n"
         "The T5 branch goes into **both** text encodes. Sampler settings are LongSD's: UniPC, 25 steps, "
         "CFG 7.5, 512x512.",
-        (C, TOP + 262 + 46 + 2 * GAP), (320, 330))
+        (A, TOP), (360, 280))
     return wf
 
 
 def denscore_best_of_n() -> Workflow:
-    wf = Workflow("denscore_best_of_n")
-    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 300), title="Prompt", value=LONG_PROMPT)
-    ckpt = wf.add("CheckpointLoaderSimple", (A, TOP + 300 + GAP), (360, 98), ckpt_name=SD15_CHECKPOINT)
-    pos, neg = _encode_pair(wf, ckpt.out("CLIP"), "", NEGATIVE_PROMPT, B, TOP, heights=(200, 200))
+    """The prompt's links to the two Denscore nodes run above the generation graph (to Denscore Score, level)
+    and diagonally down through free space (to Best-of-N)."""
+    wf = Workflow("denscore_best_of_n", "LongAlign best of 4 by Denscore",
+                  "Score 4 images sentence by sentence and keep the best")
+    y0 = 240  # the generation graph starts below the prompt's links
+    ck = y0 + 340  # checkpoint
+    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 280), title="Prompt", value=LONG_PROMPT)
+    ckpt = wf.add("CheckpointLoaderSimple", (A, ck), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    pos, neg = _encode_pair(wf, ckpt.out("CLIP"), "", NEGATIVE_PROMPT, y0, ck + 200)
     wf.link(prompt.out("STRING"), pos, "text")
-    latent = wf.add("EmptyLatentImage", (B, TOP + 400 + 2 * GAP), (320, 106), width=512, height=512, batch_size=4)
+    latent = wf.add("EmptyLatentImage", (B, ck + 200 + 244 + 60), (ENCODER_W, 106), width=512, height=512,
+                    batch_size=4)
     ks = _sample(wf, ckpt.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent.out("LATENT"),
-                 C, TOP, seed=7, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
-    dec = _decode(wf, ks, ckpt.out("VAE"), C, TOP + 262 + GAP)
-    batch = wf.add("PreviewImage", (C, TOP + 262 + 46 + 2 * GAP), (320, 300), title="Preview Image (all 4)")
-    wf.link(dec.out("IMAGE"), batch, "images")
-    loader = wf.add("LongAlignPreferenceModelLoader", (C, TOP + 262 + 46 + 300 + 3 * GAP), (320, 106),
-                    model_name=DENSCORE_FOLDER, kind="auto", precision="auto")
-    score = wf.add("LongAlignDenscoreScore", (D, TOP), (420, 420), text="", omega=0.3, reference_prompts="",
-                   split_mode="sentence")
-    best = wf.add("LongAlignDenscoreBestOfN", (D, TOP + 420 + GAP), (420, 290), text="", omega=0.3,
+                 C, ck + 120, seed=7, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
+    dec = _decode(wf, ks, ckpt.out("VAE"), D, ck + 20)
+    loader = wf.add("LongAlignPreferenceModelLoader", (D, ck + 320), (320, 106), model_name=DENSCORE_FOLDER,
+                    kind="auto", precision="auto")
+    E = D + 320 + 100
+    score = wf.add("LongAlignDenscoreScore", (E, TOP + 14 - 136), (420, 420), text="", omega=0.3,
+                   reference_prompts="", split_mode="sentence")
+    best = wf.add("LongAlignDenscoreBestOfN", (E, TOP + 14 - 136 + 420 + 70), (420, 290), text="", omega=0.3,
                   rank_by="score", reference_prompts="", split_mode="sentence")
     for node in (score, best):
         wf.link(loader.out("DENSCORE_MODEL"), node, "denscore_model")
         wf.link(dec.out("IMAGE"), node, "images")
         wf.link(prompt.out("STRING"), node, "text")
-    chart = wf.add("SaveImage", (E, TOP), (420, 420), title="Save Image (Denscore chart)",
+    batch = wf.add("PreviewImage", (E, best.pos[1] + 290 + 70), (420, 300), title="Preview Image (all 4)")
+    wf.link(dec.out("IMAGE"), batch, "images")
+    F = E + 420 + 100
+    numbers = wf.add("PreviewAny", (F, score.pos[1]), (600, 190), title="Preview as Text (Denscore numbers)")
+    wf.link(score.out("report"), numbers, "source")
+    chart = wf.add("SaveImage", (F, numbers.pos[1] + 190 + 70), (600, 330), title="Save Image (Denscore chart)",
                    filename_prefix="denscore_chart")
     wf.link(score.out("chart"), chart, "images")
-    save = wf.add("SaveImage", (E, TOP + 420 + GAP), (420, 420), title="Save Image (best of 4)",
+    save = wf.add("SaveImage", (F, chart.pos[1] + 330 + 70), (600, 400), title="Save Image (best of 4)",
                   filename_prefix="denscore_best")
     wf.link(best.out("best_image"), save, "images")
-    report = wf.add("PreviewAny", (D, TOP + 420 + 290 + 2 * GAP), (420, 200), title="Preview as Text (ranking)")
-    wf.link(best.out("report"), report, "source")
+    ranking = wf.add("PreviewAny", (F, save.pos[1] + 400 + 70), (600, 190), title="Preview as Text (ranking)")
+    wf.link(best.out("report"), ranking, "source")
     wf.note(
         "## Best of 4 by Denscore\n"
         "One **Prompt** node feeds the text encode and both Denscore nodes, so the images are scored against "
         "the prompt they were made from. The sampler makes a batch of 4; **Denscore Score** charts each "
-        "sentence's score per image (blue = text-relevant, grey = text-irrelevant) and **Denscore Best-of-N** "
-        "keeps the best image.\n\n"
+        "sentence's score per image (blue = text-relevant, grey = text-irrelevant) and shows the numbers; "
+        "**Denscore Best-of-N** keeps the best image.\n\n"
         f"* `models/denscore/{DENSCORE_FOLDER}/`: the `luping-liu/Denscore` folder (config.json + "
         "model.safetensors). PickScore / CLIP-H folders or an HPSv2 `.pt` work too.\n"
         "* `models/checkpoints/`: any SD1.5 checkpoint.\n"
         "* `rank_by`: score, text_relevant (alignment only) or reweighted.",
-        (A, TOP + 300 + 98 + 2 * GAP), (360, 340))
+        (A, ck + 98 + 60), (360, 360))
     return wf
 
 
 def sdxl_long_prompt() -> Workflow:
-    wf = Workflow("sdxl_long_prompt")
+    wf = Workflow("sdxl_long_prompt", "LongAlign long prompt on SDXL",
+                  "Long prompts on SDXL's two text encoders, 1024 px")
     _text_to_image(wf, SDXL_CHECKPOINT, SDXL_PROMPT, 1024, seed=42, steps=30, cfg=7.0, sampler="dpmpp_2m",
-                   scheduler="karras", prefix="longalign_sdxl")
+                   scheduler="karras", prefix="longalign_sdxl", saved="SDXL image from the long prompt")
     wf.note(
         "## Long prompt on SDXL\n"
         "The same node on SDXL's two text encoders (CLIP-L + OpenCLIP-bigG): every sentence is encoded by "
@@ -483,44 +549,61 @@ def sdxl_long_prompt() -> Workflow:
         "* SDXL's pooled vector comes from the **first** sentence (as ComfyUI does for long prompts): put the "
         "sentence that best sums up the image first.\n"
         "* 1024x1024 is SDXL's native size.",
-        (A, TOP + 98 + GAP), (360, 320))
+        (A, TOP), (360, 280))
     return wf
 
 
 def comparison() -> Workflow:
-    wf = Workflow("comparison")
-    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 300), title="Prompt", value=LONG_PROMPT)
-    negative = wf.add("PrimitiveStringMultiline", (A, TOP + 300 + GAP), (360, 110), title="Negative prompt",
+    """Two pipelines, one above the other, from one prompt, one checkpoint and one latent. Each row has its own
+    MODEL/VAE corridor; Reroute nodes at the corridors' left ends carry the checkpoint's outputs to them."""
+    wf = Workflow("comparison", "LongAlign vs CLIP Text Encode",
+                    "One prompt, one seed, two text encoders, side by side")
+    B2 = B + 100  # a wider first gap: the prompts' and the checkpoint's links fan out vertically in it
+    C2 = B2 + ENCODER_W + 140
+    D2 = C2 + 320 + 120
+    E = D2 + 210 + 100
+    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 280), title="Prompt", value=LONG_PROMPT)
+    negative = wf.add("PrimitiveStringMultiline", (A, TOP + 340), (360, 110), title="Negative prompt",
                       value=NEGATIVE_PROMPT)
-    ckpt = wf.add("CheckpointLoaderSimple", (A, TOP + 410 + 2 * GAP), (360, 98), ckpt_name=SD15_CHECKPOINT)
-    latent = wf.add("EmptyLatentImage", (A, TOP + 508 + 3 * GAP), (360, 106), width=512, height=512, batch_size=1)
-    # upper row: ComfyUI's own encoder; lower row: LongAlign
-    n_pos = wf.add("CLIPTextEncode", (B, TOP), (420, 90), title="CLIP Text Encode (positive)", colors=GREEN, text="")
-    n_neg = wf.add("CLIPTextEncode", (B, TOP + 90 + GAP), (420, 90), title="CLIP Text Encode (negative)", colors=RED,
-                   text="")
-    for node in (n_pos, n_neg):
+    ck = TOP + 340 + 110 + 60
+    ckpt = wf.add("CheckpointLoaderSimple", (A, ck), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    # upper row: ComfyUI's own encoder
+    n_pos = wf.add("CLIPTextEncode", (B2, TOP), (ENCODER_W, 150), title="CLIP Text Encode (positive)",
+                   colors=GREEN, text="")
+    n_neg = wf.add("CLIPTextEncode", (B2, TOP + 210), (ENCODER_W, 150), title="CLIP Text Encode (negative)",
+                   colors=RED, text="")
+    upper = TOP + 210 + 150 + 40  # the upper corridor
+    latent = wf.add("EmptyLatentImage", (B2, upper + 220), (ENCODER_W, 106), width=512, height=512, batch_size=1)
+    # lower row: LongAlign
+    low = upper + 220 + 106 + 90
+    pos = wf.add("LongAlignTextEncode", (B2, low), (ENCODER_W, 300), title="LongAlign Text Encode (positive)",
+                 colors=GREEN, text="", **LONGALIGN_WIDGETS)
+    neg = wf.add("LongAlignTextEncode", (B2, low + 360), (ENCODER_W, 244), title="LongAlign Text Encode (negative)",
+                 colors=RED, text="", **LONGALIGN_WIDGETS)
+    lower = low + 360 + 244 + 40  # the lower corridor
+    for node in (n_pos, n_neg, pos, neg):
         wf.link(ckpt.out("CLIP"), node, "clip")
-    low = TOP + 262 + 46 + 2 * GAP  # the LongAlign row starts below the first KSampler + VAE Decode
-    l_pos, l_neg = _encode_pair(wf, ckpt.out("CLIP"), "", "", B, low, heights=(200, 200))
     wf.link(prompt.out("STRING"), n_pos, "text")
     wf.link(negative.out("STRING"), n_neg, "text")
-    wf.link(prompt.out("STRING"), l_pos, "text")
-    wf.link(negative.out("STRING"), l_neg, "text")
+    wf.link(prompt.out("STRING"), pos, "text")
+    wf.link(negative.out("STRING"), neg, "text")
     settings = dict(seed=1234, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
-    ks_n = _sample(wf, ckpt.out("MODEL"), n_pos.out("CONDITIONING"), n_neg.out("CONDITIONING"),
-                   latent.out("LATENT"), C, TOP, title="KSampler (CLIP Text Encode)", **settings)
-    dec_n = _decode(wf, ks_n, ckpt.out("VAE"), C, TOP + 262 + GAP)
-    ks_l = _sample(wf, ckpt.out("MODEL"), l_pos.out("CONDITIONING"), l_neg.out("CONDITIONING"),
-                   latent.out("LATENT"), C, low, title="KSampler (LongAlign)", **settings)
-    dec_l = _decode(wf, ks_l, ckpt.out("VAE"), C, low + 262 + GAP)
-    save_n = wf.add("SaveImage", (D, TOP), (420, 440), title="CLIP Text Encode (77-token chunks)",
+    rows = []
+    for corridor, p, n, title in ((upper, n_pos, n_neg, "CLIP Text Encode"), (lower, pos, neg, "LongAlign")):
+        model = wf.reroute(ckpt.out("MODEL"), (B2 + 20, corridor))
+        vae = wf.reroute(ckpt.out("VAE"), (B2 + 20, corridor + 40))
+        ks = _sample(wf, model.out(""), p.out("CONDITIONING"), n.out("CONDITIONING"), latent.out("LATENT"), C2,
+                     corridor + 140, title=f"KSampler ({title})", **settings)
+        rows.append(_decode(wf, ks, vae.out(""), D2, corridor + 20))
+    save_n = wf.add("SaveImage", (E, TOP), (512, 560), title="Save Image (CLIP Text Encode result)",
                     filename_prefix="compare_clip_text_encode")
-    save_l = wf.add("SaveImage", (E, TOP), (420, 440), title="LongAlign Text Encode (sentences)",
+    save_l = wf.add("SaveImage", (E + 512 + 240, TOP), (512, 560), title="Save Image (LongAlign result)",
                     filename_prefix="compare_longalign")
-    wf.link(dec_n.out("IMAGE"), save_n, "images")
-    wf.link(dec_l.out("IMAGE"), save_l, "images")
-    report = wf.add("PreviewAny", (D, TOP + 440 + GAP), (420, 300), title="Preview as Text (segment report)")
-    wf.link(l_pos.out("report"), report, "source")
+    wf.link(rows[0].out("IMAGE"), save_n, "images")
+    lift = wf.reroute(rows[1].out("IMAGE"), (E + 512 + 60, TOP + 560 + 80))
+    wf.link(lift.out(""), save_l, "images")
+    report = wf.add("PreviewAny", (C2, low + 60), (ENCODER_W, 340), title="Preview as Text (segment report)")
+    wf.link(pos.out("report"), report, "source")
     wf.note(
         "## CLIP Text Encode vs LongAlign Text Encode\n"
         "One prompt, one negative, one latent, the same seed and sampler: the only difference between the two "
@@ -528,7 +611,7 @@ def comparison() -> Workflow:
         "token count falls; LongAlign encodes whole sentences.\n\n"
         f"* `models/checkpoints/`: any SD1.5 checkpoint (`{SD15_CHECKPOINT}`).\n"
         "* Both KSamplers use seed 1234, *fixed*: change both to compare another seed.",
-        (E, TOP + 440 + GAP), (420, 300))
+        (A, ck + 98 + 60), (360, 300))
     return wf
 
 
@@ -547,7 +630,7 @@ def rendered() -> dict[str, str]:
     """Relative path under workflows/ -> file text, for every file this script writes."""
     files = {}
     for name, wf in build_all().items():
-        files[f"{name}.json"] = dumps(wf.ui())
+        files[f"{wf.title}.json"] = dumps(wf.ui())
         files[f"{API_SUBDIR}/{name}.json"] = dumps(wf.api())
     return files
 

@@ -28,7 +28,7 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 requires_comfy = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
 
 #: Files and folders that make up the installable pack (what ComfyUI Manager would put in custom_nodes/).
-PACK_CONTENT = ["__init__.py", "nodes", "longalign_core", "workflows", "pyproject.toml", "requirements.txt"]
+PACK_CONTENT = ["__init__.py", "nodes", "longalign_core", "workflows", "web", "pyproject.toml", "requirements.txt"]
 PACK_NAME = "ComfyUI-LongAlign"
 
 # Text encoder shapes ComfyUI hard-codes (its sd1/sd2/bigG configs); values are random here.

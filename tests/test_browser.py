@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test_out" / "screenshots"
 DOCS_SHOTS = REPO / "docs" / "workflows"
 NAMES = sorted(gen.build_all())
+TITLES = {name: wf.title for name, wf in gen.build_all().items()}  # UI files are workflows/<title>.json
 VIEWPORT = {"width": gen.VIEW[0], "height": gen.VIEW[1]}  # the window the workflows' initial view is framed for
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync",
@@ -117,7 +118,7 @@ class Frontend:
         built plus the toasts and dialogs the load raised (dialogs are closed afterwards)."""
         toasts_before = self.page.evaluate(JS_TOASTS)
         errors_before = len(self.page_errors)
-        result = self.page.evaluate(JS_LOAD, {"wf": wf, "name": name})
+        result = self.page.evaluate(JS_LOAD, {"wf": wf, "name": TITLES.get(name, name)})
         assert "fetch_status" not in result, f"{name}: template route answered {result.get('fetch_status')}"
         self.page.wait_for_timeout(300)  # toasts and dialogs are Vue updates after the load resolves
         toasts = self.page.evaluate(JS_TOASTS)
@@ -196,7 +197,7 @@ def _server_view(prompt: dict, object_info: dict) -> tuple[dict, dict]:
 @pytest.mark.parametrize("name", NAMES)
 def test_frontend_loads_workflow_as_shipped(frontend, name):
     res = frontend.load(name)
-    file_wf = json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    file_wf = json.loads((REPO / "workflows" / f"{TITLES[name]}.json").read_text(encoding="utf-8"))
     assert res["file"] == file_wf, "the server's template route serves another file"
     # every node type resolved; no load or validation error
     assert res["hook_calls"] == 1 and res["missing"] == [], res["missing"]
@@ -205,7 +206,7 @@ def test_frontend_loads_workflow_as_shipped(frontend, name):
     assert not res["dialogs"], res["dialogs"]
     assert not res["toasts"], res["toasts"]
     assert not res["errors"], res["errors"]
-    assert res["tab"] == name
+    assert res["tab"] == TITLES[name]
     # widgets: the names and order the generator assumes, holding the file's values
     by_id = {n["id"]: n for n in file_wf["nodes"]}
     assert sorted(n["id"] for n in res["nodes"]) == sorted(by_id)
@@ -227,7 +228,6 @@ def test_frontend_loads_workflow_as_shipped(frontend, name):
     assert shot.stat().st_size > 10_000
     if os.environ.get("LONGALIGN_UPDATE_DOCS") == "1":
         _write_docs_screenshot(shot, DOCS_SHOTS / f"{name}.png")
-        _write_thumbnail(shot, file_wf, REPO / "workflows" / f"{name}.jpg")
 
 
 def _write_docs_screenshot(src: Path, dst: Path, width: int = 1280) -> None:
@@ -241,32 +241,9 @@ def _write_docs_screenshot(src: Path, dst: Path, width: int = 1280) -> None:
         img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
 
 
-def _write_thumbnail(src: Path, wf: dict, dst: Path, size: int = 400) -> None:
-    """The Templates dialog's card picture (it asks for <name>.jpg next to <name>.json): the nodes' area of the
-    screenshot (graph point p is at (p + offset) * scale on screen), padded to a square with the canvas colour."""
-    from PIL import Image
-
-    ds = wf["extra"]["ds"]
-    (ox, oy), k = ds["offset"], ds["scale"]
-    x0 = min(n["pos"][0] for n in wf["nodes"])
-    y0 = min(n["pos"][1] for n in wf["nodes"]) - gen.TITLE_HEIGHT
-    x1 = max(n["pos"][0] + n["size"][0] for n in wf["nodes"])
-    y1 = max(n["pos"][1] + n["size"][1] for n in wf["nodes"])
-    box = [round((x0 + ox) * k) - 16, round((y0 + oy) * k) - 16, round((x1 + ox) * k) + 16,
-           round((y1 + oy) * k) + 16]
-    with Image.open(src) as img:
-        img = img.convert("RGB")
-        box = [max(box[0], 0), max(box[1], 0), min(box[2], img.width), min(box[3], img.height)]
-        nodes = img.crop(box)
-        side = max(nodes.size)
-        square = Image.new("RGB", (side, side), img.getpixel((img.width - 5, img.height // 2)))
-        square.paste(nodes, ((side - nodes.width) // 2, (side - nodes.height) // 2))
-        square.resize((size, size), Image.LANCZOS).save(dst, quality=85, optimize=True)
-
-
 def test_check_catches_an_unknown_node_and_an_invalid_file(frontend):
     """The same check on broken copies must fail: an unknown node type, and a malformed link."""
-    wf = json.loads((REPO / "workflows" / "longsd.json").read_text(encoding="utf-8"))
+    wf = json.loads((REPO / "workflows" / f"{TITLES['longsd']}.json").read_text(encoding="utf-8"))
     unknown = copy.deepcopy(wf)
     lora = next(n for n in unknown["nodes"] if n["type"] == "LongAlignLoadLongSDLoRA")
     lora["type"] = "NoSuchLongAlignNode"

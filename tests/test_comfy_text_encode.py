@@ -32,7 +32,7 @@ def clip_l():
 def run_node(node, clip, text, budget=240, overflow="extend", split_mode="sentence", long_sentences="split"):
     out = node.execute(clip=clip, text=text, token_budget=budget, overflow=overflow, split_mode=split_mode,
                        long_sentences=long_sentences)
-    conditioning, report = out.args
+    conditioning, report, segments, tokens = out.args
     return conditioning, report
 
 
@@ -50,7 +50,8 @@ def test_pack_registers_v3_node_with_tooltips(pack):
     schema = schemas["LongAlignTextEncode"]
     assert schema.category == "LongAlign/conditioning"
     assert all(i.tooltip for i in schema.inputs)
-    assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "STRING"]
+    # segments/tokens were appended after the original outputs: saved links keep their slots
+    assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "STRING", "INT", "INT"]
 
 
 def test_sd1_matches_host_per_segment_encodes(node, clip_l):
@@ -244,3 +245,21 @@ def test_sdxl_two_encoders_and_pooled(node):
     pooled = clip.encode_from_tokens(clip.tokenize(first), return_pooled=True)[1]
     assert extra["pooled_output"].shape == (1, 1280)
     torch.testing.assert_close(extra["pooled_output"], pooled, atol=5e-4, rtol=1e-3)
+
+
+def test_counts_outputs_match_the_host_tokenizer(node, clip_l):
+    """segments and tokens: the host tokenizer's own count per expected segment, BREAK honoured."""
+    text = "A red fox in the snow. A blue bird BREAK an owl, asleep on a branch."
+    out = node.execute(clip=clip_l, text=text, token_budget=240, overflow="extend", split_mode="sentence",
+                       long_sentences="split")
+    _, report, segments, tokens = out.args
+    pieces = ["A red fox in the snow.", "A blue bird", "an owl, asleep on a branch."]
+    content = []
+    for piece in pieces:
+        ids = [t[0] for t in clip_l.tokenize(piece)["l"][0]]
+        content.append(ids.index(49407) - 1)  # content tokens between the start and the first end token
+    assert (segments, tokens) == (3, sum(content) + 3)
+    assert "BREAK an owl" in report
+    ref = node.execute(clip=clip_l, text=text, token_budget=240, overflow="extend", split_mode="reference",
+                       long_sentences="split").args
+    assert ref[2] == 2  # reference mode: BREAK is text, split only at "."

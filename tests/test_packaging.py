@@ -30,10 +30,10 @@ NODE_IDS = ["LongAlignDenscoreBestOfN", "LongAlignDenscoreScore", "LongAlignLoad
             "LongAlignPreferenceModelLoader", "LongAlignTextEncode"]
 #: What an install needs: these files, and every file under these folders.
 REQUIRED_FILES = ["__init__.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE"]
-REQUIRED_DIRS = ["nodes", "longalign_core", "workflows"]
+REQUIRED_DIRS = ["nodes", "longalign_core", "workflows", "web"]  # web/: help pages + frontend extension
 #: What must not ship: test code and artefacts, benchmarks, environments, caches.
 FORBIDDEN_PREFIXES = ["tests/", "bench/", "test_out/", ".venv/", ".pytest_cache/", ".git/"]
-COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, scripts/, docs/, .ci/, /dev)"
+COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, scripts/, docs/workflows/, .ci/, /dev)"
 
 
 def comfy_cli() -> list[str] | None:
@@ -114,7 +114,8 @@ def test_pack_zip_holds_what_an_install_needs_and_nothing_else(packed, checkout)
         assert expected, f"{folder}/ is empty in the checkout"
         missing += sorted(expected - names)
     assert not missing, missing
-    assert {"longalign_core/data/reference_prompts.txt", "longalign_core/data/sd15_unet_config.json"} <= names
+    assert {"longalign_core/data/reference_prompts.txt", "longalign_core/data/sd15_unet_config.json",
+            "docs/method.md"} <= names  # the help pages point to docs/method.md
     assert sum(n.startswith("workflows/") and n.endswith(".json") for n in names) == 10  # 5 UI + 5 API
     unwanted = sorted(n for n in names if n.startswith(tuple(FORBIDDEN_PREFIXES)) or "__pycache__" in n
                       or n.endswith((".pyc", ".zip")))

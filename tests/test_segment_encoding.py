@@ -144,7 +144,7 @@ def test_overflow_policies(segment_encoder):
     assert r_ext.merged > 240 and ext.cond.shape[1] == 480 and r_ext.dropped == 0
     assert cut.cond.shape[1] == 240 and r_cut.dropped == r_cut.merged - 240
     torch.testing.assert_close(cut.cond[0], ext.cond[0, :240])
-    assert not r_cut.lossless and "cut at the token budget" in r_cut.format()
+    assert not r_cut.lossless and "cut at the token budget" in " ".join(r_cut.format().split())
     with pytest.raises(ValueError, match=r"needs \d+ tokens but the token budget is 240"):
         segment_encoder.encode(prompt, overflow="error")
     with pytest.raises(ValueError, match="extend"):
@@ -165,7 +165,7 @@ def test_long_sentence_split_vs_reference_truncation(segment_encoder):
     trunc = segment_encoder.encode(sentence, long_segments="truncate").reports[0]
     assert split.lossless and split.content_tokens == n and len(split.segments) > 1
     assert trunc.truncated == n - 75 and not trunc.lossless
-    assert "cut from segments longer than the encoder window" in trunc.format()
+    assert "cut from segments longer than the encoder window" in " ".join(trunc.format().split())
 
 
 def test_one_forward_for_all_segments_of_all_prompts(clip_tokenizer, tiny_text_encoder):
@@ -262,3 +262,48 @@ def test_keep_mask_drops_padding_by_position_not_id():
     assert keep.tolist() == [[True, True, True, False, False, False],
                              [True, True, False, False, False, False],
                              [True] * 6]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report a user reads in Preview as Text, and the counts the node outputs
+
+
+def test_report_counts_and_break_marks(segment_encoder, clip_tokenizer):
+    prompt = "A red fox in the snow. A blue bird on a wire BREAK an owl, asleep. " + "word " * 90
+    out = segment_encoder.encode(prompt, budget=77, overflow="extend").reports[0]
+    # independent: the tokenizer's own count per expected segment (the 90 words sub-split into 75 + 15)
+    pieces = ["A red fox in the snow.", "A blue bird on a wire", "an owl, asleep."]
+    content = [len(clip_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in pieces] + [75, 15]
+    assert [s.tokens for s in out.segments] == content
+    assert out.merged == sum(content) + 5 and out.length == 77 * -(-out.merged // 77)
+    assert [s.after_break for s in out.segments] == [False, False, True, False, False]
+    lines = out.format().splitlines()
+    assert lines[0] == f"5 segments, {out.merged} tokens, budget 77"
+    rows = [ln for ln in lines if re.match(r"^ *\d+ +\d+  ", ln)]
+    assert len(rows) == 5
+    assert [int(r.split()[1]) for r in rows] == content
+    assert rows[2].split(None, 2)[2].startswith("BREAK an owl") and "BREAK" not in rows[1]
+    assert rows[3].endswith("[1/2]") and rows[4].endswith("[2/2]")
+
+
+@pytest.mark.parametrize("width", [40, 48, 60])
+def test_report_lines_fit_the_width_and_mark_trimmed_text(segment_encoder, width):
+    prompt = LONG_PROMPT + " " + ", ".join(f"detail {i} of the carved wooden door" for i in range(20)) + "."
+    report = segment_encoder.encode(prompt, budget=120, overflow="truncate", long_segments="truncate").reports[0]
+    text = report.format(width)
+    assert all(len(line) <= width for line in text.splitlines()), text
+    rows = [ln for ln in text.splitlines() if re.match(r"^ *\d+ +\d+  ", ln)]
+    assert len(rows) == len(report.segments)
+    for row, seg in zip(rows, report.segments):
+        shown = row.split(None, 2)[2]
+        for tag in (f" [-{seg.truncated} cut]",):
+            shown = shown[: -len(tag)] if seg.truncated and shown.endswith(tag) else shown
+        if shown.endswith("…"):  # trimmed: what is shown is the start of the sentence
+            assert seg.text.startswith(shown[:-1]) and len(seg.text) > len(shown) - 1
+        else:
+            assert shown == seg.text
+    assert any(r.endswith("…") for r in rows) and any(r.endswith("cut]") for r in rows)
+    # warnings are wrapped, not lost
+    flat = " ".join(text.split())
+    for warning in report.warnings():
+        assert " ".join(("WARNING: " + warning).split()) in flat

@@ -122,3 +122,49 @@ def test_truncate_policy_keeps_segment_whole(clip_tokenizer):
     assert len(out) == 1 and count(out[0].text) == 100
     with pytest.raises(ValueError, match="split"):
         fit_segments(out, count, 75, long_segments="drop")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BREAK (explicit boundary in sentence mode) and parentheses that are not weight syntax
+
+
+def test_break_is_an_explicit_boundary_in_sentence_mode():
+    prompt = "a red fox, in snow BREAK a blue bird on a wire. An owl BREAK"
+    segs = split_segments(prompt)
+    assert [s.text for s in segs] == ["a red fox, in snow", "a blue bird on a wire.", "An owl"]
+    assert [s.after_break for s in segs] == [False, True, False]
+    for s in segs:  # the keyword itself is in no segment; the spans still point into the prompt
+        assert prompt[s.start:s.end] == s.text and "BREAK" not in s.text
+
+
+def test_break_only_as_an_upper_case_word_outside_parentheses():
+    assert texts("BREAKFAST at the break of day, xBREAK and BREAK_1.") == [
+        "BREAKFAST at the break of day, xBREAK and BREAK_1."]
+    assert texts("(a cat BREAK a dog:1.2) sit") == ["(a cat BREAK a dog:1.2) sit"]
+    assert texts("a cat\nBREAK\na dog") == ["a cat", "a dog"]
+    assert texts("BREAK BREAK a dog BREAK") == ["a dog"]
+
+
+def test_reference_mode_leaves_break_as_text():
+    assert texts("a cat BREAK a dog. end", mode="reference") == ["a cat BREAK a dog.", " end."]
+
+
+def test_break_mark_survives_subsplitting(clip_tokenizer):
+    count = lambda t: len(clip_tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    long_clause = ", ".join(f"detail {i} of the scene" for i in range(30))
+    out = fit_segments(split_segments("intro BREAK " + long_clause), count, 75)
+    assert out[0].text == "intro" and not out[0].after_break
+    assert out[1].after_break and out[1].part == 1 and out[1].parts > 1
+    assert not any(s.after_break for s in out[2:])
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    # issue 11: an early ":(" made the rest of the prompt one parenthesised segment
+    ("so sad :( today. A dog runs. A cat sleeps.", ["so sad :( today.", "A dog runs.", "A cat sleeps."]),
+    ("wink ;-) here. (a red cat. a blue dog:1.2) sits. Done.",
+     ["wink ;-) here.", "(a red cat. a blue dog:1.2) sits.", "Done."]),
+    ("an unclosed ( paren. Next one. Last.", ["an unclosed ( paren.", "Next one.", "Last."]),
+    ("a stray ) here. (kept. together:0.8) end.", ["a stray ) here.", "(kept. together:0.8) end."]),
+])
+def test_unmatched_and_emoticon_parentheses_do_not_swallow_the_prompt(prompt, expected):
+    assert texts(prompt) == expected

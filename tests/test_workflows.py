@@ -6,6 +6,7 @@ The real frontend (tests/test_browser.py) and server (tests/test_workflows_e2e.p
 """
 
 import importlib.util
+import math
 import json
 import sys
 from pathlib import Path
@@ -26,10 +27,12 @@ def _load_generator():
 
 
 gen = _load_generator()
+#: short id -> the UI file's stem, which ComfyUI's Templates dialog shows as the card's title and description
+TITLES = {name: wf.title for name, wf in gen.build_all().items()}
 
 
 def ui(name):
-    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    return json.loads((WORKFLOWS / f"{TITLES[name]}.json").read_text(encoding="utf-8"))
 
 
 def api(name):
@@ -49,12 +52,16 @@ def by_type(wf, type_):
 
 
 def source(wf, node, input_name):
-    """(source node, output slot) feeding ``input_name`` of a UI node, or None."""
+    """(source node, output slot) feeding ``input_name`` of a UI node, or None; Reroute nodes are followed back
+    to the real output, as the frontend's graphToPrompt does."""
     entry = next((i for i in node["inputs"] if i["name"] == input_name), None)
     if entry is None or entry["link"] is None:
         return None
     link = next(lk for lk in wf["links"] if lk[0] == entry["link"])
-    return next(n for n in wf["nodes"] if n["id"] == link[1]), link[2]
+    src = next(n for n in wf["nodes"] if n["id"] == link[1])
+    if src["type"] == "Reroute":
+        return source(wf, src, "")
+    return src, link[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +71,7 @@ def source(wf, node, input_name):
 
 def test_files_on_disk_are_what_the_generator_writes():
     expected = gen.rendered()
-    assert sorted(expected) == sorted([f"{n}.json" for n in NAMES] + [f"api/{n}.json" for n in NAMES])
+    assert sorted(expected) == sorted([f"{TITLES[n]}.json" for n in NAMES] + [f"api/{n}.json" for n in NAMES])
     on_disk = sorted(str(p.relative_to(WORKFLOWS)) for p in WORKFLOWS.rglob("*.json"))
     assert on_disk == sorted(expected), "stale or missing files: run python scripts/make_workflows.py"
     for rel, text in expected.items():
@@ -85,8 +92,10 @@ def test_builder_refuses_wrong_widgets_and_unknown_inputs():
     wf = gen.Workflow("t")
     with pytest.raises(ValueError, match="widget values"):
         wf.add("KSampler", (0, 0), (1, 1), seed=1)  # the rest missing
-    a = wf.add("EmptyLatentImage", (0, 0), (1, 1), width=8, height=8, batch_size=1)
-    b = wf.add("VAEDecode", (0, 0), (1, 1))
+    with pytest.raises(ValueError, match="below the frontend's minimum"):
+        wf.add("EmptyLatentImage", (0, 0), (200, 106), width=8, height=8, batch_size=1)
+    a = wf.add("EmptyLatentImage", (0, 0), (210, 106), width=8, height=8, batch_size=1)
+    b = wf.add("VAEDecode", (0, 0), (140, 46))
     with pytest.raises(ValueError, match="no input"):
         wf.link(a.out("LATENT"), b, "latent")
     wf.link(a.out("LATENT"), b, "samples")
@@ -115,14 +124,21 @@ def test_ui_file_is_a_consistent_litegraph_graph(name):
     for n in wf["nodes"]:
         assert set(n) >= {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
                           "widgets_values"}
-        assert n["mode"] == 0 and n["properties"]["Node name for S&R"] == n["type"]
+        assert n["mode"] == 0
+        if n["type"] == "Reroute":  # what the frontend itself saves for one
+            assert n["properties"] == {"showOutputText": False, "horizontal": False} and "title" not in n
+        else:
+            assert n["properties"]["Node name for S&R"] == n["type"]
         spec = gen.NODE_TYPES[n["type"]]
         sockets = [(i["name"], i["type"]) for i in n["inputs"] if "widget" not in i]
         assert sockets == list(spec.inputs), (name, n["type"])
         for i in n["inputs"]:
             if "widget" in i:  # a widget driven by a link
                 assert i["widget"]["name"] == i["name"] and i["name"] in spec.widgets and i["link"] is not None
-        assert [(o["name"], o["type"]) for o in n["outputs"]] == list(spec.outputs)
+        if n["type"] == "Reroute":  # typed by what it carries
+            assert [o["type"] for o in n["outputs"]] == [next(lk[5] for lk in wf["links"] if lk[3] == n["id"])]
+        else:
+            assert [(o["name"], o["type"]) for o in n["outputs"]] == list(spec.outputs)
         assert [o["slot_index"] for o in n["outputs"]] == list(range(len(spec.outputs)))
         widget_values(n)  # asserts the count
     # "order" is a topological order: every link goes from an earlier to a later node
@@ -144,12 +160,16 @@ def test_each_workflow_has_a_note_that_says_where_models_go(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_workflow_has_a_template_thumbnail(name):
-    """ComfyUI's Templates dialog shows workflows/<name>.jpg on the workflow's card (tests/test_browser.py
-    writes them with LONGALIGN_UPDATE_DOCS=1, as well as the README screenshots in docs/workflows/)."""
+def test_each_workflow_has_a_template_card_and_a_screenshot(name):
+    """ComfyUI's Templates dialog shows workflows/<title>.jpg on the workflow's card, drawn by
+    scripts/make_template_cards.py; the README shows docs/workflows/<name>.png (tests/test_browser.py writes
+    them with LONGALIGN_UPDATE_DOCS=1)."""
     from PIL import Image
 
-    for path, fmt in ((WORKFLOWS / f"{name}.jpg", "JPEG"), (REPO / "docs" / "workflows" / f"{name}.png", "PNG")):
+    title = TITLES[name]
+    assert title.startswith("LongAlign ") and not set(title) & set('<>:"/\\|?*-_'), title  # Windows-safe; the
+    # frontend shows '-' and '_' as spaces in the card's description and finds the card by "LongAlign"
+    for path, fmt in ((WORKFLOWS / f"{title}.jpg", "JPEG"), (REPO / "docs" / "workflows" / f"{name}.png", "PNG")):
         with Image.open(path) as img:
             assert img.format == fmt and img.width >= 400, path
             if fmt == "JPEG":
@@ -174,8 +194,8 @@ def test_ui_and_api_twins_describe_the_same_graph(name):
         assert entry["_meta"]["title"] == n.get("title", gen.DISPLAY_NAMES[n["type"]])
         linked = {i["name"]: i["link"] for i in n["inputs"] if i["link"] is not None}
         for input_name, link_id in linked.items():
-            link = next(lk for lk in wf["links"] if lk[0] == link_id)
-            assert entry["inputs"][input_name] == [str(link[1]), link[2]], (name, n["type"], input_name)
+            src, slot = source(wf, n, input_name)
+            assert entry["inputs"][input_name] == [str(src["id"]), slot], (name, n["type"], input_name)
         api_links += sum(isinstance(v, list) for v in entry["inputs"].values())
         values = widget_values(n)
         frontend_only = {w for w, _ in gen.NODE_TYPES[n["type"]].frontend_widgets} | {gen.CONTROL}
@@ -187,9 +207,11 @@ def test_ui_and_api_twins_describe_the_same_graph(name):
             else:
                 assert entry["inputs"][widget] == value, (name, n["type"], widget)
         assert set(entry["inputs"]) == (set(values) - frontend_only) | set(linked), (name, n["type"])
-    assert api_links == len(wf["links"])
-    # every link in the UI file ends at a node the API runs (notes have no links)
-    assert all(str(lk[3]) in prompt and str(lk[1]) in prompt for lk in wf["links"])
+    # every UI link either ends at a node the API runs, or at a Reroute that the API links through
+    reroutes = {n["id"] for n in wf["nodes"] if n["type"] == "Reroute"}
+    assert api_links == sum(lk[3] not in reroutes for lk in wf["links"])
+    assert all(str(lk[3]) in prompt or lk[3] in reroutes for lk in wf["links"])
+    assert all(str(lk[1]) in prompt or lk[1] in reroutes for lk in wf["links"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,3 +299,109 @@ def test_comparison_differs_only_in_the_text_encoder():
     assert len(by_type(wf, "SaveImage")) == 2
     saves = sorted(by_type(wf, "SaveImage"), key=lambda n: n["pos"][0])
     assert saves[0]["pos"][1] == saves[1]["pos"][1]  # side by side
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout: no link is drawn behind a node (issue 12). Geometry of ComfyUI's frontend 1.35.9 (LiteGraph), checked
+# against the real frontend by tests/test_browser_help.py: a node's title bar (30 px) sits above ``pos``; socket
+# k of the inputs is at (x + 10, y + 14 + 20k), of the outputs at (x + w - 9, y + 14 + 20k); a linked widget
+# input sits at its widget, and the linked widgets here are each node's first widget, drawn below the socket
+# rows at y + 20·rows + 16. A link is a cubic Bézier from output to input with control points d = max(30, |b-a|/4)
+# to the right of the output and to the left of the input.
+# ----------------------------------------------------------------------------------------------------------------
+
+TITLE, SLOT, FIRST_SLOT = 30, 20, 14
+
+
+def socket_pos(node, kind, index):
+    """Where the frontend draws input/output ``index`` of a UI-file node."""
+    x, y = node["pos"]
+    w, _ = node["size"]
+    if kind == "output":
+        return x + w - 9, y + FIRST_SLOT + SLOT * index
+    entry = node["inputs"][index]
+    if "widget" in entry:
+        spec = gen.NODE_TYPES[node["type"]]
+        assert spec.widgets[0] == entry["name"], "only a node's first widget is placed by this geometry"
+        rows = max(len(spec.inputs), len(spec.outputs))
+        return x + 10, y + SLOT * rows + 16
+    return x + 10, y + FIRST_SLOT + SLOT * index
+
+
+def link_points(a, b, samples=80):
+    """Points along the frontend's spline from output ``a`` to input ``b``."""
+    d = max(30.0, math.dist(a, b) * 0.25)
+    c1, c2 = (a[0] + d, a[1]), (b[0] - d, b[1])
+    pts = []
+    for i in range(samples + 1):
+        t = i / samples
+        u = 1 - t
+        pts.append((u ** 3 * a[0] + 3 * u * u * t * c1[0] + 3 * u * t * t * c2[0] + t ** 3 * b[0],
+                    u ** 3 * a[1] + 3 * u * u * t * c1[1] + 3 * u * t * t * c2[1] + t ** 3 * b[1]))
+    return pts
+
+
+def node_box(node, margin=4):
+    """The node's drawn area (title bar included), grown by ``margin`` px."""
+    x, y = node["pos"]
+    w, h = node["size"]
+    title = 0 if node["type"] == "Reroute" else TITLE  # a Reroute has no title bar
+    return x - margin, y - title - margin, x + w + margin, y + h + margin
+
+
+def links_behind_nodes(wf):
+    """(link id, node id) for every link that passes behind a node. A link may touch its own two nodes only
+    at their sockets: within 16 px of the output's right edge / the input's left edge."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    hits = []
+    for link_id, src, src_slot, dst, dst_slot, _ in wf["links"]:
+        a = socket_pos(nodes[src], "output", src_slot)
+        b = socket_pos(nodes[dst], "input", dst_slot)
+        for node in wf["nodes"]:
+            x0, y0, x1, y1 = node_box(node)
+            if node["id"] == src:
+                x1 = node["pos"][0] + node["size"][0] - 16
+            if node["id"] == dst:
+                x0 = node["pos"][0] + 16
+            if any(x0 < px < x1 and y0 < py < y1 for px, py in link_points(a, b)):
+                hits.append((link_id, node["id"]))
+    return hits
+
+
+def nodes_overlapping(wf):
+    boxes = [(n["id"], node_box(n, margin=0)) for n in wf["nodes"]]
+    return [(i, j) for k, (i, a) in enumerate(boxes) for j, b in boxes[k + 1:]
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_link_runs_behind_a_node_and_no_nodes_overlap(name):
+    wf = ui(name)
+    assert links_behind_nodes(wf) == []
+    assert nodes_overlapping(wf) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nodes_are_at_least_their_frontend_minimum_size(name):
+    """Smaller sizes are enlarged by the frontend on load, and the geometry above would be wrong."""
+    for n in ui(name)["nodes"]:
+        min_w, min_h = gen.NODE_TYPES[n["type"]].min_size
+        assert n["size"][0] >= min_w and n["size"][1] >= min_h, (name, n["type"], n["size"])
+
+
+def test_overlap_check_catches_a_link_behind_a_node():
+    """The check itself: a node moved into a link's way, and a link that runs backwards, are caught."""
+    wf = ui("long_prompt_sd15")
+    assert links_behind_nodes(wf) == []
+    ks = by_type(wf, "KSampler")[0]
+    dec = by_type(wf, "VAEDecode")[0]
+    # a node dropped onto the middle of the sampler -> decode link
+    link = next(lk for lk in wf["links"] if lk[1] == ks["id"] and lk[3] == dec["id"])
+    a, b = socket_pos(ks, "output", link[2]), socket_pos(dec, "input", link[4])
+    mid = link_points(a, b)[40]
+    blocker = {"id": 999, "type": "PreviewImage", "pos": [mid[0] - 20, mid[1] - 10], "size": [40, 40],
+               "inputs": [], "outputs": []}
+    assert (link[0], 999) in links_behind_nodes(dict(wf, nodes=wf["nodes"] + [blocker]))
+    # the decoder moved left of the sampler: its input link now runs back behind the sampler
+    moved = [dict(n, pos=[ks["pos"][0] - 300, dec["pos"][1]]) if n["id"] == dec["id"] else n for n in wf["nodes"]]
+    assert any(node == ks["id"] for _, node in links_behind_nodes(dict(wf, nodes=moved)))

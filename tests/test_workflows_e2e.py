@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -214,11 +215,13 @@ def test_pack_loads_and_lists_its_example_workflows(server):
     _, info = http("GET", server.url + "/object_info")
     assert PACK_NODES <= set(info), sorted(PACK_NODES - set(info))
     status, templates = http("GET", server.url + "/workflow_templates")
-    assert status == 200 and sorted(templates.get(PACK_NAME, [])) == sorted(gen.build_all()), templates
-    for name in gen.build_all():  # what the frontend's Templates dialog fetches: the workflow and its picture
-        status, body = http("GET", f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}.json")
-        assert status == 200 and body == json.loads((REPO / "workflows" / f"{name}.json").read_text())
-        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg", timeout=30) as r:
+    titles = [wf.title for wf in gen.build_all().values()]  # UI files are named by their template card title
+    assert status == 200 and sorted(templates.get(PACK_NAME, [])) == sorted(titles), templates
+    for title in titles:  # what the frontend's Templates dialog fetches: the workflow and its picture
+        url = f"{server.url}/api/workflow_templates/{PACK_NAME}/{urllib.parse.quote(title)}"
+        status, body = http("GET", url + ".json")
+        assert status == 200 and body == json.loads((REPO / "workflows" / f"{title}.json").read_text())
+        with urllib.request.urlopen(url + ".jpg", timeout=30) as r:
             assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
 
