@@ -6,7 +6,7 @@ with a per-phase time split.
     python bench/train.py --shape sd15 --resolution 512 --batch 1 --only truncated          # GPU, bf16
     python bench/train.py --shape sd15 --resolution 512 --batch 4 --only truncated --compile-unet
 
-"truncated" is the method as shipped (SPEC §5): gradients at K = 5 of the steps, UNet input detached, gradient
+"truncated" is the method as shipped (docs/method.md §5): gradients at K = 5 of the steps, UNet input detached, gradient
 checkpointing (UNet and VAE). "full" is the baseline: the same Trainer and step, with the sampling chain
 switched to backpropagate through every step (no detach, no checkpointing). Each measurement runs in its own
 process: one warm-up step, then one measured step. Peak memory is the increase over the memory held before the

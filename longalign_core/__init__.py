@@ -2,9 +2,9 @@
 
 Public API (see the README's "Python API" section):
 
-* :func:`split_segments`, :class:`Segment` — sentence segments with character spans (SPEC §1.1).
+* :func:`split_segments`, :class:`Segment` — sentence segments with character spans (docs/method.md §1.1).
 * :func:`plan_segments` — segments that fit the encoder window (long sentences sub-split).
-* :func:`merge_segment_states`, :func:`padding_embedding` — the host-independent merge (SPEC §1.3–1.5).
+* :func:`merge_segment_states`, :func:`padding_embedding` — the host-independent merge (docs/method.md §1.3–1.5).
 * :class:`CLIPSegmentEncoder` — the whole job with transformers' CLIP (``encode(prompts) -> cond, reports``).
 * :class:`SDXLSegmentEncoder` — the same for SDXL's two text encoders (+ pooled bigG of the first segment).
 * :class:`PromptReport` — what happened to a prompt, for people.

@@ -82,7 +82,7 @@ class CLIPSegmentEncoder:
         return states, keep
 
     def padding_embedding(self) -> torch.Tensor:
-        """``<pad*>`` (SPEC §1.4), computed once per encoder."""
+        """``<pad*>`` (docs/method.md §1.4), computed once per encoder."""
         if self._pad is None:
             tok = self.tokenizer([""], max_length=self.max_length, padding="max_length", return_tensors="pt")
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Segment-level preference score and its decomposition (SPEC §4; paper §3.2–3.3).
+"""Segment-level preference score and its decomposition (docs/method.md §4; paper §3.2–3.3).
 
 Symbols (paper): for an image x and a prompt with segments s_1..s_K,
 
@@ -95,7 +95,7 @@ def validate_images(images: torch.Tensor) -> None:
 def preprocess_images(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
                       crop: CropMode = "center", crop_fraction: float = REFERENCE_CROP_FRACTION,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Differentiable CLIP preprocessing of ``(B, 3, H, W)`` images in [0, 1] (SPEC §4).
+    """Differentiable CLIP preprocessing of ``(B, 3, H, W)`` images in [0, 1] (docs/method.md §4).
 
     A square crop of ``crop_fraction`` of the shorter side (504 of 512, the reference) — centred for scoring,
     random for training like the reference — resized to ``size`` (bilinear with antialiasing, as torchvision's

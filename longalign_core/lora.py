@@ -1,4 +1,4 @@
-"""LongAlign UNet LoRAs: the released LongSD ``.pt`` format, kohya-style safetensors, and merging (SPEC §3).
+"""LongAlign UNet LoRAs: the released LongSD ``.pt`` format, kohya-style safetensors, and merging (docs/method.md §3).
 
 A LongSD LoRA ``.pt`` is ``torch.save`` of a plain list ``[up_0, down_0, up_1, down_1, …]`` (fp16, rank 32,
 scale 1), with no names. The order is the reference trainer's traversal of a diffusers ``UNet2DConditionModel``:

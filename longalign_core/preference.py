@@ -1,4 +1,4 @@
-"""CLIP-based preference models (Denscore, PickScore, CLIP-H, HPSv2) loaded from the files users have (SPEC §4).
+"""CLIP-based preference models (Denscore, PickScore, CLIP-H, HPSv2) loaded from the files users have (docs/method.md §4).
 
 * Denscore, PickScore, CLIP-H: a Hugging Face ``CLIPModel`` folder (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``), with the CLIP-H tokenizer / preprocessor files next to it or in a separate folder
@@ -28,7 +28,7 @@ log = logging.getLogger("LongAlign")
 ModelKind = Literal["auto", "hf_clip", "open_clip"]
 MODEL_KINDS: tuple[str, ...] = ("auto", "hf_clip", "open_clip")
 
-#: OpenAI/LAION CLIP normalisation (SPEC §4).
+#: OpenAI/LAION CLIP normalisation (docs/method.md §4).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,4 +1,4 @@
-"""The T5 branch of the released LongSD model (SPEC §2): T5 encoder + LaVi-Bridge text adapter.
+"""The T5 branch of the released LongSD model (docs/method.md §2): T5 encoder + LaVi-Bridge text adapter.
 
 The whole prompt (not segmented) goes through ``google-t5/t5-large`` (d_model 1024) padded to 240 tokens with no
 attention mask (T5 is bidirectional, so the padding changes the states; the released weights were trained so),

@@ -48,7 +48,7 @@ def tensor_of(out) -> torch.Tensor:
 
 
 def objective_from_definitions(trainer, images: torch.Tensor, omega: float) -> torch.Tensor:
-    """0.5·(1 − mean_b(relevant_b + ω·irrelevant_b)) from the definitions (paper Eq. 6–7, SPEC §4–5):
+    """0.5·(1 − mean_b(relevant_b + ω·irrelevant_b)) from the definitions (paper Eq. 6–7, docs/method.md §4–5):
     t_k = normalize(text_features(segment k)), t̄ = mean_k t_k, V = normalize(mean_b t̄_b) (the step's prompts),
     η = t̄·V, x̂ = normalize(image_features(x)), relevant = x̂·(t̄ − ηV), irrelevant = η·(x̂·V)."""
     from longalign_core.clip_vocab import load_clip_tokenizer

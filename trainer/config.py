@@ -1,4 +1,4 @@
-"""``TrainConfig``: every hyper-parameter of the trainer, with the paper's values as defaults (SPEC §5).
+"""``TrainConfig``: every hyper-parameter of the trainer, with the paper's values as defaults (docs/method.md §5).
 
 One dataclass doubles as the command line (each field is a ``--flag``) and the config file (``--config
 run.toml`` or ``.json``). Precedence, highest first: flags on the command line > the config file > the CPU demo
@@ -85,7 +85,7 @@ class TrainConfig:
     image_column: str = _f("image", "align stage: image column of the datasets folder")
     caption_column: str = _f("caption", "align stage: caption column")
     # -- text encoding ----------------------------------------------------------------------------------------
-    token_budget: int = _f(DEFAULT_TOKEN_BUDGET, "segment-level conditioning length of the CLIP part (SPEC §1)")
+    token_budget: int = _f(DEFAULT_TOKEN_BUDGET, "segment-level conditioning length of the CLIP part (docs/method.md §1)")
     overflow: str = _f("truncate", "a prompt longer than the token budget: truncate (the release: keep the first "
                                    "budget tokens; prompts cut and tokens lost are logged every step) | extend "
                                    "(grow every row of the step, positive and unconditional, to one common "

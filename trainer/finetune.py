@@ -383,7 +383,7 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
-        """Loss ``0.5 · (1 − mean S_ω)`` of one micro-batch (SPEC §5), ``S_ω = relevant + ω · irrelevant`` with V
+        """Loss ``0.5 · (1 − mean S_ω)`` of one micro-batch (docs/method.md §5), ``S_ω = relevant + ω · irrelevant`` with V
         from the step's prompts gathered over all processes, and its statistics."""
         cfg, device = self.cfg, self.acc.device
         step_cond = self.encode_step(prompts, with_uncond=True)

@@ -1,4 +1,4 @@
-"""DDIM sampling with truncated backpropagation (SPEC §5; the reference's reward stage).
+"""DDIM sampling with truncated backpropagation (docs/method.md §5; the reference's reward stage).
 
 From noise, DDIM (η = 0) over ``t = 999, 979, …, 19`` with classifier-free guidance. Gradients are kept at only K
 of the steps (every ``steps/K``-th from a random offset), where the UNet runs under gradient checkpointing on a
