@@ -189,9 +189,9 @@ def load_rgb(path: Path):
 
 def check_report(text: str) -> int:
     """The LongAlign Text Encode report: number of segments; nothing extended or cut."""
-    m = re.match(r"(\d+) segments, (\d+) content tokens", text)
+    m = re.match(r"(\d+) segments?, (\d+) tokens, budget 240\n\((\d+) text \+ \1 start\); cond 240\b", text)
     assert m, text[:500]
-    assert "conditioning 240 tokens" in text and "WARNING" not in text, text[:800]
+    assert int(m.group(2)) == int(m.group(3)) + int(m.group(1)) <= 240 and "WARNING" not in text, text[:800]
     return int(m.group(1))
 
 
@@ -295,7 +295,9 @@ def test_denscore_best_of_n(server):
     assert "Denscore x100" in score_ui["text"][0] and "image 3" in score_ui["text"][0]
     (chart,) = saved_images(server, entry, node_id(prompt, "SaveImage", "chart"))
     assert load_rgb(chart).shape[1] >= 600
-    ranking = out[node_id(prompt, "PreviewAny")]["text"][0]
+    numbers = out[node_id(prompt, "PreviewAny", "Denscore numbers")]["text"][0]
+    assert numbers == score_ui["text"][0]  # the Denscore numbers are shown in the workflow
+    ranking = out[node_id(prompt, "PreviewAny", "ranking")]["text"][0]
     m = re.match(r"best: image (\d) by score", ranking)
     assert m, ranking[:300]
     (best,) = saved_images(server, entry, node_id(prompt, "SaveImage", "best"))
