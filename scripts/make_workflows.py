@@ -71,7 +71,7 @@ NODE_TYPES: dict[str, NodeType] = {
     "LongAlignLoadLongSDLoRA": NodeType(inputs=(("model", "MODEL"),), outputs=(("MODEL", "MODEL"),),
                                         widgets=("lora_name", "strength")),
     "LongAlignLoadT5Adapter": NodeType(outputs=(("LONGALIGN_T5", "LONGALIGN_T5"),),
-                                       widgets=("t5_folder", "adapter_folder", "attention_mask")),
+                                       widgets=("t5_folder", "adapter_folder", "attention_mask", "precision")),
     "LongAlignPreferenceModelLoader": NodeType(outputs=(("DENSCORE_MODEL", "DENSCORE_MODEL"),),
                                                widgets=("model_name", "kind", "precision")),
     "LongAlignDenscoreScore": NodeType(
@@ -408,7 +408,7 @@ def longsd() -> Workflow:
     wf.link(ckpt.out("MODEL"), lora1, "model")
     wf.link(lora1.out("MODEL"), lora2, "model")
     t5 = wf.add("LongAlignLoadT5Adapter", (A, TOP + 98 + 2 * 82 + 3 * GAP), (360, 106), t5_folder=LONGSD_T5_FOLDER,
-                adapter_folder=LONGSD_ADAPTER_FOLDER, attention_mask="none")
+                adapter_folder=LONGSD_ADAPTER_FOLDER, attention_mask="none", precision="auto")
     _text_to_image(wf, SD15_CHECKPOINT, LONG_PROMPT, 512, seed=42, steps=25, cfg=7.5, sampler="uni_pc",
                    scheduler="normal", prefix="longsd", model=lora2.out("MODEL"), t5=t5.out("LONGALIGN_T5"), ckpt=ckpt)
     wf.note(
