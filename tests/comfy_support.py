@@ -49,6 +49,7 @@ def comfy_version(path: str | None = COMFYUI_PATH) -> str:
 # -- pytest hooks (conftest.py re-exports them) -----------------------------------------------------------------
 
 
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is registered
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfyui: needs a real ComfyUI (COMFYUI_PATH); ./dev test runs these in "
                                        "ComfyUI's own interpreter")
