@@ -137,7 +137,7 @@ def test_t5_branch_appends_to_text_encode(env, tiny_t5_dir):
     import comfy.model_patcher
 
     assert isinstance(branch.patcher, comfy.model_patcher.ModelPatcher)
-    assert any(m.model is branch.patcher.model for m in comfy.model_management.current_loaded_models)
+    assert any(m.model is branch.patcher for m in comfy.model_management.current_loaded_models)
     assert next(branch.branch.encoder.parameters()).dtype == torch.float32  # auto on the CPU
     # precision option: bf16 weights and compute, close to fp32
     bf16, = mod.LongAlignLoadT5Adapter.execute("t5-tiny", "adapter-tiny", "none", "bf16").args
