@@ -10,8 +10,9 @@ host's own objects: the host tokenizer's chunks, ``SDClipModel.process_tokens`` 
 embeddings), the text model's position embedding, encoder layers (LoRA patches applied by ``clip.load_model``)
 and final layer norm, the clip-skip layer chosen by ``set_clip_options``, and ComfyUI's prompt-weight rule
 ``(z - z_empty) * w + z_empty``. :class:`TrimmedClipForward` refuses (returns a reason) whenever the host's
-model is not one it understands, and every use is checked against the host's own full encode of the empty
-prompt; on any mismatch the caller falls back to the host path.
+model is not one it understands. The caller (``clip_segments``) checks it against the host's own full encode:
+the empty prompt on every call, and, once per model and patch state, a row with prompt weights and a row with
+embeddings when a prompt uses them; on a mismatch it falls back to the host path for that model state.
 """
 
 from __future__ import annotations
@@ -21,8 +22,30 @@ from typing import Sequence
 
 import torch
 
-END_ID = 49407
+from ..longalign_core.clip_vocab import END_ID
+
+#: What the host's internals raise when they are not what the trimmed forward expects (missing attribute, other
+#: signature, shape mismatch). Anything else (ComfyUI's interrupt, KeyboardInterrupt) propagates.
+STRUCTURAL_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError, NotImplementedError, RuntimeError)
+
+#: The trimmed forward computes what the host computes, on fewer positions: only float rounding may differ.
+CHECK_ATOL = 1e-4  # times the largest magnitude of the host's states (at least 1)
+CHECK_RTOL = 1e-4
+
 STREAM_ORDER = ("l", "h", "g")  # channel order of the host's concatenation (SDXL: cat(l, g))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A transient out-of-memory error (CUDA, MPS, XPU or CPU allocator), not a sign the model is unsupported."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+def states_match(trimmed: torch.Tensor, host: torch.Tensor) -> bool:
+    """The trimmed forward's states equal the host's up to float rounding."""
+    host = host.to(trimmed.device, trimmed.dtype)
+    scale = float(host.abs().amax().clamp_min(1.0))
+    return torch.allclose(trimmed, host, atol=CHECK_ATOL * scale, rtol=CHECK_RTOL)
 
 
 def _stream_model(cond_stage_model, key: str):

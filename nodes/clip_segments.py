@@ -21,7 +21,7 @@ import numbers
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -36,13 +36,12 @@ from ..longalign_core.segment_encoding import (
     padding_embedding,
     plan_segments,
 )
+from ..longalign_core.clip_vocab import END_ID, START_ID
 from ..longalign_core.segmentation import LongSegmentPolicy, SplitMode
-from .clip_fastpath import TrimmedClipForward
+from .clip_fastpath import STRUCTURAL_ERRORS, TrimmedClipForward, is_out_of_memory, states_match
 
 log = logging.getLogger("LongAlign")
 
-START_ID = 49406
-END_ID = 49407
 CHUNK = 77
 #: Token streams of CLIP text encoders this node understands (ComfyUI tokenizer keys).
 SUPPORTED_KEYS = {"l": "SD1.x CLIP-L", "h": "SD2.x OpenCLIP-H", "g": "SDXL OpenCLIP-bigG"}
@@ -82,6 +81,22 @@ class _Entry:
     pooled: torch.Tensor | None  # pooled output when this chunk was first in its batch, else None
 
 
+@dataclass
+class FastPathVerdict:
+    """Whether the trimmed forward may be used for one CLIP model and patch state, and what it was checked on.
+
+    ``usable`` turns False for good only on a mismatch with the host or a structural error (the host's modules
+    are not what the trimmed forward expects); a transient error (out of memory) leaves it alone.
+    ``checked``: the rules already compared with the host's own encode on real rows (``"weights"``: a row with
+    prompt weights; ``"embeddings"``: a row with textual-inversion embeddings). The empty row is compared on
+    every call.
+    """
+
+    usable: bool = True
+    checked: set[str] = field(default_factory=set)
+    reason: str = ""
+
+
 class SegmentCache:
     """LRU cache of encoded segment chunks, per CLIP model (held weakly) and patch state.
 
@@ -91,6 +106,7 @@ class SegmentCache:
     def __init__(self, max_entries: int = 2048):
         self.max_entries = max_entries
         self._models: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+        self._verdicts: "weakref.WeakKeyDictionary[Any, dict[tuple, FastPathVerdict]]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -129,9 +145,16 @@ class SegmentCache:
             while len(table) > self.max_entries:
                 table.popitem(last=False)
 
+    def verdict(self, clip, state: tuple) -> FastPathVerdict:
+        """The trimmed-forward verdict for ``clip``'s model in patch state ``state`` (created usable)."""
+        with self._lock:
+            per_model = self._verdicts.setdefault(clip.cond_stage_model, {})
+            return per_model.setdefault(state, FastPathVerdict())
+
     def clear(self) -> None:
         with self._lock:
             self._models = weakref.WeakKeyDictionary()
+            self._verdicts = weakref.WeakKeyDictionary()
             self.hits = self.misses = 0
 
 
@@ -254,27 +277,59 @@ class HostClipSegments:
 
     def _encode_rows(self, state: tuple, rows: list[dict[str, Chunk]], empty: torch.Tensor, want_pooled: bool):
         """Encode chunk rows: trimmed forward when the host model allows and passes its check, else the host."""
-        verdict_key = state + ("<trimmed-forward>",)
-        verdict = self.cache.get(self.clip, verdict_key, count=False)
-        if self.fast and (verdict is None or verdict.pooled is True):
+        verdict = self.cache.verdict(self.clip, state)
+        if self.fast and verdict.usable:
             trimmed = TrimmedClipForward(self.clip, self.keys)
             reason = trimmed.unsupported_reason()
             if reason is None:
                 try:
-                    empty_row = {k: self._empty[k][0] for k in self.keys}
-                    states, pooled = trimmed.encode(rows + [empty_row], empty, want_pooled)
-                    width = states.shape[1]
-                    scale = empty[:width].abs().amax().clamp_min(1.0)
-                    if torch.allclose(states[-1], empty[:width].to(states.dtype), atol=1e-4 * float(scale), rtol=1e-4):
-                        self.cache.put(self.clip, verdict_key, _Entry(torch.empty(0), True))
-                        return states[:-1], pooled
-                    reason = "its result differs from the host's encode"
-                except Exception as exc:  # any surprise in the host's internals: use the host path
-                    reason = f"{type(exc).__name__}: {exc}"
-            log.info("LongAlign: trimmed CLIP forward not used (%s); encoding through the CLIP object", reason)
-            self.cache.put(self.clip, verdict_key, _Entry(torch.empty(0), False))
+                    result = self._encode_trimmed_checked(trimmed, rows, empty, want_pooled, verdict)
+                    if result is not None:
+                        return result
+                    reason = verdict.reason
+                except STRUCTURAL_ERRORS as exc:  # the host's internals are not what the trimmed forward expects
+                    if is_out_of_memory(exc):  # transient: this call goes through the host, the next tries again
+                        log.warning("LongAlign: trimmed CLIP forward ran out of memory; this prompt is encoded "
+                                    "through the CLIP object")
+                        reason = None
+                    else:
+                        reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                verdict.usable, verdict.reason = False, reason
+                log.info("LongAlign: trimmed CLIP forward not used (%s); encoding through the CLIP object", reason)
         (states, extra), = self._encode_chunks(rows)
         return states, extra.get("pooled_output")
+
+    def _encode_trimmed_checked(self, trimmed: TrimmedClipForward, rows: list[dict[str, Chunk]],
+                                empty: torch.Tensor, want_pooled: bool, verdict: FastPathVerdict):
+        """Trimmed forward of ``rows`` plus the empty row, checked against the host: the empty row on every call;
+        the first row with prompt weights and the first with embeddings against the host's own encode of that
+        row, once per model and patch state. Returns None (reason in ``verdict``) on a mismatch."""
+        empty_row = {k: self._empty[k][0] for k in self.keys}
+        states, pooled = trimmed.encode(rows + [empty_row], empty, want_pooled)
+        width = states.shape[1]
+        if not states_match(states[-1], empty[:width]):
+            verdict.reason = "its result differs from the host's encode of the empty prompt"
+            return None
+        to_check = {}
+        for i, row in enumerate(rows):
+            entries = [e for k in self.keys for e in row[k][: _first_end(row[k]) + 1]]
+            if "weights" not in verdict.checked and "weights" not in to_check \
+                    and any(float(e[1]) != 1.0 for e in entries):
+                to_check["weights"] = i
+            if "embeddings" not in verdict.checked and "embeddings" not in to_check \
+                    and any(not isinstance(e[0], numbers.Integral) for e in entries):
+                to_check["embeddings"] = i
+        if to_check:
+            order = sorted(set(to_check.values()))
+            (host_states, _), = self._encode_chunks([rows[i] for i in order])
+            for what, i in to_check.items():
+                n = _first_end(rows[i][self.primary]) + 1  # start, content and end token (pooled position)
+                if not states_match(states[i, :n], host_states[order.index(i), :n]):
+                    verdict.reason = f"its result differs from the host's encode of a row with {what}"
+                    return None
+            verdict.checked.update(to_check)
+        return states[:-1], pooled
 
     def _encode_cached(self, seg_chunks):
         cache, clip = self.cache, self.clip
@@ -299,4 +354,4 @@ class HostClipSegments:
         return [e.kept for e in found], padding_embedding(empty, PAD_EMBEDDING_POSITIONS), extra
 
 
-__all__ = ["HostClipSegments", "SegmentCache", "UnsupportedClipError", "SUPPORTED_KEYS"]
+__all__ = ["FastPathVerdict", "HostClipSegments", "SegmentCache", "UnsupportedClipError", "SUPPORTED_KEYS"]

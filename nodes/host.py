@@ -67,17 +67,21 @@ def unet_config(model) -> dict:
     return dict(model.model.model_config.unet_config)
 
 
-def apply_unet_lora(model, kohya_state: dict, strength: float):
-    """Clone ``model`` and add the LoRA as ComfyUI patches (through its public loader); returns the patched model
-    and the number of LoRA layers ComfyUI matched."""
+def count_unet_lora_matches(model, kohya_state: dict) -> tuple[int, int]:
+    """(LoRA layers ComfyUI's UNet key map knows, LoRA layers in ``kohya_state``) for a ComfyUI MODEL."""
     import comfy.lora
-    import comfy.sd
 
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     names = {k.rsplit(".lora_down.weight", 1)[0] for k in kohya_state if k.endswith(".lora_down.weight")}
-    matched = sum(1 for n in names if n in key_map)
+    return sum(1 for n in names if n in key_map), len(names)
+
+
+def apply_unet_lora(model, kohya_state: dict, strength: float):
+    """Clone ``model`` and add the LoRA as ComfyUI patches (through its public loader)."""
+    import comfy.sd
+
     patched, _ = comfy.sd.load_lora_for_models(model, None, kohya_state, strength, 0.0)
-    return patched, matched, len(names)
+    return patched
 
 
 def list_preference_models() -> list[str]:
@@ -145,35 +149,73 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
-def preferred_dtype(precision: str):
-    """``auto``: fp16 where ComfyUI would use it on its device, else fp32."""
-    import torch
+def preferred_dtype(precision: str, device=None):
+    """``auto``: fp16 where ComfyUI would use it on ``device`` (default: its main device), else fp32."""
+    from ..longalign_core.dtypes import dtype_from_name
 
     if precision != "auto":
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        return dtype_from_name(precision)
+    import torch
+
     import comfy.model_management as mm
 
-    device = mm.get_torch_device()
+    device = mm.get_torch_device() if device is None else device
     return torch.float16 if not mm.is_device_cpu(device) and mm.should_use_fp16(device) else torch.float32
+
+
+def preferred_text_encoder_dtype(precision: str):
+    """``auto`` for a T5 encoder: bf16 where ComfyUI would use it on the text-encoder device, else fp32 (T5
+    overflows in fp16)."""
+    from ..longalign_core.dtypes import dtype_from_name
+
+    if precision != "auto":
+        return dtype_from_name(precision)
+    import torch
+
+    import comfy.model_management as mm
+
+    device = mm.text_encoder_device()
+    return torch.bfloat16 if not mm.is_device_cpu(device) and mm.should_use_bf16(device) else torch.float32
+
+
+def model_patcher(modules: dict, load_device, offload_device):
+    """A ComfyUI ModelPatcher over plain torch modules, so ComfyUI's memory manager moves them on and off the
+    device (and evicts them when sampling needs the room)."""
+    import torch
+
+    import comfy.model_patcher
+
+    holder = torch.nn.Module()  # ModelPatcher sets bookkeeping attributes on the module it manages
+    for name, module in modules.items():
+        holder.add_module(name, module)
+    return comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
 
 
 def load_model(bundle) -> None:
     """Put a preference model on ComfyUI's device through its memory manager (so it can be evicted)."""
     import comfy.model_management as mm
-    import comfy.model_patcher
-
-    import torch
 
     if bundle.patcher is None:
-        # ModelPatcher sets bookkeeping attributes on the module it manages; a plain container takes them.
-        holder = torch.nn.Module()
-        holder.preference_model = bundle.model.model
-        bundle.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=mm.get_torch_device(),
-                                                          offload_device=mm.unet_offload_device())
+        bundle.patcher = model_patcher({"preference_model": bundle.model.model}, mm.get_torch_device(),
+                                       mm.unet_offload_device())
     mm.load_models_gpu([bundle.patcher])
 
 
-def text_encoder_device():
+def text_encoder_patcher(modules: dict):
+    """A ModelPatcher for text-encoder-side modules: loaded on ComfyUI's text-encoder device, offloaded where
+    ComfyUI offloads its own text encoders."""
+    import comfy.model_management as mm
+
+    return model_patcher(modules, mm.text_encoder_device(), mm.text_encoder_offload_device())
+
+
+def text_encoder_offload_device():
     import comfy.model_management
 
-    return comfy.model_management.text_encoder_device()
+    return comfy.model_management.text_encoder_offload_device()
+
+
+def load_patchers(patchers: list) -> None:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu(patchers)

@@ -6,14 +6,32 @@ import logging
 
 from comfy_api.latest import io
 
+from ..longalign_core.dtypes import DTYPES
 from ..longalign_core.lora import diffusers_config_from_ldm, load_lora, lora_targets, to_kohya
 from ..longalign_core.model_files import missing_model_message
-from ..longalign_core.t5_branch import load_t5_branch
+from ..longalign_core.t5_branch import T5Branch, load_t5_branch
 from . import host
 
 log = logging.getLogger("LongAlign")
 
 LongAlignT5 = io.Custom("LONGALIGN_T5")
+PRECISIONS = ("auto", *DTYPES)
+
+
+class ManagedT5Branch:
+    """What flows on a LONGALIGN_T5 link: the T5 branch, kept on ComfyUI's text-encoder offload device and loaded
+    onto its text-encoder device through ComfyUI's memory manager (a ModelPatcher) for each encode."""
+
+    def __init__(self, branch: T5Branch):
+        self.branch = branch
+        self.patcher = host.text_encoder_patcher({"t5_encoder": branch.encoder, "t5_adapter": branch.adapter})
+
+    def count_tokens(self, text: str) -> int:
+        return self.branch.count_tokens(text)
+
+    def encode(self, text: str):
+        host.load_patchers([self.patcher])
+        return self.branch.encode(text)
 
 #: Loaded T5 branches keyed by (t5 path, adapter path, mask): one explicit cache keyed by file paths.
 _T5_CACHE: dict[tuple, object] = {}
@@ -49,12 +67,13 @@ class LongAlignLoadLongSDLoRA(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         targets = lora_targets(diffusers_config_from_ldm(host.unet_config(model)))
         pairs = load_lora(host.lora_path(lora_name), targets)
-        patched, matched, total = host.apply_unet_lora(model, to_kohya(pairs), strength)
+        kohya = to_kohya(pairs)
+        matched, total = host.count_unet_lora_matches(model, kohya)
         log.info("LongAlign: %s: %d of %d LoRA layers matched the model", lora_name, matched, total)
-        if matched != total:
+        if matched != total:  # checked before any patched model is built
             raise ValueError(f"{lora_name}: only {matched} of {total} LoRA layers match this model's UNet; it was "
                              f"made for another base model")
-        return io.NodeOutput(patched)
+        return io.NodeOutput(host.apply_unet_lora(model, kohya, strength))
 
 
 class LongAlignLoadT5Adapter(io.ComfyNode):
@@ -77,6 +96,10 @@ class LongAlignLoadT5Adapter(io.ComfyNode):
                 io.Combo.Input("attention_mask", options=["none", "padding"], default="none",
                                tooltip="none = as LongSD was trained (padding tokens take part); padding = mask "
                                        "them (not what the released adapter saw).", extra_dict={"advanced": True}),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
+                               tooltip="Weights and compute of the T5 encoder and adapter. auto: bf16 on a GPU "
+                                       "that supports it, else fp32 (T5 overflows in fp16).",
+                               extra_dict={"advanced": True}),
             ],
             outputs=[LongAlignT5.Output(tooltip="The T5 branch, for LongAlign Text Encode's longalign_t5 input.")],
         )
@@ -91,13 +114,15 @@ class LongAlignLoadT5Adapter(io.ComfyNode):
                                      host.ADAPTER_FOLDER, host.list_model_folders(host.ADAPTER_FOLDER))
 
     @classmethod
-    def execute(cls, t5_folder, adapter_folder, attention_mask) -> io.NodeOutput:
+    def execute(cls, t5_folder, adapter_folder, attention_mask, precision="auto") -> io.NodeOutput:
         t5 = host.resolve_in("text_encoders", t5_folder, "T5 folder")
         adapter = host.resolve_in(host.ADAPTER_FOLDER, adapter_folder, "LongSD adapter folder")
-        key = (t5, adapter, attention_mask)
+        key = (t5, adapter, attention_mask, precision)
         if key not in _T5_CACHE:
             _T5_CACHE.clear()
-            _T5_CACHE[key] = load_t5_branch(t5, adapter, device=host.text_encoder_device(), attention_mask=attention_mask)
+            branch = load_t5_branch(t5, adapter, device=host.text_encoder_offload_device(),
+                                    dtype=host.preferred_text_encoder_dtype(precision), attention_mask=attention_mask)
+            _T5_CACHE[key] = ManagedT5Branch(branch)
         return io.NodeOutput(_T5_CACHE[key])
 
 

@@ -79,8 +79,8 @@ NODE_TYPES: dict[str, NodeType] = {
     "LongAlignLoadLongSDLoRA": NodeType(inputs=(("model", "MODEL"),), outputs=(("MODEL", "MODEL"),),
                                         widgets=("lora_name", "strength"), min_size=(210, 82)),
     "LongAlignLoadT5Adapter": NodeType(outputs=(("LONGALIGN_T5", "LONGALIGN_T5"),),
-                                       widgets=("t5_folder", "adapter_folder", "attention_mask"),
-                                       min_size=(221, 106)),
+                                       widgets=("t5_folder", "adapter_folder", "attention_mask", "precision"),
+                                       min_size=(221, 130)),
     "LongAlignPreferenceModelLoader": NodeType(outputs=(("DENSCORE_MODEL", "DENSCORE_MODEL"),),
                                                widgets=("model_name", "kind", "precision"), min_size=(273, 106)),
     "LongAlignDenscoreScore": NodeType(
@@ -461,8 +461,8 @@ def longsd() -> Workflow:
                    lora_name=LONGSD_REWARD_LORA, strength=1.0)
     wf.link(ckpt.out("MODEL"), lora1, "model")
     wf.link(lora1.out("MODEL"), lora2, "model")
-    t5 = wf.add("LongAlignLoadT5Adapter", (A, CKPT_Y + 98 + 60), (360, 106), t5_folder=LONGSD_T5_FOLDER,
-                adapter_folder=LONGSD_ADAPTER_FOLDER, attention_mask="none")
+    t5 = wf.add("LongAlignLoadT5Adapter", (A, CKPT_Y + 98 + 60), (360, 130), t5_folder=LONGSD_T5_FOLDER,
+                adapter_folder=LONGSD_ADAPTER_FOLDER, attention_mask="none", precision="auto")
     _text_to_image(wf, SD15_CHECKPOINT, LONG_PROMPT, 512, seed=42, steps=25, cfg=7.5, sampler="uni_pc",
                    scheduler="normal", prefix="longsd", saved="LongSD image", model=lora2.out("MODEL"),
                    t5=t5.out("LONGALIGN_T5"), ckpt=ckpt, neg_y=CKPT_Y + 140 + 82 + 70, sampler_y=CKPT_Y + 140)

@@ -27,6 +27,82 @@ REPO = Path(__file__).resolve().parents[1]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 requires_comfy = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run")
 
+#: Test files that need a real ComfyUI besides ``test_comfy_*.py`` and tests marked ``requires_comfy``:
+#: ``./dev test`` runs them (marker ``comfyui``) in ComfyUI's interpreter and everything else in the project's own.
+COMFY_TEST_FILES = {"test_workflows_e2e.py", "test_browser.py", "test_browser_help.py", "test_packaging.py"}
+
+
+def needs_comfy(item) -> bool:
+    """A test that needs a real ComfyUI: a ComfyUI test file, or a test marked ``requires_comfy``."""
+    name = item.path.name
+    return name in COMFY_TEST_FILES or name.startswith("test_comfy_") or any(
+        m.name == "skipif" and "COMFYUI_PATH" in str(m.kwargs.get("reason", "")) for m in item.iter_markers())
+
+
+def comfy_version(path: str | None = COMFYUI_PATH) -> str:
+    """``__version__`` of the ComfyUI checkout at ``path`` (its ``comfyui_version.py``), or "unknown version"."""
+    import re
+
+    try:
+        text = Path(path, "comfyui_version.py").read_text()
+    except (OSError, TypeError):
+        return "unknown version"
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else "unknown version"
+
+
+# -- pytest hooks (conftest.py re-exports them) -----------------------------------------------------------------
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is registered
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: needs a real ComfyUI (COMFYUI_PATH); ./dev test runs these in "
+                                       "ComfyUI's own interpreter")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if COMFYUI_PATH and reporter is not None and hasattr(reporter, "build_summary_stats_line"):
+        build = reporter.build_summary_stats_line
+
+        def with_version():  # the final summary line says which ComfyUI the node tests ran against
+            parts, color = build()
+            if any(item.get_closest_marker("comfyui") for item in getattr(reporter, "_comfy_items", [])):
+                parts = parts + [(f"ComfyUI {comfy_version()}", {"bold": True})]
+            return parts, color
+
+        reporter.build_summary_stats_line = with_version
+
+
+def pytest_report_header(config):
+    if COMFYUI_PATH:
+        return [f"ComfyUI {comfy_version()} at {COMFYUI_PATH} (server interpreter: "
+                f"{os.environ.get('COMFYUI_PYTHON', sys.executable)})"]
+    return []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_comfy(item):
+            item.add_marker(pytest.mark.comfyui)
+
+
+def pytest_collection_finish(session):
+    """With COMFYUI_PATH set and ComfyUI tests selected, check once that this interpreter can import ComfyUI:
+    one clear message instead of an error per test."""
+    selected = [item for item in session.items if item.get_closest_marker("comfyui")]
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter._comfy_items = selected
+    if not COMFYUI_PATH or not selected:
+        return
+    try:
+        import_comfy()
+        import comfy_api.latest  # noqa: F401  (the V3 node API the pack uses)
+    except Exception as exc:  # any import failure means the same thing here: wrong interpreter or checkout
+        pytest.exit(f"COMFYUI_PATH={COMFYUI_PATH}: this interpreter ({sys.executable}) cannot import ComfyUI "
+                    f"({type(exc).__name__}: {exc}). Run the ComfyUI tests with ComfyUI's own interpreter, which "
+                    f"needs this pack's requirements and pytest: COMFYUI_PATH=... COMFYUI_PYTHON=/path/to/its/python "
+                    f"./dev e2e (or unset COMFYUI_PATH)", returncode=4)
+
 #: Files and folders that make up the installable pack (what ComfyUI Manager would put in custom_nodes/).
 PACK_CONTENT = ["__init__.py", "nodes", "longalign_core", "workflows", "web", "pyproject.toml", "requirements.txt"]
 PACK_NAME = "ComfyUI-LongAlign"

@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# The `comfyui` marker, the ComfyUI import check and version in the summary line (see comfy_support.py).
+from comfy_support import (  # noqa: E402,F401
+    pytest_collection_finish, pytest_collection_modifyitems, pytest_configure, pytest_report_header)
+
 
 def tiny_clip_text_config(**overrides):
     """A CLIP-L-shaped text config shrunk in width and depth; vocabulary, positions and ids are the real ones."""

@@ -29,14 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from comfy_support import COMFYUI_PATH, PACK_NAME, install_pack
+from comfy_support import COMFYUI_PATH, PACK_NAME, install_pack, requires_comfy
 
-if not COMFYUI_PATH:
-    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout to run", allow_module_level=True)
+pytestmark = requires_comfy
 CHROMIUM = os.environ.get("LONGALIGN_CHROMIUM", "/usr/bin/chromium")
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+if COMFYUI_PATH:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="pip install playwright (no browser download needed)")
 
 from comfy_support import http, start_comfy, stop_comfy  # noqa: E402
 from test_workflows_e2e import gen  # noqa: E402

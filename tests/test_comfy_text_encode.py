@@ -150,6 +150,12 @@ def test_embeddings_are_honoured(tmp_path):
     node = sys.modules[pack.__name__ + ".nodes.text_encode"].LongAlignTextEncode
     cond, report = run_node(node, clip, prompt)
     torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
+    # the trimmed forward handled the embedding row, checked against the host's own encode of it
+    encoder, cache, state = _fresh_encoder(pack, clip)
+    cond, _ = encoder.encode(prompt)
+    verdict = cache.verdict(clip, state)
+    assert verdict.usable and verdict.checked == {"embeddings"}
+    torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["trimmed-forward", "host-path"])
@@ -179,11 +185,23 @@ def test_cache_reencodes_only_the_edited_sentence(pack, clip_l, fast, monkeypatc
     torch.testing.assert_close(cond[0][0][0], expected(clip_l, edited), atol=2e-4, rtol=1e-4)
 
 
-def test_trimmed_forward_falls_back_when_its_check_fails(pack, clip_l, monkeypatch, caplog):
+def _fresh_encoder(pack, clip):
+    """A HostClipSegments with its own cache (so its trimmed-forward verdict starts unchecked)."""
     import sys
 
     mod = sys.modules[pack.__name__ + ".nodes.clip_segments"]
-    fastpath = sys.modules[pack.__name__ + ".nodes.clip_fastpath"].TrimmedClipForward
+    cache = mod.SegmentCache()
+    return mod.HostClipSegments(clip, cache), cache, mod.SegmentCache.state_key(clip)
+
+
+def _fastpath(pack):
+    import sys
+
+    return sys.modules[pack.__name__ + ".nodes.clip_fastpath"]
+
+
+def test_trimmed_forward_falls_back_when_its_check_fails(pack, clip_l, monkeypatch, caplog):
+    fastpath = _fastpath(pack).TrimmedClipForward
     original = fastpath._stream
 
     def broken(m, chunks, width, want_pooled):
@@ -191,10 +209,117 @@ def test_trimmed_forward_falls_back_when_its_check_fails(pack, clip_l, monkeypat
         return z + 0.5, p
 
     monkeypatch.setattr(fastpath, "_stream", staticmethod(broken))
+    encoder, cache, state = _fresh_encoder(pack, clip_l)
     with caplog.at_level("INFO", logger="LongAlign"):
-        cond, _ = mod.HostClipSegments(clip_l, mod.SegmentCache()).encode(EXAMPLE_PROMPT)
+        cond, _ = encoder.encode(EXAMPLE_PROMPT)
     assert "trimmed CLIP forward not used" in caplog.text
+    assert cache.verdict(clip_l, state).usable is False
     torch.testing.assert_close(cond[0][0][0], expected(clip_l, EXAMPLE_PROMPT), atol=2e-4, rtol=1e-4)
+
+
+def test_trimmed_forward_check_rejects_an_error_20x_its_tolerance(pack, clip_l, monkeypatch, caplog):
+    """The check's tolerance is float rounding (1e-4 of the states' magnitude): an error 20 times that, still
+    small next to the states, must be refused."""
+    mod = _fastpath(pack)
+    original = mod.TrimmedClipForward._stream
+
+    def slightly_off(m, chunks, width, want_pooled):
+        z, p = original(m, chunks, width, want_pooled)
+        return z + 2e-3 * z.abs().amax().clamp_min(1.0), p  # 20 × the check's 1e-4, written out
+
+    monkeypatch.setattr(mod.TrimmedClipForward, "_stream", staticmethod(slightly_off))
+    encoder, cache, state = _fresh_encoder(pack, clip_l)
+    with caplog.at_level("INFO", logger="LongAlign"):
+        cond, _ = encoder.encode("A cat sits on a chair. A dog sleeps.")
+    assert "trimmed CLIP forward not used" in caplog.text
+    assert cache.verdict(clip_l, state).usable is False
+    torch.testing.assert_close(cond[0][0][0], expected(clip_l, "A cat sits on a chair. A dog sleeps."),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_trimmed_forward_is_used_and_checked_on_a_weighted_row(pack, clip_l, caplog):
+    """Prompt weights go through the trimmed forward (not silently through the host) and equal the host's."""
+    prompt = "A (red:1.6) cat sits on a chair. A (blue:0.5) dog sleeps."
+    encoder, cache, state = _fresh_encoder(pack, clip_l)
+    with caplog.at_level("INFO", logger="LongAlign"):
+        cond, _ = encoder.encode(prompt)
+    verdict = cache.verdict(clip_l, state)
+    assert "not used" not in caplog.text and verdict.usable and verdict.checked == {"weights"}
+    torch.testing.assert_close(cond[0][0][0], expected(clip_l, prompt), atol=2e-4, rtol=1e-4)
+
+
+def test_wrong_weight_rule_in_the_trimmed_forward_is_caught(pack, clip_l, monkeypatch, caplog):
+    mod = _fastpath(pack)
+
+    def plain_scaling(z, chunks, empty):  # z * w instead of ComfyUI's (z - z_empty) * w + z_empty
+        for row, chunk in enumerate(chunks):
+            w = torch.tensor([float(e[1]) for e in chunk[: z.shape[1]]], dtype=z.dtype)
+            z[row] = z[row] * w[:, None]
+        return z
+
+    monkeypatch.setattr(mod.TrimmedClipForward, "_apply_weights", staticmethod(plain_scaling))
+    prompt = "A (red:1.6) cat sits on a chair. A dog sleeps."
+    encoder, cache, state = _fresh_encoder(pack, clip_l)
+    with caplog.at_level("INFO", logger="LongAlign"):
+        cond, _ = encoder.encode(prompt)
+    assert "row with weights" in caplog.text and cache.verdict(clip_l, state).usable is False
+    torch.testing.assert_close(cond[0][0][0], expected(clip_l, prompt), atol=2e-4, rtol=1e-4)
+
+
+def test_out_of_memory_does_not_switch_the_trimmed_forward_off(pack, clip_l, monkeypatch):
+    mod = _fastpath(pack)
+    original, calls = mod.TrimmedClipForward.encode, []
+
+    def oom_once(self, rows, *a):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, rows, *a)
+
+    monkeypatch.setattr(mod.TrimmedClipForward, "encode", oom_once)
+    encoder, cache, state = _fresh_encoder(pack, clip_l)
+    first, _ = encoder.encode("A cat sits on a chair. A dog sleeps.")  # through the host this time
+    assert cache.verdict(clip_l, state).usable is True
+    second, _ = encoder.encode("A bird sings. A fish swims.")
+    assert len(calls) == 2 and cache.verdict(clip_l, state).usable is True  # the trimmed forward ran again
+    torch.testing.assert_close(first[0][0][0], expected(clip_l, "A cat sits on a chair. A dog sleeps."),
+                               atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(second[0][0][0], expected(clip_l, "A bird sings. A fish swims."),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_interrupt_inside_the_trimmed_forward_propagates(pack, clip_l, monkeypatch):
+    import_comfy()
+    import comfy.model_management
+
+    mod = _fastpath(pack)
+
+    def interrupted(self, rows, *a):
+        raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(mod.TrimmedClipForward, "encode", interrupted)
+    encoder, cache, state = _fresh_encoder(pack, clip_l)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        encoder.encode("A cat sits on a chair.")
+    assert cache.verdict(clip_l, state).usable is True
+
+
+def test_fp16_text_encoder_trimmed_forward_matches_host(pack, caplog):
+    """ComfyUI stores text encoders in fp16 on the CPU by default (computing in fp32 through manual casts); on a
+    GPU fp16 storage is the norm too. The trimmed forward must match the host there, weights included."""
+    comfy = import_comfy()
+    from comfy_support import random_clip_text_state_dict
+
+    clip = comfy.sd.load_text_encoder_state_dicts([random_clip_text_state_dict("l", seed=11)],
+                                                  model_options={"dtype": torch.float16})
+    assert clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding.weight.dtype == torch.float16
+    prompt = EXAMPLE_PROMPT.replace("black cat", "(black cat:1.3)")
+    encoder, cache, state = _fresh_encoder(pack, clip)
+    with caplog.at_level("INFO", logger="LongAlign"):
+        cond, _ = encoder.encode(prompt)
+    verdict = cache.verdict(clip, state)
+    assert "not used" not in caplog.text and verdict.usable and "weights" in verdict.checked
+    torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
 
 
 def test_clip_hooks_go_through_the_host_schedule(pack, clip_l):

@@ -94,6 +94,25 @@ def test_lora_for_another_model_is_refused(env, tmp_path):
         mod.LongAlignLoadLongSDLoRA.execute(model, "other.pt", 1.0)
 
 
+def test_lora_node_checks_matches_before_building_the_patched_model(env, monkeypatch):
+    """A model whose LoRA key map lacks one LongSD layer: refused with the count, and no patched model built."""
+    mod, root, model = env
+    import comfy.lora
+    import comfy.sd
+
+    targets = lora_targets(diffusers_config_from_ldm(dict(model.model.model_config.unet_config)))
+    torch.save([t for p in random_pairs(targets, 3).values() for t in p], root / "loras" / "check.pt")
+    full_map = comfy.lora.model_lora_keys_unet
+    monkeypatch.setattr(comfy.lora, "model_lora_keys_unet",
+                        lambda m, km=None: {k: v for k, v in full_map(m, {} if km is None else km).items()
+                                            if k != targets[5].kohya_name})
+    built = []
+    monkeypatch.setattr(comfy.sd, "load_lora_for_models", lambda *a, **kw: built.append(a) or (None, None))
+    with pytest.raises(ValueError, match=f"only {len(targets) - 1} of {len(targets)} LoRA layers"):
+        mod.LongAlignLoadLongSDLoRA.execute(model, "check.pt", 1.0)
+    assert built == []
+
+
 def test_t5_branch_appends_to_text_encode(env, tiny_t5_dir):
     mod, root, _ = env
     from longalign_core.t5_branch import TextAdapter, load_t5_branch
@@ -113,3 +132,16 @@ def test_t5_branch_appends_to_text_encode(env, tiny_t5_dir):
     assert cond.shape == (1, 480, 768)
     torch.testing.assert_close(cond[:, :240], plain)
     torch.testing.assert_close(cond[:, 240:], expected_t5, atol=1e-5, rtol=1e-5)
+    # loaded through ComfyUI's memory manager: a ModelPatcher ComfyUI lists among its loaded models
+    import comfy.model_management
+    import comfy.model_patcher
+
+    assert isinstance(branch.patcher, comfy.model_patcher.ModelPatcher)
+    assert any(m.model is branch.patcher for m in comfy.model_management.current_loaded_models)
+    assert next(branch.branch.encoder.parameters()).dtype == torch.float32  # auto on the CPU
+    # precision option: bf16 weights and compute, close to fp32
+    bf16, = mod.LongAlignLoadT5Adapter.execute("t5-tiny", "adapter-tiny", "none", "bf16").args
+    assert next(bf16.branch.encoder.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.encode(prompt).float(), expected_t5, atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        mod.LongAlignLoadT5Adapter.execute("t5-tiny", "adapter-tiny", "none", "fp8")

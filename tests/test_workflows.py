@@ -245,7 +245,8 @@ def test_longsd_chains_both_loras_and_the_t5_branch():
     assert widget_values(stage1) == {"lora_name": "s28750_lora_vis.pt", "strength": 1.0}
     assert source(wf, stage1, "model")[0]["type"] == "CheckpointLoaderSimple"
     t5 = by_type(wf, "LongAlignLoadT5Adapter")[0]
-    assert widget_values(t5) == {"t5_folder": "t5-large", "adapter_folder": "s28750_adapter", "attention_mask": "none"}
+    assert widget_values(t5) == {"t5_folder": "t5-large", "adapter_folder": "s28750_adapter", "attention_mask": "none",
+                                 "precision": "auto"}
     for slot in ("positive", "negative"):
         encode, _ = source(wf, ks, slot)
         assert encode["type"] == "LongAlignTextEncode" and source(wf, encode, "longalign_t5") == (t5, 0)
