@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import numbers
 import threading
 import weakref
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..longalign_core.errors import BadInputError
 from ..longalign_core.segment_encoding import (
     DEFAULT_TOKEN_BUDGET,
     PAD_EMBEDDING_POSITIONS,
@@ -47,6 +49,23 @@ CHUNK = 77
 SUPPORTED_KEYS = {"l": "SD1.x CLIP-L", "h": "SD2.x OpenCLIP-H", "g": "SDXL OpenCLIP-bigG"}
 
 Chunk = list  # 77 tuples (token, weight[, word_id]); token is an int id or an embedding tensor/dict
+
+#: Largest prompt weight accepted: ``(word:w)`` scales a state's difference from the empty prompt by w, so far
+#: beyond this the conditioning leaves anything the model saw (and near 1e38 it overflows to inf).
+MAX_PROMPT_WEIGHT = 100.0
+
+
+def _check_weights(tokens: dict[str, list[Chunk]], text: str) -> None:
+    """Refuse a prompt weight that is not a finite number of sensible size, naming the sentence: ComfyUI's own
+    encode would silently turn ``(word:nan)`` or ``(word:1e309)`` into a NaN/inf conditioning."""
+    for chunks in tokens.values():
+        for chunk in chunks:
+            for entry in chunk:
+                w = float(entry[1])
+                if not math.isfinite(w) or abs(w) > MAX_PROMPT_WEIGHT:
+                    raise BadInputError(
+                        f"LongAlign Text Encode: a prompt weight of {w:g} in {text.strip()[:80]!r} is not a finite "
+                        f"number within ±{MAX_PROMPT_WEIGHT:g}; write weights like (word:1.2) (0.5–1.5 is usual)")
 
 
 class UnsupportedClipError(ValueError):
@@ -194,6 +213,7 @@ class HostClipSegments:
         tokens = self._tokens.get(text)
         if tokens is None:
             tokens = self.clip.tokenize(text)
+            _check_weights(tokens, text)
             counts = {k: len(tokens[k]) for k in self.keys}
             if len(set(counts.values())) != 1:
                 raise ValueError(f"token streams disagree on chunk count for {text!r}: {counts}")

@@ -76,7 +76,8 @@ def _score(bundle, images, text, omega, reference_prompts, split_mode) -> ScoreR
     host.load_model(bundle)
     direction = _direction(bundle, reference_prompts, split_mode)
     host.check_interrupt()
-    pixels = images[..., :3].permute(0, 3, 1, 2).to(bundle.model.device)  # IMAGE is (B, H, W, C) in 0..1
+    # IMAGE is (B, H, W, C) in 0..1; upscalers overshoot it a little, and Save Image clips too
+    pixels = images[..., :3].clamp(0, 1).permute(0, 3, 1, 2).to(bundle.model.device)
     with torch.no_grad():
         return segment_score(bundle.model, pixels, text, direction=direction, omega=omega, crop="center",
                              split_mode=split_mode)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from comfy_api.latest import io
 
 from ..longalign_core.dtypes import DTYPES
+from ..longalign_core.errors import BadConfigError
 from ..longalign_core.lora import diffusers_config_from_ldm, load_lora, lora_targets, to_kohya
 from ..longalign_core.model_files import missing_model_message
 from ..longalign_core.t5_branch import T5Branch, load_t5_branch
@@ -49,7 +51,8 @@ class LongAlignLoadLongSDLoRA(io.ComfyNode):
                         "`python -m trainer.finetune` / `python -m longalign_core.lora`. Chain two of these to "
                         "stack the stage-1 and reward LoRAs.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.5 model (LongSD was trained on SD1.5)."),
+                io.Model.Input("model", tooltip="The model to patch: SD1.5 for the released LongSD files (LongSD was trained on SD1.5); "
+                                              "SD1.x, SD2.x or SDXL for a LoRA this pack trained or converted for it."),
                 io.Combo.Input("lora_name", options=host.list_loras(),
                                tooltip="A file in models/loras: LongSD .pt (list of tensors, read without "
                                        "unpickling code) or kohya-style .safetensors."),
@@ -65,6 +68,8 @@ class LongAlignLoadLongSDLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        if not math.isfinite(strength):  # ComfyUI's min/max check lets NaN through (every comparison is False)
+            raise BadConfigError(f"Load LongSD LoRA: strength {strength} is not a number; use a value like 1.0")
         targets = lora_targets(diffusers_config_from_ldm(host.unet_config(model)))
         pairs = load_lora(host.lora_path(lora_name), targets)
         kohya = to_kohya(pairs)
