@@ -51,8 +51,9 @@ class LongAlignLoadLongSDLoRA(io.ComfyNode):
                         "`python -m trainer.finetune` / `python -m longalign_core.lora`. Chain two of these to "
                         "stack the stage-1 and reward LoRAs.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch: SD1.5 for the released LongSD files (LongSD was trained on SD1.5); "
-                                              "SD1.x, SD2.x or SDXL for a LoRA this pack trained or converted for it."),
+                io.Model.Input("model", tooltip="The model to patch: SD1.5 for the released LongSD files (LongSD "
+                                                "was trained on SD1.5); SD1.x, SD2.x or SDXL for a LoRA this "
+                                                "pack trained or converted for that model."),
                 io.Combo.Input("lora_name", options=host.list_loras(),
                                tooltip="A file in models/loras: LongSD .pt (list of tensors, read without "
                                        "unpickling code) or kohya-style .safetensors."),
