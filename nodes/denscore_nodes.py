@@ -19,7 +19,7 @@ from ..longalign_core.denscore import (
     prompts_digest,
     segment_score,
 )
-from ..longalign_core.dtypes import DTYPES
+from ..longalign_core.dtypes import PRECISIONS
 from ..longalign_core.model_files import missing_model_message
 from ..longalign_core.preference import MODEL_KINDS, PreferenceModel, load_preference_model
 from ..longalign_core.score_chart import format_report, render_segment_chart
@@ -29,7 +29,6 @@ from . import host
 log = logging.getLogger("LongAlign")
 
 DenscoreModel = io.Custom("DENSCORE_MODEL")
-PRECISIONS = ("auto", *DTYPES)
 RANK_BY = ("score", "text_relevant", "reweighted")
 
 #: Loaded preference models, keyed by (path, kind, precision): one explicit cache, as ComfyUI's own loaders do.

@@ -7,7 +7,7 @@ import math
 
 from comfy_api.latest import io
 
-from ..longalign_core.dtypes import DTYPES
+from ..longalign_core.dtypes import PRECISIONS
 from ..longalign_core.errors import BadConfigError
 from ..longalign_core.lora import diffusers_config_from_ldm, load_lora, lora_targets, to_kohya
 from ..longalign_core.model_files import missing_model_message
@@ -17,7 +17,6 @@ from . import host
 log = logging.getLogger("LongAlign")
 
 LongAlignT5 = io.Custom("LONGALIGN_T5")
-PRECISIONS = ("auto", *DTYPES)
 
 
 class ManagedT5Branch:

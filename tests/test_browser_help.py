@@ -8,8 +8,6 @@ the playwright package. Screenshots go to test_out/screenshots/ (help_<node id>.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
