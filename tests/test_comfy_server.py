@@ -41,7 +41,8 @@ def test_node_is_registered(server):
     assert status == 200 and "LongAlignTextEncode" in info, (base / "server.log").read_text()[-3000:]
     node = info["LongAlignTextEncode"]
     assert node["category"] == "LongAlign/conditioning"
-    assert node["output"] == ["CONDITIONING", "STRING"]
+    assert node["output"] == ["CONDITIONING", "STRING", "INT", "INT"]
+    assert node["output_name"][1:] == ["report", "segments", "tokens"]
     required = node["input"]["required"]
     assert set(required) == {"clip", "text", "token_budget", "overflow", "split_mode", "long_sentences"}
     assert all(spec[1].get("tooltip") for spec in required.values())
