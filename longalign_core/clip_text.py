@@ -18,12 +18,11 @@ from .segment_encoding import (
     PAD_EMBEDDING_POSITIONS,
     OverflowPolicy,
     PromptReport,
-    build_report,
     merge_segment_states,
     padding_embedding,
-    plan_segments,
+    plan_batch,
 )
-from .errors import BadConfigError, BadInputError, kind_of
+from .errors import BadConfigError
 from .segmentation import LongSegmentPolicy, SplitMode
 
 
@@ -114,30 +113,11 @@ class CLIPSegmentEncoder:
         (to a multiple of it). ``split_mode="reference", long_segments="truncate", overflow="truncate"`` is the
         released code's behaviour.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if len(prompts) == 0:
-            raise BadInputError("no prompts given")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
-        counts: dict[str, int] = {}
-
-        def count(text: str) -> int:
-            if text not in counts:
-                counts[text] = self.count_tokens(text)
-            return counts[text]
-
-        plans = [plan_segments(p, count, self.window, split_mode, long_segments) for p in prompts]
-        texts = [s.text for plan in plans for s in plan]
-        owner = [b for b, plan in enumerate(plans) for _ in plan]
-        states, keep = self.encode_segments(texts)
-        result = merge_segment_states(states, keep, owner, self.padding_embedding(), budget, overflow,
-                                      num_prompts=len(prompts))
-        reports = []
-        for b, plan in enumerate(plans):
-            reports.append(build_report(plan, [count(s.text) for s in plan], result.merged[b], result.dropped[b], result.padding[b],
-                                        budget, overflow, self.window))
+        batch = plan_batch(prompts, self.count_tokens, self.window, split_mode, long_segments)
+        states, keep = self.encode_segments(batch.texts)
+        result = merge_segment_states(states, keep, batch.owner, self.padding_embedding(), budget, overflow,
+                                      num_prompts=len(batch.plans))
+        reports = batch.reports(result, budget, overflow, self.window)
         return LongPromptEncoding(result.cond, reports)
 
 

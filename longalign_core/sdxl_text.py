@@ -21,10 +21,9 @@ from .segment_encoding import (
     PAD_EMBEDDING_POSITIONS,
     OverflowPolicy,
     PromptReport,
-    build_report,
     merge_segment_states,
     padding_embedding,
-    plan_segments,
+    plan_batch,
 )
 from .segmentation import LongSegmentPolicy, SplitMode
 
@@ -103,21 +102,9 @@ class SDXLSegmentEncoder:
         Rows are ``[start] + content + [end]`` padded to the longest row with each tokenizer's pad id; the end
         token is fed so bigG's pooled vector can be read at it; only start + content positions are kept.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if len(prompts) == 0:
-            raise ValueError("no prompts given")
-        counts: dict[str, int] = {}
-
-        def count(text: str) -> int:
-            if text not in counts:
-                counts[text] = self.count_tokens(text)
-            return counts[text]
-
-        plans = [plan_segments(p, count, self.window, split_mode, long_segments) for p in prompts]
-        texts = [s.text for plan in plans for s in plan]
-        owner = [b for b, plan in enumerate(plans) for _ in plan]
-        first_row = [owner.index(b) for b in range(len(prompts))]
+        batch = plan_batch(prompts, self.count_tokens, self.window, split_mode, long_segments)
+        texts, owner, num_prompts = batch.texts, batch.owner, len(batch.plans)
+        first_row = [owner.index(b) for b in range(num_prompts)]
 
         tokenizer = self.encoders[0].tokenizer
         content = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
@@ -131,16 +118,14 @@ class SDXLSegmentEncoder:
             ids = torch.tensor([r + [encoder.pad_id] * (width - len(r)) for r in rows])
             out = encoder.forward(ids)
             merged.append(merge_segment_states(out.hidden_states[encoder.layer], keep, owner, pad, budget,
-                                               overflow, num_prompts=len(prompts)))
+                                               overflow, num_prompts=num_prompts))
             if encoder is self.encoders[1]:
                 end = (kept[first_row]).to(out.last_hidden_state.device)
                 final = out.last_hidden_state[first_row, :][torch.arange(len(first_row)), end]
                 pooled = encoder.text_encoder.text_projection(final)
         result = merged[0]
         cond = torch.cat([merged[0].cond, merged[1].cond.to(merged[0].cond.device)], dim=-1)
-        reports = [build_report(plan, [count(s.text) for s in plan], result.merged[b], result.dropped[b],
-                                result.padding[b], budget, overflow, self.window)
-                   for b, plan in enumerate(plans)]
+        reports = batch.reports(result, budget, overflow, self.window)
         return SDXLPromptEncoding(cond, pooled, reports)
 
 

@@ -271,3 +271,53 @@ def build_report(
         if subsplit else []
     length = result_merged - result_dropped + result_padding
     return PromptReport(infos, budget, overflow, result_merged, length, result_dropped, result_padding, notes)
+
+
+@dataclass
+class BatchPlan:
+    """The segments of a batch of prompts in encoding order, with each segment's full content-token count."""
+
+    plans: list[list[Segment]]
+    counts: list[list[int]]
+
+    @property
+    def texts(self) -> list[str]:
+        """Every segment's text, prompt by prompt: one encoder row each."""
+        return [s.text for plan in self.plans for s in plan]
+
+    @property
+    def owner(self) -> list[int]:
+        """The prompt index of each row of :attr:`texts` (``prompt_of_row`` of :func:`merge_segment_states`)."""
+        return [b for b, plan in enumerate(self.plans) for _ in plan]
+
+    def reports(self, result: MergeResult, budget: int, overflow: str, window: int) -> list[PromptReport]:
+        return [build_report(plan, counts, result.merged[b], result.dropped[b], result.padding[b], budget,
+                             overflow, window)
+                for b, (plan, counts) in enumerate(zip(self.plans, self.counts))]
+
+
+def plan_batch(
+    prompts: str | Sequence[str],
+    count_tokens: Callable[[str], int],
+    window: int = CLIP_WINDOW,
+    split_mode: SplitMode = "sentence",
+    long_segments: LongSegmentPolicy = "split",
+) -> BatchPlan:
+    """:func:`plan_segments` for a batch (one prompt or a list), counting each distinct text once."""
+    from .errors import BadInputError, kind_of
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise BadInputError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
+    memo: dict[str, int] = {}
+
+    def count(text: str) -> int:
+        if text not in memo:
+            memo[text] = count_tokens(text)
+        return memo[text]
+
+    plans = [plan_segments(p, count, window, split_mode, long_segments) for p in prompts]
+    return BatchPlan(plans, [[count(s.text) for s in plan] for plan in plans])
