@@ -21,6 +21,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from .errors import BadInputError
 from .segmentation import LongSegmentPolicy, Segment, SplitMode, fit_segments, split_segments
 
 OverflowPolicy = Literal["extend", "truncate", "error"]
@@ -72,6 +73,18 @@ def keep_mask_before_end(token_ids: torch.Tensor, end_token_id: int) -> torch.Te
     first_end = torch.where(has_end, is_end.int().argmax(dim=1, keepdim=True), token_ids.shape[1])
     positions = torch.arange(token_ids.shape[1], device=token_ids.device).unsqueeze(0)
     return positions < first_end
+
+
+class TokenBudgetError(BadInputError):
+    """``overflow="error"`` and a prompt needs more tokens than the budget; front-ends may reword it with their
+    own option names from ``prompt_index``, ``needed`` and ``budget``."""
+
+    def __init__(self, prompt_index: int, needed: int, budget: int):
+        self.prompt_index, self.needed, self.budget = prompt_index, needed, budget
+        super().__init__(
+            f"prompt {prompt_index} needs {needed} tokens but the token budget is {budget}: raise the budget to at "
+            f"least {needed}, shorten the prompt, or choose overflow 'extend' (grow the budget) or 'truncate' (cut, "
+            f"as the reference does)")
 
 
 @dataclass
@@ -137,12 +150,7 @@ def merge_segment_states(
         over = [(b, m) for b, m in enumerate(merged) if m > budget]
         if over:
             b, m = over[0]
-            from .errors import BadInputError
-
-            raise BadInputError(
-                f"prompt {b} needs {m} tokens but the token budget is {budget}: raise the budget to at least {m}, "
-                f"shorten the prompt, or choose overflow 'extend' (grow the budget) or 'truncate' (cut, as the "
-                f"reference does)")
+            raise TokenBudgetError(b, m, budget)
     length = max(output_length(m, budget, overflow) for m in merged) if merged else budget
 
     pad = pad.to(device=states.device, dtype=states.dtype)

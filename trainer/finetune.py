@@ -45,7 +45,7 @@ from longalign_core.denscore import (
 from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora, save_kohya
 from longalign_core.preference import load_preference_model
-from longalign_core.segment_encoding import plan_segments
+from longalign_core.segment_encoding import TokenBudgetError
 
 from .config import EMBEDDED_PROFILE, TrainConfig  # noqa: F401  (EMBEDDED_PROFILE: re-exported)
 from .models import embedded_reward_dir, load_base_model, load_prompts
@@ -332,30 +332,22 @@ class Trainer:
             self.align_rows = train_rows
 
     # -- conditioning -----------------------------------------------------------------------------------------
-    def _merged_tokens(self, prompt: str) -> int:
-        """Merged CLIP tokens of ``prompt`` before the budget (each segment's start token + its content)."""
-        enc, cfg = self.encoder, self.cfg
-        plan = plan_segments(prompt, enc.count_tokens, enc.window, cfg.split_mode, cfg.long_segments)
-        return sum(1 + min(enc.count_tokens(s.text), enc.window) for s in plan)
-
     def encode_step(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:
         """Segment-level conditioning of a step's prompts (+ the T5 branch) and, with ``with_uncond``, the
         empty prompt's for CFG — encoded together, so every row has one common length: the budget (truncate,
         error) or the step's longest prompt rounded up to a multiple of the budget (extend); the T5 part is
         always ``T5_MAX_LENGTH`` tokens after it."""
         cfg, n = self.cfg, len(prompts)
-        if cfg.overflow == "error":
-            for p in prompts:
-                merged = self._merged_tokens(p)
-                if merged > cfg.token_budget:
-                    raise BadInputError(
-                        f"a prompt needs {merged} tokens but --token-budget is {cfg.token_budget} and --overflow is "
-                        f"error: use --overflow truncate (the release) or extend, raise --token-budget, or shorten "
-                        f"it in {cfg.prompts or 'the prompts'}. The prompt: {p[:120]!r}…")
         texts = list(prompts) + ([""] * n if with_uncond else [])
         with torch.no_grad():
-            enc = self.encoder.encode(texts, budget=cfg.token_budget, overflow=cfg.overflow,
-                                      split_mode=cfg.split_mode, long_segments=cfg.long_segments)
+            try:
+                enc = self.encoder.encode(texts, budget=cfg.token_budget, overflow=cfg.overflow,
+                                          split_mode=cfg.split_mode, long_segments=cfg.long_segments)
+            except TokenBudgetError as err:  # the core's check, in this CLI's option names
+                raise BadInputError(
+                    f"a prompt needs {err.needed} tokens but --token-budget is {cfg.token_budget} and --overflow is "
+                    f"error: use --overflow truncate (the release) or extend, raise --token-budget, or shorten it "
+                    f"in {cfg.prompts or 'the prompts'}. The prompt: {texts[err.prompt_index][:120]!r}…") from None
             states = self.t5.t5_states(texts) if self.t5 is not None else None
         cond = enc.cond
         t5_lost = 0
