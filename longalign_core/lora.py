@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .dtypes import DTYPES
 from .errors import BadConfigError, BadModelFileError
 
 #: Module classes whose Linear/Conv2d layers carry a LongAlign LoRA (reference ``UNET_EXTENDED_TARGET_REPLACE``).
@@ -312,7 +313,6 @@ def save_kohya(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str
     return Path(path)
 
 
-LORA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src", help="LongSD LoRA .pt (list of tensors), e.g. sd15-reward-3750.pt")
     ap.add_argument("dst", help="output .safetensors (kohya keys; put it in ComfyUI/models/loras)")
     ap.add_argument("--unet-config", help="diffusers UNet config.json or model folder (default: SD1.5)")
-    ap.add_argument("--dtype", choices=tuple(LORA_DTYPES), default="fp16",
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                     help="dtype of the written tensors (default fp16, as released; fp32 keeps values beyond 65504)")
     args = ap.parse_args(argv)
     src = check_input_file(args.src, "LoRA file", error=LoraFormatError)
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = read_longsd_lora(src, targets)
     rank = next(iter(pairs.values()))[1].shape[0]
     save_kohya(pairs, dst, {"format": "kohya", "source": src.name, "rank": rank, "ss_network_dim": rank,
-                            "ss_network_alpha": rank, "longalign": "longsd-lora"}, dtype=LORA_DTYPES[args.dtype])
+                            "ss_network_alpha": rank, "longalign": "longsd-lora"}, dtype=DTYPES[args.dtype])
     print(f"wrote {dst}: {len(pairs)} LoRA layers, rank {rank}, scale 1, {args.dtype}")
     return 0
 

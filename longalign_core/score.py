@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dtypes import DTYPES
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--omega", type=float, default=DEFAULT_REWEIGHT, help="reweight factor ω (default 0.3)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per forward")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--csv", default="denscore.csv", help="output CSV (default denscore.csv)")
     ap.add_argument("--plot", default="denscore.png", help="output PNG chart (default denscore.png)")
     args = ap.parse_args(argv)
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = [line for line in text.splitlines() if line.strip()]
         if not reference:
             raise BadConfigError(f"--reference-prompts {args.reference_prompts} holds no prompts (one per line)")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = load_preference_model(args.model, args.kind, args.processor, args.arch, args.device, dtype)
     from .denscore import default_reference_prompts
 

@@ -45,6 +45,7 @@ from longalign_core.denscore import (
 from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora, save_kohya
 from longalign_core.preference import load_preference_model
+from longalign_core.dtypes import DTYPES
 from longalign_core.segment_encoding import TokenBudgetError
 
 from .config import EMBEDDED_PROFILE, TrainConfig  # noqa: F401  (EMBEDDED_PROFILE: re-exported)
@@ -226,7 +227,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
         self.acc.wait_for_everyone()
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
         self.totals = {"prompts_cut": 0, "tokens_lost": 0}
         self._load_models()
 
