@@ -25,7 +25,7 @@ import torch
 
 from .clip_text import CLIPSegmentEncoder
 from .errors import BadConfigError, BadInputError
-from .lora import lora_delta, lora_targets, load_lora
+from .lora import load_lora, lora_targets, merge_lora
 from .sdxl_text import SDXLSegmentEncoder
 from .segment_encoding import DEFAULT_TOKEN_BUDGET, OverflowPolicy, PromptReport
 from .segmentation import LongSegmentPolicy, SplitMode
@@ -117,11 +117,7 @@ def load_longalign_lora(pipe, path: str | Path, strength: float = 1.0, adapter_n
     # targets from the config: a UNet that already carries peft adapters has extra Linear layers inside
     pairs = load_lora(path, lora_targets(dict(unet.config)))
     if fuse:
-        modules = dict(unet.named_modules())
-        with torch.no_grad():
-            for module_path, (up, down) in pairs.items():
-                w = modules[module_path].weight
-                w += (strength * lora_delta(up, down, w.shape)).to(device=w.device, dtype=w.dtype)
+        merge_lora(unet, pairs, strength)
         return ""
     from peft import LoraConfig
 
