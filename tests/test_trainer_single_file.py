@@ -66,7 +66,7 @@ def test_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from longalign_core.lora import diffusers_config_from_ldm
-    from trainer.models import _load_single_file, sd15_config_dir
+    from trainer.single_file import load_single_file, sd15_config_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     unet_cfg = diffusers_config_from_ldm(dict(model_channels=320, channel_mult=[1], num_res_blocks=[NRB],
@@ -87,7 +87,7 @@ def test_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
     path = tmp_path / "tiny_sd15.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
-    base = _load_single_file(str(path), unet_cfg)
+    base = load_single_file(str(path), unet_cfg)
     sd = load_file(str(path))
     loaded_unet = base.unet.state_dict()
     for k, v in unet.state_dict().items():  # every UNet weight arrived where diffusers keeps it
