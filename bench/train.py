@@ -3,8 +3,10 @@
 with a per-phase time split.
 
     python bench/train.py                                   # built-in tiny pipeline on the CPU, 256 px, fp32
+    python bench/train.py --shape tiny-sdxl                 # built-in tiny SDXL pipeline (--model embedded-sdxl)
     python bench/train.py --shape sd15 --resolution 512 --batch 1 --only truncated          # GPU, bf16
     python bench/train.py --shape sd15 --resolution 512 --batch 4 --only truncated --compile-unet
+    python bench/train.py --shape sdxl --resolution 1024 --batch 1 --only truncated        # GPU, bf16
 
 "truncated" is the method as shipped (docs/method.md §5): gradients at K = 5 of the steps, UNet input detached, gradient
 checkpointing (UNet and VAE). "full" is the baseline: the same Trainer and step, with the sampling chain
@@ -20,7 +22,9 @@ recomputation), optimizer (clip + AdamW + zero_grad), rest (text encoding, DDIM 
 (Denscore's size), random weights, written once as diffusers / transformers folders under ``--cache``; the
 Trainer loads them like a real run (``--model``/``--reward-model``). On a GPU the trainer uses bf16 (its
 default), SDPA attention (diffusers' default on torch 2), channels_last UNet and VAE, fused AdamW; with
-``--compile-unet`` the no-grad UNet calls run through ``torch.compile``.
+``--compile-unet`` the no-grad UNet calls run through ``torch.compile``. ``--shape sdxl``: SDXL base shapes (UNet
+2.6B from SDXL's published config, SDXL VAE, CLIP-L + OpenCLIP-bigG text encoders) with the same CLIP-H/14-shaped
+preference model; ``--shape tiny-sdxl`` is the trainer's built-in ``--model embedded-sdxl``.
 Targets: truncated peak <= 0.06x full at 50 steps; truncated flat in steps (<= 1.25x from 50 to 100).
 """
 
@@ -75,15 +79,58 @@ class RSSPeak:
         return self.peak - self.base
 
 
-def sd15_folders(cache: Path) -> tuple[Path, Path]:
-    """Random-weight SD1.5-shaped diffusers folder and CLIP-H/14-shaped CLIPModel folder (created once)."""
+#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the model).
+SDXL_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "in_channels": 4, "layers_per_block": 2, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                                                   "UpBlock2D"], "use_linear_projection": True,
+}
+
+
+def sdxl_folder(cache: Path) -> Path:
+    """Random-weight SDXL-base-shaped diffusers folder (created once)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from longalign_core.clip_vocab import load_clip_tokenizer
+
+    sd = cache / "sdxl-random"
+    if (sd / "model_index.json").is_file():
+        return sd
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(SDXL_UNET).save_pretrained(sd / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025,
+                  force_upcast=True).save_pretrained(sd / "vae")
+    text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, hidden_act="quick_gelu", pad_token_id=49407, **text)
+                  ).save_pretrained(sd / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                               num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                               pad_token_id=0, **text)).save_pretrained(sd / "text_encoder_2")
+    load_clip_tokenizer().save_pretrained(sd / "tokenizer")
+    load_clip_tokenizer(pad_token="!").save_pretrained(sd / "tokenizer_2")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading").save_pretrained(sd / "scheduler")
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return sd
+
+
+def sd15_folder(cache: Path) -> Path:
+    """Random-weight SD1.5-shaped diffusers folder (created once)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from longalign_core.clip_vocab import load_clip_tokenizer
     from longalign_core.lora import load_unet_config
 
-    sd, reward = cache / "sd15-random", cache / "clip-h-random"
+    sd = cache / "sd15-random"
     if not (sd / "model_index.json").is_file():
         torch.manual_seed(0)
         UNet2DConditionModel.from_config(load_unet_config(None)).save_pretrained(sd / "unet")
@@ -98,6 +145,16 @@ def sd15_folders(cache: Path) -> tuple[Path, Path]:
         DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                       steps_offset=1).save_pretrained(sd / "scheduler")
         (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return sd
+
+
+def clip_h_folder(cache: Path) -> Path:
+    """Random-weight CLIP-H/14-shaped CLIPModel folder (Denscore's size; created once)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from longalign_core.clip_vocab import load_clip_tokenizer
+
+    reward = cache / "clip-h-random"
     if not (reward / "config.json").is_file():
         cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
                                           num_hidden_layers=24, num_attention_heads=16, max_position_embeddings=77,
@@ -107,7 +164,7 @@ def sd15_folders(cache: Path) -> tuple[Path, Path]:
                          projection_dim=1024)
         CLIPModel(cfg).save_pretrained(reward)
         load_clip_tokenizer().save_pretrained(reward)
-    return sd, reward
+    return reward
 
 
 class PhaseTimer:
@@ -146,11 +203,12 @@ def one_run(args) -> dict:
     flags = ["--output-dir", str(out), "--resolution", str(args.resolution), "--train-batch-size", str(args.batch),
              "--sample-steps", str(args.steps), "--sample-grad-steps", "5", "--validation-prompts", "0",
              "--lr-warmup-steps", "0", "--train-steps", "1000"]
-    if args.shape == "sd15":
-        sd, reward = sd15_folders(Path(args.cache))
+    if args.shape in ("sd15", "sdxl"):
+        sd = (sdxl_folder if args.shape == "sdxl" else sd15_folder)(Path(args.cache))
+        reward = clip_h_folder(Path(args.cache))
         flags += ["--model", str(sd), "--reward-model", str(reward), "--lora-rank", "32"]
     else:
-        flags += ["--lora-rank", "4"]
+        flags += ["--lora-rank", "4"] + (["--model", "embedded-sdxl"] if args.shape == "tiny-sdxl" else [])
     if args.dtype:
         flags += ["--mixed-precision", args.dtype]
     if args.compile_unet:
@@ -217,7 +275,7 @@ def spawn(args, mode, steps) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--shape", choices=["tiny", "tiny-sdxl", "sd15", "sdxl"], default="tiny")
     ap.add_argument("--device", default="auto", help="auto (GPU when there is one) or cpu")
     ap.add_argument("--dtype", choices=["no", "bf16", "fp16"], help="--mixed-precision (default: the trainer's: "
                                                                      "bf16 on a GPU, no on the CPU)")

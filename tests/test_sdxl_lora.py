@@ -53,12 +53,13 @@ def test_other_extra_conditioning_is_refused():
         diffusers_config_from_ldm(dict(SDXL_LDM, adm_in_channels=1024))
 
 
-def _tiny_sdxl_patcher(seed=0):
+def _tiny_sdxl_patcher(seed=0, ldm=TINY_SDXL_LDM):
+    """A ComfyUI SDXL model of the LDM config ``ldm`` with random weights, in a ModelPatcher on the CPU."""
     comfy = import_comfy()
     import comfy.model_patcher
     import comfy.supported_models
 
-    model = comfy.supported_models.SDXL(dict(TINY_SDXL_LDM)).get_model({})
+    model = comfy.supported_models.SDXL(dict(ldm)).get_model({})
     g = torch.Generator().manual_seed(seed)
     state = {k: (torch.randn(v.shape, generator=g) / math.sqrt(max(1, math.prod(v.shape[1:])))) if v.ndim > 1
              else torch.zeros(v.shape) for k, v in model.state_dict().items()}
@@ -127,3 +128,55 @@ def test_sdxl_lora_patches_equal_w_plus_up_down_in_stock_loader_and_node(tmp_pat
         for t in targets:
             torch.testing.assert_close(sd[keys[t.path]].float(), expected[t.path], atol=2e-3, rtol=1e-3)
         comfy.model_management.unload_all_models()
+
+
+@requires_comfy
+def test_trained_sdxl_lora_loads_in_stock_lora_loader_with_no_unloaded_key(tmp_path, caplog):
+    """``python -m trainer.finetune --model embedded-sdxl`` writes a LoRA that ComfyUI's stock LoRA loader applies
+    to an SDXL model of the same UNet shape: every key is loaded and each weight becomes W + up@down."""
+    from safetensors.torch import load_file
+
+    from trainer_support import run_module
+
+    out = tmp_path / "run"
+    proc = run_module(["--model", "embedded-sdxl", "--output-dir", str(out), "--train-steps", "1",
+                       "--resolution", "32", "--sample-steps", "2", "--sample-grad-steps", "1",
+                       "--validation-prompts", "0", "--train-batch-size", "1"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lora = load_file(str(out / "longalign_lora.safetensors"))
+
+    import_comfy()
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models import embedded_sdxl_pipeline_dir
+
+    # the embedded SDXL UNet in ComfyUI's terms: the same levels, depths and widths, context 32 + 32
+    ldm = dict(TINY_SDXL_LDM, context_dim=64)
+    theirs = UNet2DConditionModel.load_config(embedded_sdxl_pipeline_dir(), subfolder="unet")
+    ours = diffusers_config_from_ldm(ldm)
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "cross_attention_dim", "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        assert norm(ours[key]) == norm(theirs[key]), key
+    patcher = _tiny_sdxl_patcher(seed=1, ldm=ldm)
+    model = patcher.model
+    targets = lora_targets(diffusers_config_from_ldm(ldm))
+    assert len(lora) == 3 * len(targets)
+    d2c = comfy.utils.unet_to_diffusers(dict(model.model_config.unet_config))
+    keys = {t.path: "diffusion_model." + d2c[t.path + ".weight"] for t in targets}
+    base = {p: model.state_dict()[k].clone().float() for p, k in keys.items()}
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert "not loaded" not in caplog.text.lower(), caplog.text[:2000]
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    sd = patched.model.state_dict()
+    for t in targets:
+        name = t.kohya_name
+        up, down = lora[name + ".lora_up.weight"].float(), lora[name + ".lora_down.weight"].float()
+        scale = float(lora[name + ".alpha"]) / down.shape[0]
+        expected = base[t.path] + scale * (up.flatten(1) @ down.flatten(1)).reshape(t.weight_shape)
+        torch.testing.assert_close(sd[keys[t.path]].float(), expected, atol=2e-3, rtol=1e-3, msg=t.path)
+    comfy.model_management.unload_all_models()

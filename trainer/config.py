@@ -39,7 +39,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 #: that a typo cannot ask for gigabytes of padding.
 MAX_TOKEN_BUDGET = 4096
 
-#: Settings of the CPU demo run when no --model is given (below the config file and the flags).
+#: ``--model`` names of the built-in tiny random-weight pipelines (trainer.models builds them).
+EMBEDDED_MODELS = ("embedded", "embedded-sdxl")
+
+#: Settings of the CPU demo run when no --model (or an embedded one) is given (below the config file and flags).
 EMBEDDED_PROFILE = dict(train_steps=30, train_batch_size=2, resolution=64, sample_steps=20,
                         sample_grad_steps=5, learning_rate=2e-3, lr_warmup_steps=0, lora_rank=4,
                         validation_every=15, validation_prompts=2, validation_steps=10, checkpoint_every=15,
@@ -67,8 +70,10 @@ class TrainConfig:
                       "adapter dropout masks all derive from (seed, step, process)")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue from")
     # -- models -----------------------------------------------------------------------------------------------
-    model: str | None = _f(None, "base model: local diffusers SD1.5 folder, single-file .safetensors/.ckpt "
-                                 "checkpoint, or Hub id. Omit for the built-in tiny random model (a CPU demo)")
+    model: str | None = _f(None, "base model, SD1.x or SDXL (recognised from its weights): a local diffusers "
+                                 "folder, a single-file .safetensors/.ckpt checkpoint (e.g. ComfyUI's "
+                                 "models/checkpoints), or a Hub id. Omit (or 'embedded') for the built-in tiny "
+                                 "random SD1.5-shaped model, 'embedded-sdxl' for the SDXL-shaped one (CPU demos)")
     reward_model: str | None = _f(None, "preference model: Denscore/PickScore/CLIP-H folder (HF CLIPModel) or "
                                         "HPSv2 open_clip checkpoint. Omit for a built-in tiny one")
     reward_model_kind: str = _f("auto", "auto | hf_clip | open_clip")
@@ -102,7 +107,8 @@ class TrainConfig:
     sample_steps: int = _f(50, "DDIM steps from noise (t = 999, 979, …, 19)")
     sample_grad_steps: int = _f(5, "steps that get gradients (every sample_steps/K-th, random offset)")
     sample_guidance: float = _f(7.5, "classifier-free guidance scale (with the empty prompt)")
-    resolution: int = _f(512, "image size in pixels")
+    resolution: int | None = _f(None, "image size in pixels; default: the base model's own (its UNet's sample_size "
+                                      "× 8: 512 for SD1.5, 1024 for SDXL)")
     # -- reward -----------------------------------------------------------------------------------------------
     reward_omega: float = _f(DEFAULT_REWEIGHT, "reweight factor ω of the text-irrelevant part (paper: 0.3)")
     reward_crop: str = _f("random", "random (reference) | center crop before the preference model")
@@ -149,7 +155,7 @@ class TrainConfig:
              f"--sample-steps ({self.sample_steps}) must be a multiple of --sample-grad-steps "
              f"({self.sample_grad_steps})"),
             (0.0 <= self.reward_omega <= 1.0, f"--reward-omega must be in [0, 1], got {self.reward_omega}"),
-            (self.resolution % 8 == 0 and 16 <= self.resolution <= 4096,
+            (self.resolution is None or self.resolution % 8 == 0 and 16 <= self.resolution <= 4096,
              f"--resolution must be a multiple of 8 in 16..4096, got {self.resolution}"),
             (self.train_steps >= 1, f"--train-steps must be >= 1, got {self.train_steps}"),
             (self.train_batch_size >= 1, f"--train-batch-size (--batch-size) must be >= 1, got "
@@ -192,7 +198,7 @@ class TrainConfig:
         ap = argparse.ArgumentParser(prog="python -m trainer.finetune", description=finetune.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win; both win "
-                                         "over the demo profile used when no --model is given)")
+                                         "over the demo profile used when no --model, or an embedded one, is given)")
         for f in dataclasses.fields(cls):
             names = [flag(f.name), *f.metadata.get("aliases", [])]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -204,7 +210,7 @@ class TrainConfig:
             elif f.metadata.get("nargs"):
                 ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], default=None, help=help_text)
             else:
-                kind = {"int": int, "float": float}.get(str(f.type), str)
+                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
                 ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
         return ap
 
@@ -216,7 +222,7 @@ class TrainConfig:
         from_file = read_config_file(config_file) if config_file else {}
         from_flags = {k: v for k, v in args.items() if v is not None}
         given = {**from_file, **from_flags}
-        profile = EMBEDDED_PROFILE if given.get("model") is None else {}
+        profile = EMBEDDED_PROFILE if given.get("model") in (None, *EMBEDDED_MODELS) else {}
         return cls(**{**profile, **given})
 
 
@@ -282,6 +288,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         fail("a list of strings")
+    if kind == "int | None":
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
     if kind == "int | str":
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -48,9 +48,17 @@ from longalign_core.preference import load_preference_model
 from longalign_core.dtypes import DTYPES
 from longalign_core.segment_encoding import TokenBudgetError
 
-from .config import EMBEDDED_PROFILE, TrainConfig  # noqa: F401  (EMBEDDED_PROFILE: re-exported)
+from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE, TrainConfig  # noqa: F401  (EMBEDDED_PROFILE: re-exported)
 from .models import embedded_reward_dir, load_base_model, load_prompts
-from .sampling import ddim_scheduler, decode, grad_step_indices, sample_truncated
+from .sampling import (
+    UNetConditioning,
+    ddim_scheduler,
+    decode,
+    grad_step_indices,
+    sample_truncated,
+    sdxl_time_ids,
+    vae_dtype,
+)
 
 log = logging.getLogger("LongAlign")
 
@@ -180,13 +188,16 @@ class CSVLog:
 @dataclass
 class StepConditioning:
     """The conditioning of one step: ``cond`` ``(B, L, C)`` and, for CFG, ``uncond`` of the same length, with
-    what overflow did (per step: prompts cut, tokens lost by the CLIP part and the T5 part)."""
+    what overflow did (per step: prompts cut, tokens lost by the CLIP part and the T5 part). SDXL adds the pooled
+    bigG vectors ``pooled`` / ``uncond_pooled`` ``(B, 1280)``."""
 
     cond: torch.Tensor
     uncond: torch.Tensor | None
     prompts_cut: int
     tokens_lost: int
     t5_tokens_lost: int
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
 
     @property
     def stats(self) -> dict:
@@ -225,11 +236,12 @@ class Trainer:
                                                                    logging_dir=str(self.out / "logs")))
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.json")
         self.acc.wait_for_everyone()
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
         self.totals = {"prompts_cut": 0, "tokens_lost": 0}
         self._load_models()
+        if self.acc.is_main_process:  # after loading: the resolution default comes from the model
+            self.cfg.save(self.out / "config.json")
 
     # -- models -----------------------------------------------------------------------------------------------
     def _load_models(self) -> None:
@@ -244,7 +256,14 @@ class Trainer:
             base = load_base_model(cfg.model, cfg.seed)
             reward_path = cfg.reward_model or str(embedded_reward_dir(cfg.seed))
         self.base_source = base.source
+        self.is_sdxl = base.is_sdxl
+        if self.is_sdxl and cfg.t5_model:
+            raise BadConfigError("--t5-model/--t5-adapter: the LongSD T5 branch is made for SD1.5's 768-channel "
+                                 f"conditioning, and {base.source} is an SDXL model (2048 channels); drop the T5 "
+                                 "options for SDXL")
         unet = base.unet
+        if cfg.resolution is None:  # the model's own: SD1.5 512, SDXL 1024 (the embedded ones 64)
+            self.cfg = cfg = dataclasses.replace(cfg, resolution=int(unet.config.sample_size) * 8)
         unet.requires_grad_(False)
         self.targets = lora_targets(unet)
         for path in cfg.init_lora:  # e.g. the stage-1 LoRA under the reward stage, merged and frozen
@@ -287,12 +306,19 @@ class Trainer:
                 unet, adapter, optimizer, lr_scheduler)
         else:
             self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
-        self.vae = base.vae.to(device, dtype=dtype).requires_grad_(False).eval()
+        # SDXL's VAE stays fp32 in an fp16 run (it overflows to NaN in fp16), as diffusers does
+        self.vae = base.vae.to(device, dtype=vae_dtype(dtype, base.vae.config)).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
             self.vae.enable_gradient_checkpointing()
         self.text_encoder = base.text_encoder.to(device, dtype=dtype).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
-        self.encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
+        if self.is_sdxl:  # both text encoders, pooled bigG from the first segment (docs/method.md §1)
+            from longalign_core.sdxl_text import SDXLSegmentEncoder
+
+            self.text_encoder_2 = base.text_encoder_2.to(device, dtype=dtype).requires_grad_(False).eval()
+            self.encoder = SDXLSegmentEncoder(base.tokenizer, self.text_encoder, base.tokenizer_2, self.text_encoder_2)
+        else:
+            self.encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
         self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
         self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
@@ -359,20 +385,39 @@ class Trainer:
                 cond = combine_conditioning(cond, self.t5.adapt(states))
             t5_lost = sum(max(0, self.t5.count_tokens(p) - self.t5.max_length) for p in prompts)
         cond = cond.to(self.weight_dtype)
+        pooled = enc.pooled.to(self.weight_dtype) if self.is_sdxl else None
         reports = enc.reports[:n]
         return StepConditioning(cond[:n], cond[n:] if with_uncond else None,
                                 prompts_cut=sum(1 for r in reports if not r.lossless),
-                                tokens_lost=sum(r.dropped + r.truncated for r in reports), t5_tokens_lost=t5_lost)
+                                tokens_lost=sum(r.dropped + r.truncated for r in reports), t5_tokens_lost=t5_lost,
+                                pooled=None if pooled is None else pooled[:n],
+                                uncond_pooled=None if pooled is None or not with_uncond else pooled[n:])
+
+    def unet_conditioning(self, step_cond: StepConditioning, time_ids: torch.Tensor | None = None
+                          ) -> tuple[UNetConditioning, UNetConditioning | None]:
+        """The UNet's conditioning of the step's rows and (for CFG) of the empty prompt. SDXL adds the pooled
+        vectors and ``time_ids`` ``(B, 6)``: by default those of a generated image, ``(res, res, 0, 0, res,
+        res)``, for the prompts and the empty prompt alike (diffusers' pipeline does the same)."""
+        if not self.is_sdxl:
+            uncond = None if step_cond.uncond is None else UNetConditioning(step_cond.uncond)
+            return UNetConditioning(step_cond.cond), uncond
+        n, res = step_cond.cond.shape[0], self.cfg.resolution
+        if time_ids is None:
+            time_ids = sdxl_time_ids((res, res), (0, 0), (res, res)).expand(n, 6)
+        time_ids = time_ids.to(self.acc.device, self.weight_dtype)
+        cond = UNetConditioning(step_cond.cond, step_cond.pooled, time_ids)
+        uncond = None if step_cond.uncond is None else \
+            UNetConditioning(step_cond.uncond, step_cond.uncond_pooled, time_ids)
+        return cond, uncond
 
     def conditioning(self, prompts: list[str]) -> torch.Tensor:
         """The conditioning ``(B, L, C)`` of ``prompts`` alone (see :meth:`encode_step`)."""
         return self.encode_step(prompts, with_uncond=False).cond
 
-    def unet_eps(self, x, t, context):
+    def unet_eps(self, x, t, conditioning: UNetConditioning):
         """ε of the UNet; the no-grad sampling steps go through the compiled UNet with ``--compile-unet``."""
-        if self.compiled_unet is not None and not torch.is_grad_enabled():
-            return self.compiled_unet(x, t, encoder_hidden_states=context).sample
-        return self.unet(x, t, encoder_hidden_states=context).sample
+        unet = self.compiled_unet if self.compiled_unet is not None and not torch.is_grad_enabled() else self.unet
+        return unet(x, t, **conditioning.unet_kwargs()).sample
 
     # -- one step ---------------------------------------------------------------------------------------------
     def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
@@ -380,6 +425,7 @@ class Trainer:
         from the step's prompts gathered over all processes, and its statistics."""
         cfg, device = self.cfg, self.acc.device
         step_cond = self.encode_step(prompts, with_uncond=True)
+        cond, uncond = self.unet_conditioning(step_cond)
         side = cfg.resolution // 8
         noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(device, self.weight_dtype)
         scheduler = ddim_scheduler(self.noise_scheduler, cfg.sample_steps)
@@ -387,8 +433,8 @@ class Trainer:
         offset = int(torch.randint(0, every, (1,), generator=gen))
         grad_idx = grad_step_indices(cfg.sample_steps, cfg.sample_grad_steps, offset)
         with self.acc.autocast():
-            x0 = sample_truncated(self.unet_eps, scheduler, noise, step_cond.cond, step_cond.uncond,
-                                  cfg.sample_guidance, grad_idx, use_checkpoint=cfg.gradient_checkpointing)
+            x0 = sample_truncated(self.unet_eps, scheduler, noise, cond, uncond, cfg.sample_guidance, grad_idx,
+                                  use_checkpoint=cfg.gradient_checkpointing)
             images = decode(self.vae, x0)
         result = segment_score(self.reward, images, prompts, direction=None, omega=cfg.reward_omega,
                                crop=cfg.reward_crop, split_mode=cfg.split_mode, long_segments=cfg.long_segments,
@@ -411,19 +457,20 @@ class Trainer:
     def align_loss(self, batch, gen: torch.Generator):
         """Supervised ε-MSE on (image, caption) pairs with the segment encoding and caption dropout."""
         cfg, device = self.cfg, self.acc.device
-        images, captions = batch
+        images, captions, time_ids = batch
         keep = torch.rand(len(captions), generator=gen) >= cfg.caption_dropout
         captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        with torch.no_grad():
-            latents = self.vae.encode(images.to(device, self.weight_dtype) * 2 - 1).latent_dist.sample(
-                generator=gen) * self.vae.config.scaling_factor
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the VAE in its own dtype
+            latents = self.vae.encode(images.to(device, self.vae.dtype) * 2 - 1).latent_dist.sample(
+                generator=gen).to(self.weight_dtype) * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=gen).to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         step_cond = self.encode_step(captions, with_uncond=False)
+        cond, _ = self.unet_conditioning(step_cond, time_ids)
         with self.acc.autocast():
-            eps = self.unet_eps(noisy, t, step_cond.cond)
+            eps = self.unet_eps(noisy, t, cond)
         loss = F.mse_loss(eps.float(), noise.float())
         return loss, step_cond.stats
 
@@ -494,12 +541,13 @@ class Trainer:
         try:
             gen = step_generator(cfg.seed, 10**6, 0)  # the same noise at every validation
             step_cond = self.encode_step(prompts, with_uncond=True)
+            cond, uncond = self.unet_conditioning(step_cond)
             side = cfg.resolution // 8
             noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(acc.device, self.weight_dtype)
             scheduler = ddim_scheduler(self.noise_scheduler, cfg.validation_steps)
-            eps = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+            eps = lambda x, t, c: unet(x, t, **c.unet_kwargs()).sample  # noqa: E731
             with acc.autocast():
-                x0 = sample_truncated(eps, scheduler, noise, step_cond.cond, step_cond.uncond, cfg.sample_guidance, [])
+                x0 = sample_truncated(eps, scheduler, noise, cond, uncond, cfg.sample_guidance, [])
                 images = decode(self.vae, x0)
             result = segment_score(self.reward, images, prompts, direction=self.reference_direction, crop="center",
                                    split_mode=cfg.split_mode, long_segments=cfg.long_segments)
@@ -587,7 +635,8 @@ class Trainer:
         if main:
             n_prompts = len(self.prompts) if self.prompts is not None else len(self.align_rows)
             print(f"***** Running training ({cfg.stage} stage) *****\n"
-                  f"  base model = {self.base_source}\n  reward model = {self.reward_source}\n"
+                  f"  base model = {self.base_source} ({'SDXL' if self.is_sdxl else 'SD1.x'})\n"
+                  f"  reward model = {self.reward_source}\n"
                   f"  training prompts = {n_prompts}, held-out validation prompts = {len(self.validation_prompts)}\n"
                   f"  processes = {acc.num_processes}, batch per process = "
                   f"{cfg.train_batch_size}, accumulation = {cfg.gradient_accumulation_steps}\n"
@@ -664,12 +713,16 @@ class Trainer:
             idx = [self.align_rows[int(i)] for i in torch.randint(0, len(self.align_rows), (cfg.train_batch_size,),
                                                                   generator=gen)]
             rows = ds.select(idx)
-            images = []
+            images, time_ids = [], []
             for img in rows[cfg.image_column]:
                 t = TF.to_dtype(TF.to_image(img.convert("RGB")), torch.float32, scale=True)
+                original = tuple(t.shape[-2:])
                 t = TF.resize(t, cfg.resolution, antialias=True)
-                images.append(TF.center_crop(t, cfg.resolution))
-            return torch.stack(images), [self.align_captions[i] for i in idx]
+                top, left = (round((n - cfg.resolution) / 2) for n in t.shape[-2:])  # the centre crop
+                images.append(TF.crop(t, top, left, cfg.resolution, cfg.resolution))
+                # SDXL's micro-conditioning: the image's real size and where the crop took it from
+                time_ids.append(sdxl_time_ids(original, (top, left), (cfg.resolution, cfg.resolution)))
+            return torch.stack(images), [self.align_captions[i] for i in idx], torch.stack(time_ids)
 
         return get
 
@@ -688,7 +741,9 @@ class Trainer:
                 "ss_network_alpha": cfg.lora_rank, "omega": cfg.reward_omega, "steps": cfg.train_steps,
                 "prompts_sha256": prompts_hash, "reward_model": self.reward_source, "seed": cfg.seed,
                 "overflow": cfg.overflow, "token_budget": cfg.token_budget, "split_mode": cfg.split_mode,
-                "long_segments": cfg.long_segments, "lora_dropout": cfg.lora_dropout})
+                "long_segments": cfg.long_segments, "lora_dropout": cfg.lora_dropout,
+                "resolution": cfg.resolution, "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+                "ss_base_model_version": "sdxl_base_v1-0" if self.is_sdxl else "sd_v1"})
             if cfg.train_t5_adapter:
                 acc.unwrap_model(self.t5.adapter).save_pretrained(self.out / "t5_adapter")
             if cfg.merge_checkpoint:
@@ -713,10 +768,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = TrainConfig.from_args(argv)
-    if cfg.model is None:
-        print("No --model given: training the built-in tiny random-weight SD pipeline on the CPU demo profile "
-              "(real file formats and code paths; the pictures are noise). Pass --model for a real run.",
-              flush=True)
+    if cfg.model in (None, *EMBEDDED_MODELS):
+        which = "SDXL" if cfg.model == "embedded-sdxl" else "SD1.5"
+        print(f"{'No --model given' if cfg.model is None else '--model ' + cfg.model}: training the built-in tiny "
+              f"random-weight {which}-shaped pipeline on the CPU demo profile (real file formats and code paths; "
+              f"the pictures are noise). Pass --model for a real run.", flush=True)
     try:
         Trainer(cfg).train()
     except NonFiniteLossError as exc:

@@ -1,6 +1,6 @@
-"""Load what the trainer needs: the SD1.5 components, the preference model, the prompts — or the embedded
-default (a tiny random-weight SD-architecture pipeline and preference model, written once in their real file
-formats and loaded back through the same code a real run uses)."""
+"""Load what the trainer needs: the SD1.5 or SDXL components, the preference model, the prompts — or an embedded
+default (a tiny random-weight SD1.5- or SDXL-architecture pipeline and preference model, written once in their
+real file formats and loaded back through the same code a real run uses)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ log = logging.getLogger("LongAlign")
 
 #: The demo profile's resolution (trainer.config.EMBEDDED_PROFILE).
 EMBEDDED_RESOLUTION = 64
+
 
 
 @dataclass
@@ -85,6 +86,53 @@ def embedded_pipeline_dir(seed: int = 0) -> Path:
     return publish_dir(tmp, root)
 
 
+def embedded_sdxl_pipeline_dir(seed: int = 0) -> Path:
+    """A tiny SDXL-architecture diffusers folder, random weights, created once: a ``text_time`` UNet (pooled text +
+    six 256-channel size/crop embeddings = SDXL's 2816 extra inputs, so ComfyUI's SDXL model class accepts its
+    LoRA), CLIP-L and OpenCLIP-bigG-shaped text encoders (bigG with a 1280-d projection, its tokenizer padding
+    with "!"), an SDXL VAE config (scaling 0.13025, ``force_upcast``) and SDXL's Euler scheduler config."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from longalign_core.clip_vocab import load_clip_tokenizer
+    from longalign_core.lora import SDXL_ADM_CHANNELS, SDXL_TIME_EMBED_DIM
+
+    root = _cache_root() / f"tiny-sdxl-seed{seed}"
+    if (root / "model_index.json").is_file():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    torch.manual_seed(seed)
+    text = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, hidden_act="quick_gelu", pad_token_id=49407, **text)
+                  ).save_pretrained(tmp / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, hidden_act="gelu", projection_dim=1280,
+                                               pad_token_id=0, **text)).save_pretrained(tmp / "text_encoder_2")
+    UNet2DConditionModel(sample_size=EMBEDDED_RESOLUTION // 8, in_channels=4, out_channels=4,
+                         block_out_channels=(32, 64), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
+                         cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+                         addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                         projection_class_embeddings_input_dim=SDXL_ADM_CHANNELS[0], norm_num_groups=8
+                         ).save_pretrained(tmp / "unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=EMBEDDED_RESOLUTION, scaling_factor=0.13025,
+                  force_upcast=True).save_pretrained(tmp / "vae")
+    load_clip_tokenizer().save_pretrained(tmp / "tokenizer")
+    load_clip_tokenizer(pad_token="!").save_pretrained(tmp / "tokenizer_2")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading"
+                           ).save_pretrained(tmp / "scheduler")
+    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                      "note": "LongAlign embedded SDXL default: random weights"}))
+    _require(tmp, ["unet/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                   "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json",
+                   "scheduler/scheduler_config.json"])
+    return publish_dir(tmp, root)
+
+
 def embedded_reward_dir(seed: int = 0) -> Path:
     """A tiny two-tower CLIP preference model folder (Hugging Face CLIPModel format), random weights."""
     from transformers import CLIPConfig, CLIPModel
@@ -109,12 +157,16 @@ def embedded_reward_dir(seed: int = 0) -> Path:
 
 
 def load_base_model(model: str | None, seed: int = 0) -> BaseModel:
-    """SD1.5 components from a diffusers folder or Hub id, a single-file checkpoint, or the embedded default."""
+    """SD1.5 or SDXL components from a diffusers folder or Hub id, a single-file checkpoint, or an embedded
+    default (``None``/``embedded``, ``embedded-sdxl``). SDXL is recognised by its UNet's ``text_time`` extra
+    conditioning (folders) or by its weights (single files)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if model is None:
+    if model in (None, "embedded"):
         source = str(embedded_pipeline_dir(seed))
+    elif model == "embedded-sdxl":
+        source = str(embedded_sdxl_pipeline_dir(seed))
     elif Path(model).is_file():
         from .single_file import load_single_file
 
@@ -126,7 +178,16 @@ def load_base_model(model: str | None, seed: int = 0) -> BaseModel:
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, source)
+    extra = {}
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the second text encoder
+        extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"),
+                     tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
+    elif unet.config.get("addition_embed_type") is not None:
+        from longalign_core.errors import BadModelFileError
+
+        raise BadModelFileError(f"{source}: its UNet has extra conditioning {unet.config['addition_embed_type']!r}; "
+                                f"the trainer supports SD1.x and SDXL base models")
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, source, **extra)
 
 
 def load_prompts(source: str | None, column: str = "caption") -> list[str]:

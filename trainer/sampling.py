@@ -9,10 +9,41 @@ predicted clean latent x̂0 is returned for decoding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class UNetConditioning:
+    """What the UNet is conditioned on, per row: the text ``context`` ``(B, L, C)`` and, for SDXL, the pooled text
+    embedding ``(B, 1280)`` and the size/crop ``time_ids`` ``(B, 6)`` of its ``text_time`` extra conditioning."""
+
+    context: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def cat(self, other: "UNetConditioning") -> "UNetConditioning":
+        """Rows of ``self`` then ``other`` (the CFG batch: unconditional first)."""
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return UNetConditioning(torch.cat([self.context, other.context]), both(self.text_embeds, other.text_embeds),
+                                both(self.time_ids, other.time_ids))
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments of ``UNet2DConditionModel.forward`` (diffusers' SDXL ``added_cond_kwargs``)."""
+        kwargs = {"encoder_hidden_states": self.context}
+        if self.text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return kwargs
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+                  ) -> torch.Tensor:
+    """SDXL's micro-conditioning of one image, ``(original h, w, crop top, left, target h, w)`` — the order of
+    diffusers' ``StableDiffusionXLPipeline._get_add_time_ids``. Generated images use ``(res, res, 0, 0, res, res)``."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
 
 def ddim_scheduler(noise_scheduler, steps: int):
@@ -33,18 +64,19 @@ def grad_step_indices(steps: int, grad_steps: int, offset: int) -> list[int]:
     return [offset + k * every for k in range(grad_steps)]
 
 
-def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                     guidance: float, grad_indices: list[int], use_checkpoint: bool = True,
+def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond, uncond, guidance: float,
+                     grad_indices: list[int], use_checkpoint: bool = True,
                      on_step: Callable[[int, bool], None] | None = None, detach_input: bool = True) -> torch.Tensor:
     """Run the DDIM chain from ``noise`` and return x̂0 of the last step, ``(B, 4, h, w)``.
 
-    ``unet(x, t, context) -> ε``; ``cond``/``uncond`` are ``(B, L, C)`` contexts. ``on_step(i, with_grad)`` is
-    called once per step (progress, tests). ``detach_input=False`` with every index and no checkpointing is plain
-    backpropagation through the whole chain (the benchmark's baseline).
+    ``unet(x, t, context) -> ε``; ``cond``/``uncond`` are ``(B, L, C)`` contexts or :class:`UNetConditioning`
+    (SDXL), concatenated into one CFG batch. ``on_step(i, with_grad)`` is called once per step (progress, tests).
+    ``detach_input=False`` with every index and no checkpointing is plain backpropagation through the whole chain
+    (the benchmark's baseline).
     """
     grad_set = set(grad_indices)
     latents = noise
-    context = torch.cat([uncond, cond])
+    context = torch.cat([uncond, cond]) if isinstance(cond, torch.Tensor) else uncond.cat(cond)
     pred_x0 = noise
     for i, t in enumerate(scheduler.timesteps):
         t_batch = t.expand(2 * noise.shape[0]).to(noise.device)
@@ -66,7 +98,18 @@ def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond: torch
     return pred_x0
 
 
+def vae_dtype(training_dtype: torch.dtype, vae_config) -> torch.dtype:
+    """The VAE's dtype for a run in ``training_dtype``: fp32 when training in fp16 with a VAE whose config asks for
+    ``force_upcast`` (SDXL's VAE overflows to NaN in fp16; diffusers' SDXL pipeline and training scripts upcast
+    it the same way), otherwise the training dtype (bf16 has fp32's range)."""
+    if training_dtype == torch.float16 and vae_config.get("force_upcast", False):
+        return torch.float32
+    return training_dtype
+
+
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode with gradients, mapped to images in [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)``."""
-    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    """VAE decode with gradients, mapped to images in [0, 1]: ``(x / 2 + 0.5).clamp(0, 1)``. The VAE runs in its
+    own dtype even under autocast, so an upcast VAE (:func:`vae_dtype`) really decodes in fp32."""
+    with torch.autocast(latents.device.type, enabled=False):
+        x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)

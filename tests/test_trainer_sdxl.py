@@ -1,0 +1,239 @@
+"""The trainer on SDXL (``--model embedded-sdxl``: a tiny SDXL-architecture diffusers folder with random weights),
+checked against diffusers' own ``StableDiffusionXLPipeline``, the objective written out from its definitions,
+and token counts made with the tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import TrainConfig
+from trainer.finetune import Trainer, step_generator
+from trainer.sampling import ddim_scheduler, decode, sample_truncated, vae_dtype
+from trainer_support import FAST, long_caption, merged_tokens, one_thread, run_module  # noqa: F401
+
+import test_trainer_objective as objective
+
+SDXL = ["--model", "embedded-sdxl"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdxl")
+    t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(out), *FAST, "--reward-crop", "center",
+                                       "--train-steps", "1", "--reward-omega", str(objective.OMEGA)]))
+    with torch.no_grad():  # a non-zero LoRA, so that gradients reach both of its factors
+        g = torch.Generator().manual_seed(0)
+        for p in t.params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    t.unet.eval()
+    return t
+
+
+def test_embedded_sdxl_is_an_sdxl_pipeline(trainer):
+    unet = trainer.acc.unwrap_model(trainer.unet)
+    assert trainer.is_sdxl and unet.config.addition_embed_type == "text_time"
+    # SDXL's extra conditioning: the 1280-d pooled bigG vector and six 256-channel size/crop embeddings
+    assert unet.add_embedding.linear_1.in_features == 1280 + 6 * 256 == 2816
+    assert trainer.text_encoder_2.config.projection_dim == 1280
+    assert trainer.vae.config.scaling_factor == 0.13025 and trainer.vae.config.force_upcast
+    assert trainer.cfg.resolution == 32  # FAST's; without it the model's own (below)
+    assert any(".attn2.to_k" in t.path for t in trainer.targets) and any("ff.net.0.proj" in t.path
+                                                                           for t in trainer.targets)
+
+
+def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
+    """The trainer's CFG sampling (conditioning rows, pooled vectors, time ids, DDIM trailing) gives the same x̂0
+    as diffusers' StableDiffusionXLPipeline run on the same UNet with the trainer's text embeddings: the pipeline
+    builds its own ``add_time_ids`` and batches the pooled vectors itself."""
+    from diffusers import StableDiffusionXLPipeline
+
+    prompts = objective.PROMPTS
+    unet = trainer.acc.unwrap_model(trainer.unet)
+    step = trainer.encode_step(prompts)
+    cond, uncond = trainer.unet_conditioning(step)
+    steps, res = 4, trainer.cfg.resolution
+    noise = torch.randn(len(prompts), 4, res // 8, res // 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = sample_truncated(trainer.unet_eps, ddim_scheduler(trainer.noise_scheduler, steps), noise, cond, uncond,
+                                7.5, [])
+
+    pipe = StableDiffusionXLPipeline(vae=trainer.vae, text_encoder=trainer.text_encoder,
+                                     text_encoder_2=trainer.text_encoder_2, tokenizer=trainer.encoder.encoders[0].tokenizer,
+                                     tokenizer_2=trainer.encoder.encoders[1].tokenizer, unet=unet,
+                                     scheduler=ddim_scheduler(trainer.noise_scheduler, steps))
+    pipe.set_progress_bar_config(disable=True)
+    recorded = []
+    real_step = pipe.scheduler.step
+
+    def record(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        recorded.append(out[1] if isinstance(out, tuple) else out.pred_original_sample)
+        return out
+
+    pipe.scheduler.step = record
+    pipe(prompt_embeds=step.cond, negative_prompt_embeds=step.uncond, pooled_prompt_embeds=step.pooled,
+         negative_pooled_prompt_embeds=step.uncond_pooled, latents=noise.clone(), num_inference_steps=steps,
+         guidance_scale=7.5, height=res, width=res, output_type="latent")
+    assert len(recorded) == steps
+    torch.testing.assert_close(ours, recorded[-1], atol=1e-5, rtol=1e-4)
+    # the extra conditioning matters: without the pooled vectors' CFG split the result differs
+    swapped = type(cond)(cond.context, uncond.text_embeds, cond.time_ids)
+    with torch.no_grad():
+        other = sample_truncated(trainer.unet_eps, ddim_scheduler(trainer.noise_scheduler, steps), noise, swapped,
+                                 uncond, 7.5, [])
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_sdxl_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkeypatch):
+    """The objective on SDXL: loss and LoRA gradient equal 0.5·(1 − mean(relevant + ω·irrelevant)) written out
+    from the definitions (test_trainer_objective) on the images the SDXL model generated."""
+    import trainer.finetune as finetune
+
+    captured = {}
+    real_decode = finetune.decode
+    monkeypatch.setattr(finetune, "decode", lambda vae, x: captured.setdefault("images", real_decode(vae, x)))
+    loss, stats = trainer.reward_loss(objective.PROMPTS, step_generator(0, 0, 0))
+    expected = objective.objective_from_definitions(trainer, captured["images"], objective.OMEGA)
+    g_loss = torch.autograd.grad(loss, trainer.params, retain_graph=True)
+    g_expected = torch.autograd.grad(expected, trainer.params)
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-6, rtol=1e-5)
+    scale = float(flat(g_expected).abs().max())
+    assert scale > 0
+    torch.testing.assert_close(flat(g_loss), flat(g_expected), atol=1e-5 * scale, rtol=1e-4)
+    # every LoRA layer of the SDXL UNet gets a gradient (cross-attention, GEGLU and ResNet layers alike)
+    names = [n for n, p in trainer.acc.unwrap_model(trainer.unet).named_parameters() if p.requires_grad]
+    zero = [n for n, g in zip(names, g_loss) if "lora_B" in n and float(g.abs().max()) == 0]
+    assert not zero, zero[:5]
+    assert stats["cond_length"] == 240
+
+
+@pytest.mark.parametrize("overflow", ["truncate", "extend"])
+def test_sdxl_long_captions(trainer, overflow):
+    """~300- and ~700-token captions: the prompts and the empty CFG prompt share one length on both encoders
+    (2048 = 768 + 1280 channels in SDXL; 32 + 32 here); truncate reports every lost token (counted here with the
+    tokenizer); the pooled vectors are bigG's (1280)."""
+    captions = [long_caption(300), long_caption(700, offset=1)]
+    m300, m700 = (merged_tokens(c) for c in captions)
+    assert 300 <= m300 < 480 and 700 <= m700 < 720
+    trainer.cfg.overflow = overflow
+    try:
+        step = trainer.encode_step(captions)
+    finally:
+        trainer.cfg.overflow = "truncate"
+    length = 720 if overflow == "extend" else 240
+    assert step.cond.shape == step.uncond.shape == (2, length, 64)
+    assert step.pooled.shape == step.uncond_pooled.shape == (2, 1280)
+    if overflow == "extend":
+        assert step.tokens_lost == 0 and step.prompts_cut == 0
+    else:
+        assert step.prompts_cut == 2 and step.tokens_lost == (m300 - 240) + (m700 - 240)
+
+
+def test_vae_is_upcast_for_fp16_and_decodes_in_fp32_under_autocast(trainer):
+    """SDXL's VAE (force_upcast) stays fp32 in an fp16 run; bf16 and SD1.5's VAE follow the training dtype. Under
+    autocast the upcast VAE still decodes in fp32: the same pixels as without autocast."""
+    assert vae_dtype(torch.float16, trainer.vae.config) == torch.float32
+    assert vae_dtype(torch.bfloat16, trainer.vae.config) == torch.bfloat16
+    assert vae_dtype(torch.float16, {"force_upcast": False}) == torch.float16
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = decode(trainer.vae, latents)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = decode(trainer.vae, latents)
+    assert trainer.vae.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, atol=0, rtol=0)
+
+
+def test_resolution_defaults_to_the_models_own(tmp_path):
+    t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path), "--train-steps", "1",
+                                       "--validation-prompts", "0"]))
+    unet = t.acc.unwrap_model(t.unet)
+    assert t.cfg.resolution == unet.config.sample_size * 8 == 64
+    import json
+
+    assert json.loads((tmp_path / "config.json").read_text())["resolution"] == 64
+
+
+def test_align_stage_time_ids_describe_the_crop(tmp_path):
+    """Align stage on SDXL: each image's time ids are (original h, w, crop top, left, target h, w) of the crop
+    that was really taken, and training runs."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(pixels)] * 2, "caption": ["A cat. A dog."] * 2},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "pairs"))
+    t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path / "run"), *FAST, "--stage", "align",
+                                       "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
+                                       "--validation-prompts", "0"]))
+    images, captions, time_ids = t.align_data(0, 0, torch.Generator().manual_seed(0))
+    # 80x72 resized to a short side of 32 is 35x32 (torchvision: int(32 * 80 / 72)); centre crop from row
+    # round(3 / 2) = 2, column 0
+    assert time_ids.tolist() == [[80, 72, 2, 0, 32, 32]] * 2
+    resized = TF.resize(TF.to_dtype(TF.to_image(pixels), torch.float32, scale=True), 32, antialias=True)
+    assert resized.shape[-2:] == (35, 32)
+    torch.testing.assert_close(images[0], resized[:, 2:34, :])
+    lora = t.train()
+    assert len(load_file(str(lora))) == 3 * len(t.targets)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    """A run stopped during step 3 (after the step-2 checkpoint) and resumed with ``--resume latest`` ends with the
+    same LoRA as a run that was never stopped."""
+    args = [*SDXL, *FAST, "--train-steps", "4", "--checkpoint-every", "2", "--seed", "3"]
+    straight = Trainer(TrainConfig.from_args([*args, "--output-dir", str(tmp_path / "a")])).train()
+
+    stopped = Trainer(TrainConfig.from_args([*args, "--output-dir", str(tmp_path / "b")]))
+    real_step = stopped.optimizer_step
+
+    def stop_at_3(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    monkeypatch.setattr(stopped, "optimizer_step", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train()
+    assert not (tmp_path / "b" / "longalign_lora.safetensors").exists()
+    resumed = Trainer(TrainConfig.from_args([*args, "--output-dir", str(tmp_path / "b"), "--resume", "latest"])).train()
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and len(a) == 3 * len(stopped.targets)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_t5_branch_is_refused_on_sdxl(tmp_path, tiny_t5_dir, tiny_adapter_dir):
+    from longalign_core.errors import BadConfigError
+
+    with pytest.raises(BadConfigError, match="SDXL model"):
+        Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path), *FAST, "--t5-model", str(tiny_t5_dir),
+                                       "--t5-adapter", str(tiny_adapter_dir)]))
+
+
+def test_two_processes_on_sdxl(tmp_path):
+    """torchrun, 2 CPU processes: captions of ~300 and ~700 tokens on the two ranks, overflow extend; both ranks
+    end with the same LoRA and V is the normalised mean of both ranks' prompt embeddings."""
+    prompts = tmp_path / "train.txt"
+    prompts.write_text(long_caption(300) + "\n" + long_caption(700, offset=1) + "\n")
+    out = tmp_path / "ddp"
+    proc = run_module([*SDXL, "--output-dir", str(out), *FAST, "--sample-steps", "2", "--sample-grad-steps", "1",
+                       "--train-steps", "1", "--dump-debug", "--train-batch-size", "1", "--prompts", str(prompts),
+                       "--validation-prompts", "0", "--overflow", "extend"], nproc=2, port=29541)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "processes = 2" in proc.stdout and "(SDXL)" in proc.stdout
+    r0 = torch.load(out / "debug" / "rank0-step000000.pt", weights_only=True)
+    r1 = torch.load(out / "debug" / "rank1-step000000.pt", weights_only=True)
+    assert r0["lora_checksum"] == pytest.approx(r1["lora_checksum"], rel=1e-9)
+    assert {r0["cond_length"], r1["cond_length"]} == {480, 720}
+    assert r0["cond_length"] == r0["uncond_length"] and r1["cond_length"] == r1["uncond_length"]
+    gathered = torch.nn.functional.normalize((r0["t_bar_mean"] + r1["t_bar_mean"]) / 2, dim=0)
+    torch.testing.assert_close(r0["direction"], gathered, atol=1e-6, rtol=1e-5)
+    assert (out / "longalign_lora.safetensors").is_file()
