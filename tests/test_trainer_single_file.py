@@ -7,14 +7,13 @@ the configs inferred from the file's own shapes."""
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer_support import one_thread  # noqa: F401  (autouse fixture)
+from comfy_support import build_tiny_sd15_checkpoint, import_comfy, requires_comfy
+from trainer_support import one_thread, run_module  # noqa: F401  (one_thread: autouse fixture)
 
 # ------------------------------------------------------------------------------------------------------------
 # diffusers / transformers -> original single-file layout
@@ -159,6 +158,13 @@ def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
     inferred = unet_config_from_shapes(shapes, "sdxl")
     assert _shaping_fields(inferred) == _shaping_fields(SDXL_DIFFUSERS)
     assert "reverse_transformer_layers_per_block" not in inferred
+    # the LDM reading is ComfyUI's description of SDXL base (its output depths listed outermost level first)
+    from test_sdxl_lora import SDXL_LDM
+
+    from trainer.single_file import ldm_unet_config_from_shapes
+
+    ldm = ldm_unet_config_from_shapes(shapes)
+    assert ldm == {k: SDXL_LDM[k] for k in ldm}
 
 
 def test_sd15_unet_config_inferred_from_shapes_is_the_published_one():
@@ -299,6 +305,15 @@ def test_sdxl_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
         torch.testing.assert_close(ours_g.hidden_states[-2], theirs_g.hidden_states[-2])
         torch.testing.assert_close(ours_g.text_embeds, theirs_g.text_embeds)
         assert ours_g.text_embeds.shape == (1, 96)
+    # the stored bigG is open_clip's own layout: open_clip's text tower takes it as is and pools/projects alike
+    from open_clip.transformer import TextTransformer
+
+    tower = TextTransformer(context_length=77, vocab_size=49408, width=128, heads=2, layers=3, mlp_ratio=2,
+                            output_dim=96)
+    prefix = "conditioner.embedders.1.model."
+    tower.load_state_dict({k[len(prefix):]: v.float() for k, v in stored.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        torch.testing.assert_close(tower.eval()(ids), ours_g.text_embeds)
 
 
 def test_sdxl_bigg_in_hugging_face_layout_is_not_read_as_open_clip(tmp_path):
@@ -306,9 +321,14 @@ def test_sdxl_bigg_in_hugging_face_layout_is_not_read_as_open_clip(tmp_path):
     from longalign_core.errors import BadModelFileError
     from trainer.single_file import checkpoint_family, read_checkpoint_shapes
 
-    path, *_ = build_tiny_sdxl(tmp_path, bigg_layout=lambda m, p: clip_hf_layout(m, p.replace(".model.", ".transformer.")))
-    with pytest.raises(BadModelFileError, match=str(path)):
+    def hf_layout(model, prefix):
+        return clip_hf_layout(model, prefix.replace(".model.", ".transformer."))
+
+    path, *_ = build_tiny_sdxl(tmp_path, bigg_layout=hf_layout)
+    with pytest.raises(BadModelFileError) as err:
         checkpoint_family(read_checkpoint_shapes(path), path)
+    assert str(path) in str(err.value) and "open_clip layout under conditioner.embedders.1.model" in str(err.value)
+    assert "conditioner.embedders.1.transformer" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -379,9 +399,45 @@ def test_ckpt_is_read_without_running_its_pickle(tmp_path):
 def test_trainer_cli_refuses_an_unsupported_checkpoint_in_one_paragraph(tmp_path):
     path = tmp_path / "flux1-dev.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(path))
-    proc = subprocess.run([sys.executable, "-m", "trainer.finetune", "--model", str(path), "--output-dir",
-                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    proc = run_module(["--model", str(path), "--output-dir", str(tmp_path / "run")], timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if "error:" in ln][-1]
     assert str(path) in line and "Flux" in line and "SDXL-family" in line
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The trainer reads the UNet ComfyUI reads (the stand-ins of the end-to-end workflow tests)
+
+
+@requires_comfy
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_trainer_reads_the_unet_comfyui_reads(tmp_path, family):
+    """ComfyUI's own detection and loader on the workflow tests' stand-in checkpoints (SDXL: the published
+    layout, bigG in open_clip layout) against :func:`load_single_file`: the same UNet layout, and every UNet
+    weight equal through ComfyUI's own diffusers -> LDM name map."""
+    import_comfy()
+    import comfy.sd
+    import comfy.utils
+
+    from trainer.single_file import ldm_unet_config_from_shapes, load_single_file, read_checkpoint_shapes
+
+    if family == "sdxl":
+        from test_workflows_e2e import build_tiny_sdxl_checkpoint
+
+        path = build_tiny_sdxl_checkpoint(tmp_path / "sdxl_standin.safetensors")
+    else:
+        path = build_tiny_sd15_checkpoint(tmp_path / "sd15_standin.safetensors")
+    patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+    detected = dict(patcher.model.model_config.unet_config)
+    ours = ldm_unet_config_from_shapes(read_checkpoint_shapes(path))
+    assert {k: detected.get(k) for k in ours} == ours
+    theirs = patcher.model.diffusion_model.state_dict()
+    base = load_single_file(path)
+    assert base.is_sdxl == (family == "sdxl")
+    to_ldm = comfy.utils.unet_to_diffusers(detected)
+    loaded = base.unet.state_dict()
+    assert set(loaded) <= set(to_ldm), sorted(set(loaded) - set(to_ldm))[:5]
+    assert {to_ldm[k] for k in loaded} == set(theirs)
+    for key, value in loaded.items():
+        torch.testing.assert_close(value.float(), theirs[to_ldm[key]].float(), msg=key)

@@ -162,9 +162,12 @@ def checkpoint_family(shapes: Shapes, path: str | os.PathLike = "checkpoint") ->
         raise _refuse(path, "a UNet without its text encoders (no cond_stage_model.* or conditioner.* tensors)",
                       "Give the full checkpoint (UNet, text encoders and VAE in one file).")
     else:
-        what = f"a UNet with {adm}-channel extra conditioning" if adm else "an unknown model"
-        raise _refuse(path, f"{what} and text encoders under "
-                            f"{sorted({'.'.join(k.split('.')[:3]) for k in keys if k.startswith(('cond', 'conditioner'))})[:4]}")
+        stored = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("cond")})[:4]
+        unet = f"a UNet with {adm}-channel extra conditioning" if adm else "a UNet without extra conditioning"
+        raise _refuse(path, f"{unet} and text encoders stored as {', '.join(stored)}: neither SD1.x's layout "
+                            f"(cond_stage_model.transformer.text_model) nor SDXL's (CLIP-L under "
+                            f"conditioner.embedders.0.transformer, OpenCLIP-bigG in open_clip layout under "
+                            f"conditioner.embedders.1.model, 2816-channel extra conditioning)")
     if not has(VAE + "encoder.") or not has(VAE + "decoder."):
         raise _refuse(path, f"an {FAMILY_NAMES[family]} checkpoint without its VAE (no first_stage_model.* tensors)",
                       "Give the full checkpoint (UNet, text encoders and VAE in one file).")
@@ -190,7 +193,8 @@ def _depth(keys, block: str) -> int:
 
 def ldm_unet_config_from_shapes(shapes: Shapes, path: str | os.PathLike = "checkpoint") -> dict:
     """The LDM/ComfyUI-style UNet config (``model_channels``, ``channel_mult``, ``num_res_blocks``,
-    ``transformer_depth``, ``transformer_depth_output``, ``transformer_depth_middle``, ``context_dim``,
+    ``transformer_depth``, ``transformer_depth_output`` (listed as ComfyUI does: from the outermost level in,
+    i.e. the last output block first), ``transformer_depth_middle``, ``context_dim``,
     ``use_linear_in_transformer``, ``adm_in_channels``, ``in_channels``, ``out_channels``) read off the
     ``model.diffusion_model.*`` tensor shapes. Heads are not in the weights: the caller adds them."""
     try:
@@ -227,7 +231,7 @@ def _ldm_unet_config(shapes: Shapes, path) -> dict:
         "model_channels": model_channels, "channel_mult": [c // model_channels for c in channels],
         "num_res_blocks": [len(level) for level in levels],
         "transformer_depth": [d for level in levels for d in level],
-        "transformer_depth_output": output_depth,
+        "transformer_depth_output": output_depth[::-1],  # LDM/ComfyUI order: from the outermost level in
         "transformer_depth_middle": _depth(keys, "middle_block.1"),
         "context_dim": shapes[attn][1],
         "use_linear_in_transformer": proj_in is not None and len(shapes[proj_in]) == 2,
@@ -252,7 +256,8 @@ def unet_config_from_shapes(shapes: Shapes, family: Family, path: str | os.PathL
     config = diffusers_config_from_ldm({**ldm, **heads})
     n = nrb[0]
     down = [ldm["transformer_depth"][i * n:(i + 1) * n] for i in range(len(nrb))]
-    up = [ldm["transformer_depth_output"][i * (n + 1):(i + 1) * (n + 1)] for i in range(len(nrb))]
+    by_output_block = ldm["transformer_depth_output"][::-1]
+    up = [by_output_block[i * (n + 1):(i + 1) * (n + 1)] for i in range(len(nrb))]
     for depths, what in ((down, "input"), (up, "output")):
         if any(0 in d and any(d) for d in depths):
             raise BadModelFileError(f"checkpoint {path}: its UNet mixes blocks with and without attention within one "
