@@ -196,13 +196,27 @@ def test_asymmetric_depths_are_inferred_per_block():
 # Loading tiny checkpoints of both families
 
 
-def test_sd15_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
+@pytest.fixture
+def offline(monkeypatch):
+    """Hub offline mode, and any attempt to open a network connection fails the test."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def refuse(self, address, *args):
+        raise AssertionError(f"network access to {address} while loading a single-file checkpoint")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_sd15_single_file_checkpoint_loads_offline(tmp_path, offline):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from trainer.single_file import load_single_file
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # one level, model_channels 320: SD1.x's layout shrunk (8 heads, 32 groups as SD1.5)
     unet_cfg = dict(block_out_channels=[320], layers_per_block=1, down_block_types=["CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D"], cross_attention_dim=64, attention_head_dim=8,
@@ -232,6 +246,12 @@ def test_sd15_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
         ours = base.text_encoder.float()(ids, output_hidden_states=True)
         theirs = text(ids, output_hidden_states=True)
     torch.testing.assert_close(ours.hidden_states[-1], theirs.hidden_states[-1])
+    # the same file as a Lightning-style .ckpt (read with weights_only=True) loads the same weights
+    ckpt = tmp_path / "tiny_sd15.ckpt"
+    torch.save({"state_dict": load_file(str(path)), "global_step": 1}, ckpt)
+    from_ckpt = load_single_file(ckpt).unet.state_dict()
+    for k, v in loaded_unet.items():
+        torch.testing.assert_close(from_ckpt[k], v, msg=k)
 
 
 #: A tiny SDXL-architecture UNet: text_time conditioning with SDXL's 2816 inputs, 64 channels per head, linear
@@ -269,12 +289,11 @@ def build_tiny_sdxl(tmp_path, seed: int = 0, bigg_layout=clip_open_clip_layout):
     return path, unet, vae, clip_l, clip_g
 
 
-def test_sdxl_single_file_checkpoint_loads_offline(tmp_path, monkeypatch):
+def test_sdxl_single_file_checkpoint_loads_offline(tmp_path, offline):
     from diffusers import DDPMScheduler
 
     from trainer.single_file import load_single_file
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path, unet, vae, clip_l, clip_g = build_tiny_sdxl(tmp_path)
     stored = load_file(str(path))
     assert stored["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (384, 128)

@@ -326,10 +326,10 @@ def test_denscore_best_of_n(server):
 
 def test_sdxl_long_prompt(server):
     if os.environ.get("LONGALIGN_E2E_SDXL", "1") == "0":
-        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflow needs a 2.1 GB stand-in checkpoint")
+        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflow needs a 2.2 GB stand-in checkpoint")
     free = shutil.disk_usage(server.base).free
     if free < 5 * 2**30:
-        pytest.skip(f"the SDXL stand-in checkpoint needs ~2.1 GB of disk; {free / 2**30:.1f} GB free")
+        pytest.skip(f"the SDXL stand-in checkpoint needs ~2.2 GB of disk; {free / 2**30:.1f} GB free")
     build_tiny_sdxl_checkpoint(server.base / "models" / "checkpoints" / gen.SDXL_CHECKPOINT)
     prompt = shrunk(shipped("sdxl_long_prompt"))
     log_start = len(server.log_text())
