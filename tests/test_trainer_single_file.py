@@ -264,7 +264,7 @@ TINY_SDXL_UNET = dict(block_out_channels=[64, 128], layers_per_block=1,
                       projection_class_embeddings_input_dim=2816, norm_num_groups=32, sample_size=128)
 
 
-def build_tiny_sdxl(tmp_path, seed: int = 0, bigg_layout=clip_open_clip_layout):
+def build_tiny_sdxl(tmp_path, seed: int = 0, bigg_layout=clip_open_clip_layout, markers=()):
     """(path, unet, vae, clip_l, clip_g) of a tiny SDXL single-file checkpoint in the real SDXL layout."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -284,6 +284,7 @@ def build_tiny_sdxl(tmp_path, seed: int = 0, bigg_layout=clip_open_clip_layout):
     sd.update(dict(vae_to_ldm(k, v) for k, v in vae.state_dict().items()))
     sd.update(clip_hf_layout(clip_l, "conditioner.embedders.0.transformer."))
     sd.update(bigg_layout(clip_g, "conditioner.embedders.1.model."))
+    sd.update({name: torch.zeros(()) for name in markers})  # e.g. NoobAI-XL V-Pred's "v_pred", "ztsnr"
     path = tmp_path / f"tiny_sdxl_{seed}.safetensors"
     save_checkpoint(sd, path)
     return path, unet, vae, clip_l, clip_g
@@ -350,6 +351,19 @@ def test_sdxl_bigg_in_hugging_face_layout_is_not_read_as_open_clip(tmp_path):
     assert "conditioner.embedders.1.transformer" in str(err.value)
 
 
+def test_sdxl_v_prediction_marker_sets_the_scheduler(tmp_path, offline):
+    """A v-prediction SDXL fine-tune (NoobAI-XL V-Pred marks itself with ``v_pred`` and ``ztsnr`` tensors, which
+    ComfyUI reads) loads with a v-prediction, zero-terminal-SNR noise scheduler; an unmarked file stays epsilon."""
+    from trainer.single_file import load_single_file
+
+    path, *_ = build_tiny_sdxl(tmp_path, seed=1, markers=("v_pred", "ztsnr"))
+    scheduler = load_single_file(path).noise_scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.alphas_cumprod[-1] < 1e-7  # zero terminal SNR (scaled_linear alone ends at ~0.0047)
+    plain = load_single_file(build_tiny_sdxl(tmp_path, seed=2)[0]).noise_scheduler
+    assert plain.config.prediction_type == "epsilon" and plain.alphas_cumprod[-1] > 1e-3
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Files that are not SD1.x/SDXL checkpoints: one message naming the file, what it looks like, what works
 
@@ -357,11 +371,18 @@ def test_sdxl_bigg_in_hugging_face_layout_is_not_read_as_open_clip(tmp_path):
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 VAE_KEYS = {"first_stage_model.encoder.conv_in.weight": (1,), "first_stage_model.decoder.conv_in.weight": (1,)}
 
+#: What family detection reads of an SDXL base file (CLIP-L, bigG, 2816-channel extra conditioning, VAE).
+SDXL_KEYS = {UNET_IN: (1,), "model.diffusion_model.label_emb.0.0.weight": (1, 2816),
+             "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (1,),
+             "conditioner.embedders.1.model.token_embedding.weight": (1,), **VAE_KEYS}
+
 NOT_SUPPORTED = {
     "sd2": ({UNET_IN: (1,), "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (1,)},
             "Stable Diffusion 2.x"),
     "refiner": ({UNET_IN: (1,), "model.diffusion_model.label_emb.0.0.weight": (1, 2560),
                  "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": (1,)}, "SDXL refiner"),
+    "playground": ({**SDXL_KEYS, "edm_mean": (1,), "edm_std": (1,)}, "Playground v2.5"),
+    "cosxl": ({**SDXL_KEYS, "edm_vpred.sigma_max": ()}, "CosXL"),
     "sd3": ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (1,)}, "Stable Diffusion 3"),
     "flux": ({"double_blocks.0.img_attn.qkv.weight": (1,)}, "Flux"),
     "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (1,)}, "a LoRA"),

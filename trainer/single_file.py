@@ -158,6 +158,9 @@ def checkpoint_family(shapes: Shapes, path: str | os.PathLike = "checkpoint") ->
         family: Family = "sd1"
     elif has(SDXL_TEXT_L) and has(SDXL_TEXT_G) and adm == SDXL_ADM_IN:
         family = "sdxl"
+        if "edm_mean" in keys or "edm_vpred.sigma_max" in keys:  # ComfyUI's markers of these noise schedules
+            kind = "Playground v2.5" if "edm_mean" in keys else "CosXL (EDM v-prediction)"
+            raise _refuse(path, f"an SDXL-architecture model trained with an EDM noise schedule ({kind})")
     elif not has("cond_stage_model.") and not has("conditioner."):
         raise _refuse(path, "a UNet without its text encoders (no cond_stage_model.* or conditioner.* tensors)",
                       "Give the full checkpoint (UNet, text encoders and VAE in one file).")
@@ -378,17 +381,18 @@ def sd15_config_dir(unet_config: dict | None = None, text_config: dict | None = 
         {"text_encoder": {**CLIP_L, **(text_config or {})}}, {"tokenizer": END_TOKEN})
 
 
-def sdxl_config_dir(unet_config: dict, text_config: dict | None = None, text_config_2: dict | None = None) -> Path:
+def sdxl_config_dir(unet_config: dict, text_config: dict | None = None, text_config_2: dict | None = None,
+                    scheduler: dict | None = None) -> Path:
     """A diffusers SDXL folder of configs only (``StableDiffusionXLPipeline``): the UNet given, the SDXL VAE
     (scaling 0.13025, upcast), CLIP-L and OpenCLIP-bigG (``CLIPTextModelWithProjection``) text encoders
     (full size unless their shapes are given), the real CLIP tokenizer twice (the second pads with "!", as
-    SDXL's does) and SDXL's Euler scheduler."""
+    SDXL's does) and SDXL's Euler scheduler (``scheduler``: fields replaced, e.g. v-prediction)."""
     from longalign_core.clip_vocab import END_TOKEN
 
     return _config_dir("sdxl", {
         "unet/config.json": dict(unet_config),
         "vae/config.json": {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
-        "scheduler/scheduler_config.json": _SDXL_SCHEDULER,
+        "scheduler/scheduler_config.json": {**_SDXL_SCHEDULER, **(scheduler or {})},
         "model_index.json": {
             "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
             "feature_extractor": [None, None], "image_encoder": [None, None],
@@ -407,7 +411,17 @@ def config_dir_for(shapes: Shapes, family: Family, path: str | os.PathLike = "ch
     if family == "sd1":
         return sd15_config_dir(unet, clip_text_config_from_shapes(shapes, SD1_TEXT, "hf", "clip_l"))
     return sdxl_config_dir(unet, clip_text_config_from_shapes(shapes, SDXL_TEXT_L, "hf", "clip_l"),
-                           clip_text_config_from_shapes(shapes, SDXL_TEXT_G, "open_clip", "bigg"))
+                           clip_text_config_from_shapes(shapes, SDXL_TEXT_G, "open_clip", "bigg"),
+                           sdxl_prediction_from_keys(shapes))
+
+
+def sdxl_prediction_from_keys(shapes: Shapes) -> dict:
+    """Scheduler fields an SDXL-family file declares by marker tensors, read as ComfyUI reads them: ``v_pred``
+    (v-prediction, e.g. NoobAI-XL V-Pred), with ``ztsnr`` (betas rescaled to zero terminal SNR). (The EDM
+    variants are refused by :func:`checkpoint_family`.)"""
+    if "v_pred" not in shapes:
+        return {}
+    return {"prediction_type": "v_prediction", **({"rescale_betas_zero_snr": True} if "ztsnr" in shapes else {})}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,7 +433,8 @@ def load_single_file(path: str | os.PathLike) -> BaseModel:
     """A single-file SD1.x or SDXL-family checkpoint (what ComfyUI users have), family and configs from its own
     tensor names and shapes, loaded through diffusers' single-file loader offline. SDXL gives a
     :class:`BaseModel` with ``text_encoder_2``/``tokenizer_2`` set. The noise scheduler is DDPM with the
-    family's betas (what training samples noise with)."""
+    family's betas (what training samples noise with); a v-prediction SDXL file (``v_pred`` marker) gives
+    ``prediction_type="v_prediction"`` (and zero terminal SNR with ``ztsnr``) in its config."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     shapes = read_checkpoint_shapes(path)
