@@ -177,6 +177,30 @@ def test_sd15_unet_config_inferred_from_shapes_is_the_published_one():
     assert _shaping_fields(unet_config_from_shapes(shapes, "sd1")) == _shaping_fields(published)
 
 
+def test_text_encoder_configs_inferred_from_full_size_shapes_are_the_published_ones():
+    """CLIP-L in Hugging Face layout and bigG in open_clip layout (open_clip's own text tower, on the meta
+    device) read as SDXL's text_encoder / text_encoder_2 config.json (stabilityai/stable-diffusion-xl-base-1.0)."""
+    from open_clip.transformer import TextTransformer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trainer.single_file import clip_text_config_from_shapes
+
+    with torch.device("meta"):
+        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12))
+        bigg = TextTransformer(context_length=77, vocab_size=49408, width=1280, heads=20, layers=32, mlp_ratio=4,
+                               output_dim=1280)
+    shapes = {k: tuple(v.shape) for k, v in clip_hf_layout(clip_l, "l.").items()}
+    shapes.update({"g." + k: tuple(v.shape) for k, v in bigg.state_dict().items()})
+    published = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    assert clip_text_config_from_shapes(shapes, "l.text_model.", "hf", "clip_l") == dict(
+        published, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu", projection_dim=768)
+    assert clip_text_config_from_shapes(shapes, "g.", "open_clip", "bigg") == dict(
+        published, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+        hidden_act="gelu", projection_dim=1280)
+
+
 def test_asymmetric_depths_are_inferred_per_block():
     """Up blocks deeper than their down blocks (diffusers' reverse_transformer_layers_per_block) and a middle
     block diffusers cannot build with its own depth."""
