@@ -8,7 +8,7 @@ types, links, widget values and model names are the shipped ones. Anything the s
 type, validation error, missing model) or fails to execute fails the test with the server's own message.
 
 Set COMFYUI_PYTHON to ComfyUI's interpreter if it is not this one; LONGALIGN_E2E_SDXL=0 skips the SDXL workflow
-(it builds a 2.1 GB stand-in checkpoint, ~15 s).
+(it builds a 2.2 GB stand-in checkpoint, ~15 s).
 """
 
 from __future__ import annotations
@@ -85,27 +85,45 @@ def _text_encoder_shapes(kind: str, with_projection: bool) -> dict[str, torch.Si
     return shapes
 
 
+def _open_clip_text_shapes(width: int, layers: int, mlp: int, output_dim: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an OpenCLIP text tower in open_clip's own layout (``open_clip.transformer.TextTransformer``:
+    q, k, v stacked in ``attn.in_proj_*``, ``text_projection`` as width x output_dim), as SDXL files store bigG."""
+    shapes = {"token_embedding.weight": (49408, width), "positional_embedding": (77, width),
+              "ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, output_dim)}
+    for n in range(layers):
+        block = f"transformer.resblocks.{n}."
+        shapes.update({block + "attn.in_proj_weight": (3 * width, width), block + "attn.in_proj_bias": (3 * width,),
+                       block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
+                       block + "mlp.c_fc.weight": (mlp, width), block + "mlp.c_fc.bias": (mlp,),
+                       block + "mlp.c_proj.weight": (width, mlp), block + "mlp.c_proj.bias": (width,)})
+        shapes.update({block + f"{ln}.{p}": (width,) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")})
+    return shapes
+
+
 def build_tiny_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random-weight single-file checkpoint ComfyUI detects as SDXL (its ``SDXL`` model config matches
-    model_channels 320, linear transformers, transformer_depth [0, 0, 2, 2, 10, 10], context 2048, adm 2816),
-    with full-size CLIP-L + OpenCLIP-bigG text encoders and VAE (ComfyUI fixes their configs). The UNet is
-    shrunk where detection does not look: channel_mult [1, 1, 1], one block in the middle and output
-    transformers. ~2.1 GB fp16."""
+    """A random-weight single-file checkpoint in the layout of the published SDXL files, which ComfyUI detects
+    as SDXL (its ``SDXL`` model config matches model_channels 320, linear transformers, transformer_depth
+    [0, 0, 2, 2, 10, 10], context 2048, adm 2816), with full-size CLIP-L + OpenCLIP-bigG text encoders and VAE
+    (ComfyUI fixes their configs). The UNet is shrunk where detection does not look: channel_mult [1, 1, 1]
+    and one block in the output transformers; the middle keeps the last level's 10 blocks (diffusers, which
+    the trainer loads it with, builds the middle with that depth). ~2.2 GB fp16."""
     from safetensors.torch import save_file
 
     unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
                     channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
-                    transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                    transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=10,
                     context_dim=2048, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
                     num_classes="sequential", adm_in_channels=2816, num_head_channels=64, num_heads=-1,
                     use_temporal_attention=False, use_checkpoint=False)
     shapes = ldm_unet_vae_shapes(unet_cfg)
-    # SDXL checkpoint layout: CLIP-L in HF layout under embedders.0, bigG under embedders.1.model (ComfyUI's
-    # SDXL.process_clip_state_dict maps "conditioner.embedders.1.model." to "clip_g.")
+    # SDXL checkpoint layout: CLIP-L in Hugging Face layout under embedders.0.transformer, bigG in open_clip
+    # layout under embedders.1.model (ComfyUI's SDXL.process_clip_state_dict converts it to "clip_g.")
     shapes.update({"conditioner.embedders.0.transformer." + k: s
                    for k, s in _text_encoder_shapes("l", with_projection=False).items()})
-    shapes.update({"conditioner.embedders.1.model.transformer." + k: s
-                   for k, s in _text_encoder_shapes("g", with_projection=True).items()})
+    g = CLIP_SHAPES["g"]
+    shapes.update({"conditioner.embedders.1.model." + k: s
+                   for k, s in _open_clip_text_shapes(g["hidden_size"], g["num_hidden_layers"],
+                                                      g["intermediate_size"], g["projection_dim"]).items()})
     gen_ = torch.Generator().manual_seed(seed)
     sd = {key: _random(shape, key, gen_) for key, shape in shapes.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,10 +326,10 @@ def test_denscore_best_of_n(server):
 
 def test_sdxl_long_prompt(server):
     if os.environ.get("LONGALIGN_E2E_SDXL", "1") == "0":
-        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflow needs a 2.1 GB stand-in checkpoint")
+        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflow needs a 2.2 GB stand-in checkpoint")
     free = shutil.disk_usage(server.base).free
     if free < 5 * 2**30:
-        pytest.skip(f"the SDXL stand-in checkpoint needs ~2.1 GB of disk; {free / 2**30:.1f} GB free")
+        pytest.skip(f"the SDXL stand-in checkpoint needs ~2.2 GB of disk; {free / 2**30:.1f} GB free")
     build_tiny_sdxl_checkpoint(server.base / "models" / "checkpoints" / gen.SDXL_CHECKPOINT)
     prompt = shrunk(shipped("sdxl_long_prompt"))
     log_start = len(server.log_text())
