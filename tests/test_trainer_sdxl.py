@@ -228,7 +228,7 @@ def test_two_processes_on_sdxl(tmp_path):
                        "--train-steps", "1", "--dump-debug", "--train-batch-size", "1", "--prompts", str(prompts),
                        "--validation-prompts", "0", "--overflow", "extend"], nproc=2, port=29541)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "processes = 2" in proc.stdout and "(SDXL)" in proc.stdout
+    assert "processes = 2" in proc.stdout and "(SDXL, epsilon)" in proc.stdout
     r0 = torch.load(out / "debug" / "rank0-step000000.pt", weights_only=True)
     r1 = torch.load(out / "debug" / "rank1-step000000.pt", weights_only=True)
     assert r0["lora_checksum"] == pytest.approx(r1["lora_checksum"], rel=1e-9)
@@ -237,3 +237,35 @@ def test_two_processes_on_sdxl(tmp_path):
     gathered = torch.nn.functional.normalize((r0["t_bar_mean"] + r1["t_bar_mean"]) / 2, dim=0)
     torch.testing.assert_close(r0["direction"], gathered, atol=1e-6, rtol=1e-5)
     assert (out / "longalign_lora.safetensors").is_file()
+
+
+def test_v_prediction_models_get_their_own_target_and_x0(trainer, monkeypatch):
+    """A v-prediction model (the single-file loader reads NoobAI-XL V-Pred's ``v_pred`` marker into the scheduler
+    config): the align stage regresses v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x0, and the reward stage's DDIM step takes
+    x̂0 = sqrt(ᾱ_t)·x_t − sqrt(1 − ᾱ_t)·v — both written out here from ᾱ."""
+    from diffusers import DDPMScheduler
+
+    vpred = DDPMScheduler.from_config(trainer.noise_scheduler.config, prediction_type="v_prediction")
+    abar = vpred.alphas_cumprod
+    # DDIM step with a v output
+    scheduler = ddim_scheduler(vpred, 4)
+    t = scheduler.timesteps[1]
+    x_t, v = torch.randn(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    x0 = scheduler.step(v, t, x_t).pred_original_sample
+    torch.testing.assert_close(x0, abar[t].sqrt() * x_t - (1 - abar[t]).sqrt() * v)
+
+    # align target
+    monkeypatch.setattr(trainer, "noise_scheduler", vpred)
+    monkeypatch.setattr(trainer, "prediction_type", "v_prediction")
+    seen = {}
+    real_add_noise, real_eps = vpred.add_noise, trainer.unet_eps
+    monkeypatch.setattr(vpred, "add_noise", lambda x, n, ts: seen.update(x0=x, noise=n, t=ts) or real_add_noise(x, n, ts))
+    monkeypatch.setattr(trainer, "unet_eps", lambda *a: seen.setdefault("pred", real_eps(*a)))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
+    with torch.no_grad():
+        loss, _ = trainer.align_loss((images, ["A cat.", "A dog."], time_ids), torch.Generator().manual_seed(3))
+    a = abar[seen["t"]].view(-1, 1, 1, 1)
+    v_target = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["x0"]
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen["pred"].float(), v_target.float()))
+    assert float((v_target - seen["noise"]).abs().max()) > 1e-2  # ε would be a different target

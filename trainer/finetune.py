@@ -312,6 +312,11 @@ class Trainer:
             self.vae.enable_gradient_checkpointing()
         self.text_encoder = base.text_encoder.to(device, dtype=dtype).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
+        # ε or v: the reward stage's DDIM steps read it from the scheduler config, the align stage's target too
+        self.prediction_type = self.noise_scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise BadModelFileError(f"{base.source}: its scheduler predicts {self.prediction_type!r}; the trainer "
+                                    f"supports epsilon and v_prediction models")
         if self.is_sdxl:  # both text encoders, pooled bigG from the first segment (docs/method.md §1)
             from longalign_core.sdxl_text import SDXLSegmentEncoder
 
@@ -470,8 +475,11 @@ class Trainer:
         step_cond = self.encode_step(captions, with_uncond=False)
         cond, _ = self.unet_conditioning(step_cond, time_ids)
         with self.acc.autocast():
-            eps = self.unet_eps(noisy, t, cond)
-        loss = F.mse_loss(eps.float(), noise.float())
+            pred = self.unet_eps(noisy, t, cond)
+        # the model's own target: ε, or v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 for v-prediction models (NoobAI-XL V-Pred)
+        target = noise if self.prediction_type == "epsilon" else \
+            self.noise_scheduler.get_velocity(latents, noise, t)
+        loss = F.mse_loss(pred.float(), target.float())
         return loss, step_cond.stats
 
     # -- checkpoints ------------------------------------------------------------------------------------------
@@ -635,7 +643,8 @@ class Trainer:
         if main:
             n_prompts = len(self.prompts) if self.prompts is not None else len(self.align_rows)
             print(f"***** Running training ({cfg.stage} stage) *****\n"
-                  f"  base model = {self.base_source} ({'SDXL' if self.is_sdxl else 'SD1.x'})\n"
+                  f"  base model = {self.base_source} ({'SDXL' if self.is_sdxl else 'SD1.x'}, "
+                  f"{self.prediction_type})\n"
                   f"  reward model = {self.reward_source}\n"
                   f"  training prompts = {n_prompts}, held-out validation prompts = {len(self.validation_prompts)}\n"
                   f"  processes = {acc.num_processes}, batch per process = "

@@ -157,7 +157,7 @@ def embedded_reward_dir(seed: int = 0) -> Path:
 
 
 def load_base_model(model: str | None, seed: int = 0) -> BaseModel:
-    """SD1.5 or SDXL components from a diffusers folder or Hub id, a single-file checkpoint, or an embedded
+    """SD1.x or SDXL components from a diffusers folder or Hub id, a single-file checkpoint, or an embedded
     default (``None``/``embedded``, ``embedded-sdxl``). SDXL is recognised by its UNet's ``text_time`` extra
     conditioning (folders) or by its weights (single files)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
