@@ -400,8 +400,11 @@ def test_sdxl_longalign_lora(server, sdxl_checkpoint, tmp_path, lora_source):
     from safetensors import safe_open
 
     with safe_open(str(lora), "pt") as f:
-        keys = list(f.keys())
+        keys, metadata = list(f.keys()), f.metadata() or {}
     assert keys and all(k.startswith("lora_unet_") for k in keys), keys[:5]
+    if lora_source == "trainer":  # the file says what made it, from which base model
+        assert metadata.get("longalign") == "trainer-lora", metadata
+        assert Path(metadata.get("base_model", "")).name == sdxl_checkpoint.name, metadata
     if _LORA_RUNS:  # ComfyUI's loader keeps the file it read last, by path: make it read the new one
         http("POST", server.url + "/free", {"unload_models": True, "free_memory": True})
         time.sleep(1)  # the worker resets its caches when it sees the flag, before it takes the next prompt
