@@ -362,6 +362,25 @@ def test_denscore_best_of_n(server):
     assert all((batch[0] != b).any() for b in batch[1:])
 
 
+def test_sdxl_standin_unet_is_a_diffusers_unet():
+    """The trainer reads the SDXL stand-in through diffusers: diffusers' own LDM -> diffusers key conversion of
+    its UNet fills a UNet2DConditionModel of diffusers_config_from_ldm(SDXL_STANDIN_UNET) exactly (meta device,
+    nothing allocated). With output or middle transformer depths other than SDXL's it would not."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from longalign_core.lora import diffusers_config_from_ldm
+
+    prefix = "model.diffusion_model."
+    ldm = {k: torch.empty(shape, device="meta") for k, shape in ldm_unet_vae_shapes(SDXL_STANDIN_UNET).items()
+           if k.startswith(prefix)}
+    config = diffusers_config_from_ldm(SDXL_STANDIN_UNET)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    missing, unexpected = unet.load_state_dict(convert_ldm_unet_checkpoint(ldm, config), strict=False, assign=True)
+    assert missing == [] and unexpected == [], (missing[:5], unexpected[:5])
+
+
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(server) -> Path:
     """The SDXL stand-in, written once under the workflows' checkpoint name for both SDXL workflows."""
