@@ -27,6 +27,7 @@ FLOWS = {
     "longsd": ("LongSD LoRA x2", "T5 Adapter", "LongAlign Text Encode", "KSampler"),
     "denscore_best_of_n": ("KSampler (batch of 4)", "Denscore Score", "Denscore Best-of-N", "Save Image"),
     "sdxl_long_prompt": ("SDXL Checkpoint", "LongAlign Text Encode", "KSampler 1024 px", "Save Image"),
+    "sdxl_longalign_lora": ("SDXL Checkpoint", "LongAlign LoRA", "LongAlign Text Encode", "KSampler 1024 px"),
     "comparison": ("one prompt, one seed", "CLIP Text Encode", "LongAlign Text Encode", "two images"),
 }
 BACKGROUND, PANEL, ACCENT, TEXT, MUTED = (24, 26, 33), (44, 48, 60), (86, 156, 214), (240, 240, 240), (170, 176, 190)

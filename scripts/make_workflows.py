@@ -76,6 +76,9 @@ NODE_TYPES: dict[str, NodeType] = {
         inputs=(("clip", "CLIP"), ("longalign_t5", "LONGALIGN_T5")),
         outputs=(("CONDITIONING", "CONDITIONING"), ("report", "STRING"), ("segments", "INT"), ("tokens", "INT")),
         widgets=("text", "token_budget", "overflow", "split_mode", "long_sentences"), min_size=(210, 244)),
+    # ComfyUI's "LoraLoaderModelOnly": a kohya/diffusers LoRA on the MODEL only (what this pack's trainer writes)
+    "LoraLoaderModelOnly": NodeType(inputs=(("model", "MODEL"),), outputs=(("MODEL", "MODEL"),),
+                                    widgets=("lora_name", "strength_model"), min_size=(210, 82)),
     "LongAlignLoadLongSDLoRA": NodeType(inputs=(("model", "MODEL"),), outputs=(("MODEL", "MODEL"),),
                                         widgets=("lora_name", "strength"), min_size=(210, 82)),
     "LongAlignLoadT5Adapter": NodeType(outputs=(("LONGALIGN_T5", "LONGALIGN_T5"),),
@@ -306,6 +309,7 @@ DISPLAY_NAMES = {
     "SaveImage": "Save Image",
     "PreviewImage": "Preview Image",
     "PreviewAny": "Preview as Text",
+    "LoraLoaderModelOnly": "LoraLoaderModelOnly",  # no display name in ComfyUI 0.8.0: the frontend shows the id
     "PrimitiveStringMultiline": "String (Multiline)",
     "MarkdownNote": "Markdown Note",
     "Reroute": "Reroute",
@@ -328,6 +332,15 @@ LONGSD_REWARD_LORA = "sd15-reward-3750.pt"
 LONGSD_T5_FOLDER = "t5-large"
 LONGSD_ADAPTER_FOLDER = "s28750_adapter"
 DENSCORE_FOLDER = "Denscore"
+#: The trainer's LoRA (``trainer/finetune.py`` writes ``<output_dir>/longalign_lora.safetensors``), renamed by the
+#: user so that it says which base model it belongs to.
+TRAINER_LORA_FILE = "longalign_lora.safetensors"
+SDXL_LORA = "longalign_sdxl_lora.safetensors"
+#: The trainer command that makes SDXL_LORA (the Read me note of sdxl_longalign_lora and the README show it).
+SDXL_TRAIN_COMMAND = (
+    f"python -m trainer.finetune --model /path/to/{SDXL_CHECKPOINT} --reward-model /path/to/{DENSCORE_FOLDER} "
+    "--resolution 1024 --output-dir outputs/sdxl"
+)
 
 #: A 13-sentence, 224-token prompt (three CLIP windows); with its 13 start tokens it fills 237 of the 240-token budget.
 LONG_PROMPT = (
@@ -553,6 +566,31 @@ def sdxl_long_prompt() -> Workflow:
     return wf
 
 
+def sdxl_longalign_lora() -> Workflow:
+    """sdxl_long_prompt with a LongAlign-trained LoRA on the MODEL; the LoRA loader sits in the corridor
+    between the two encoders (as longsd's LoRAs do), the Read me note below the checkpoint."""
+    wf = Workflow("sdxl_longalign_lora", "LongAlign LoRA on SDXL",
+                  "SDXL with a LoRA from this pack's trainer, long prompts")
+    ckpt = wf.add("CheckpointLoaderSimple", (A, CKPT_Y), (360, 98), ckpt_name=SDXL_CHECKPOINT)
+    lora = wf.add("LoraLoaderModelOnly", (B, CKPT_Y + 140), (360, 82), title="Load LoRA (LongAlign SDXL LoRA)",
+                  lora_name=SDXL_LORA, strength_model=1.0)
+    wf.link(ckpt.out("MODEL"), lora, "model")
+    _text_to_image(wf, SDXL_CHECKPOINT, SDXL_PROMPT, 1024, seed=42, steps=30, cfg=7.0, sampler="dpmpp_2m",
+                   scheduler="karras", prefix="longalign_sdxl_lora", saved="SDXL image with the LongAlign LoRA",
+                   model=lora.out("MODEL"), ckpt=ckpt, neg_y=CKPT_Y + 140 + 82 + 70, sampler_y=CKPT_Y + 140)
+    wf.note(
+        "## LongAlign LoRA on SDXL\n"
+        "SDXL with a LoRA fine-tuned by this pack's trainer (LongAlign's reward stage: segment-level preference "
+        "optimisation with Denscore) and **LongAlign Text Encode** for the long prompt.\n\n"
+        f"* `models/checkpoints/`: the SDXL checkpoint the LoRA was trained on (`{SDXL_CHECKPOINT}`).\n"
+        f"* `models/loras/`: `{SDXL_LORA}`. Make it with the trainer (GPU):\n\n"
+        f"  `{SDXL_TRAIN_COMMAND}`\n\n"
+        f"  then copy `outputs/sdxl/{TRAINER_LORA_FILE}` to `models/loras/{SDXL_LORA}`.\n"
+        "* `strength_model` 0 gives the base model: same seed, compare.",
+        (A, CKPT_Y + 98 + 60), (360, 330))
+    return wf
+
+
 def comparison() -> Workflow:
     """Two pipelines, one above the other, from one prompt, one checkpoint and one latent. Each row has its own
     MODEL/VAE corridor; Reroute nodes at the corridors' left ends carry the checkpoint's outputs to them."""
@@ -615,7 +653,7 @@ def comparison() -> Workflow:
     return wf
 
 
-WORKFLOWS = [long_prompt_sd15, longsd, denscore_best_of_n, sdxl_long_prompt, comparison]
+WORKFLOWS = [long_prompt_sd15, longsd, denscore_best_of_n, sdxl_long_prompt, sdxl_longalign_lora, comparison]
 
 
 def build_all() -> dict[str, Workflow]:

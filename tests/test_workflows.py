@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "sdxl_long_prompt"]
+NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "sdxl_long_prompt", "sdxl_longalign_lora"]
 
 
 def _load_generator():
@@ -282,6 +282,37 @@ def test_sdxl_long_prompt_is_1024():
     assert (latent["width"], latent["height"]) == (1024, 1024)
     assert "xl" in widget_values(by_type(wf, "CheckpointLoaderSimple")[0])["ckpt_name"]
     assert len(by_type(wf, "LongAlignTextEncode")) == 2
+
+
+def test_sdxl_longalign_lora_puts_the_trainers_lora_on_the_model():
+    """Checkpoint -> ComfyUI's LoRA loader (the trainer's kohya file) -> KSampler, LongAlign Text Encode for both
+    prompts, 1024 px, and a note that gives the trainer command and where its output goes."""
+    wf = ui("sdxl_longalign_lora")
+    ks = by_type(wf, "KSampler")[0]
+    lora, _ = source(wf, ks, "model")
+    assert lora["type"] == "LoraLoaderModelOnly"
+    assert widget_values(lora) == {"lora_name": "longalign_sdxl_lora.safetensors", "strength_model": 1.0}
+    ckpt = by_type(wf, "CheckpointLoaderSimple")[0]
+    assert source(wf, lora, "model") == (ckpt, 0)
+    assert widget_values(ckpt)["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+    for slot in ("positive", "negative"):
+        encode, _ = source(wf, ks, slot)
+        assert encode["type"] == "LongAlignTextEncode" and source(wf, encode, "clip") == (ckpt, 1)
+    latent = widget_values(by_type(wf, "EmptyLatentImage")[0])
+    assert (latent["width"], latent["height"]) == (1024, 1024)
+    decode = by_type(wf, "VAEDecode")[0]
+    assert source(wf, decode, "vae") == (ckpt, 2)
+    assert source(wf, by_type(wf, "SaveImage")[0], "images") == (decode, 0)
+    assert source(wf, by_type(wf, "PreviewAny")[0], "source") == (source(wf, ks, "positive")[0], 1)
+    note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
+    # the file the trainer writes (trainer/finetune.py LORA_FILE, read from the source, not imported: the trainer
+    # needs diffusers), and the SDXL command that makes it
+    finetune = (REPO / "trainer" / "finetune.py").read_text(encoding="utf-8")
+    assert 'LORA_FILE = "longalign_lora.safetensors"' in finetune
+    assert "`python -m trainer.finetune --model /path/to/sd_xl_base_1.0.safetensors " in note
+    assert "--resolution 1024 --output-dir outputs/sdxl`" in note
+    assert ("copy `outputs/sdxl/longalign_lora.safetensors` to `models/loras/longalign_sdxl_lora.safetensors`"
+            in note)
 
 
 def test_comparison_differs_only_in_the_text_encoder():

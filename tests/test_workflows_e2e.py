@@ -7,8 +7,11 @@ LongSD adapter folder, a Denscore CLIPModel folder). The test only shrinks image
 types, links, widget values and model names are the shipped ones. Anything the server rejects (unknown node
 type, validation error, missing model) or fails to execute fails the test with the server's own message.
 
-Set COMFYUI_PYTHON to ComfyUI's interpreter if it is not this one; LONGALIGN_E2E_SDXL=0 skips the SDXL workflow
-(it builds a 2.2 GB stand-in checkpoint, ~15 s).
+The SDXL LoRA workflow runs a LoRA that the trainer (``python -m trainer.finetune``, this interpreter) makes from
+the same stand-in checkpoint ComfyUI loads.
+
+Set COMFYUI_PYTHON to ComfyUI's interpreter if it is not this one; LONGALIGN_E2E_SDXL=0 skips the SDXL workflows
+(they share a 2.2 GB stand-in checkpoint, ~20 s to write).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -100,22 +104,27 @@ def _open_clip_text_shapes(width: int, layers: int, mlp: int, output_dim: int) -
     return shapes
 
 
+#: The SDXL stand-in's UNet (LDM names, as ComfyUI's detection reports them). Detection matches model_channels
+#: 320, linear transformers, transformer_depth [0, 0, 2, 2, 10, 10], context 2048 and adm 2816; the UNet is shrunk
+#: where it does not look: every level at 320 channels (channel_mult [1, 1, 1]) and one block in the output
+#: transformers (up blocks deeper-first: none, 1, 1 — diffusers' reverse_transformer_layers_per_block, which the
+#: trainer's single-file loader infers). The middle keeps the last level's 10 blocks: diffusers builds the middle
+#: with that depth, and the trainer loads this very file through diffusers.
+SDXL_STANDIN_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                         channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
+                         transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=10,
+                         context_dim=2048, use_linear_in_transformer=True, use_spatial_transformer=True,
+                         legacy=False, num_classes="sequential", adm_in_channels=2816, num_head_channels=64,
+                         num_heads=-1, use_temporal_attention=False, use_checkpoint=False)
+
+
 def build_tiny_sdxl_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random-weight single-file checkpoint in the layout of the published SDXL files, which ComfyUI detects
-    as SDXL (its ``SDXL`` model config matches model_channels 320, linear transformers, transformer_depth
-    [0, 0, 2, 2, 10, 10], context 2048, adm 2816), with full-size CLIP-L + OpenCLIP-bigG text encoders and VAE
-    (ComfyUI fixes their configs). The UNet is shrunk where detection does not look: channel_mult [1, 1, 1]
-    and one block in the output transformers; the middle keeps the last level's 10 blocks (diffusers, which
-    the trainer loads it with, builds the middle with that depth). ~2.2 GB fp16."""
+    """A random-weight single-file checkpoint in the layout of the published SDXL files, which ComfyUI detects as
+    SDXL: UNet ``SDXL_STANDIN_UNET``, full-size CLIP-L + OpenCLIP-bigG text encoders and VAE (ComfyUI fixes their
+    configs). ~2.2 GB fp16."""
     from safetensors.torch import save_file
 
-    unet_cfg = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
-                    channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
-                    transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=10,
-                    context_dim=2048, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
-                    num_classes="sequential", adm_in_channels=2816, num_head_channels=64, num_heads=-1,
-                    use_temporal_attention=False, use_checkpoint=False)
-    shapes = ldm_unet_vae_shapes(unet_cfg)
+    shapes = ldm_unet_vae_shapes(SDXL_STANDIN_UNET)
     # SDXL checkpoint layout: CLIP-L in Hugging Face layout under embedders.0.transformer, bigG in open_clip
     # layout under embedders.1.model (ComfyUI's SDXL.process_clip_state_dict converts it to "clip_g.")
     shapes.update({"conditioner.embedders.0.transformer." + k: s
@@ -149,6 +158,28 @@ def save_longsd_loras(checkpoint: Path, names: list[str], folder: Path) -> None:
             down = torch.randn((4,) + tuple(t.weight_shape[1:]), generator=g) * 0.02
             tensors += [up.half(), down.half()]
         torch.save(tensors, folder / name)
+
+
+def train_sdxl_lora(checkpoint: Path, out_dir: Path) -> Path:
+    """The trainer's LoRA for ``checkpoint`` (one reward step at 64 px with the built-in tiny preference model),
+    made by ``python -m trainer.finetune`` in a subprocess; returns ``<out_dir>/longalign_lora.safetensors``.
+    The learning rate is high and warm-up off so that one Adam step moves the zero-initialised LoRA up
+    weights far enough to change the image."""
+    missing = [m for m in ("diffusers", "peft", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the trainer needs {', '.join(missing)} in {sys.executable}")
+    cmd = [sys.executable, "-m", "trainer.finetune", "--model", str(checkpoint), "--output-dir", str(out_dir),
+           "--train-steps", "1", "--batch-size", "1", "--resolution", "64", "--sample-steps", "2",
+           "--sample-grad-steps", "1", "--validation-prompts", "0", "--lora-rank", "4", "--mixed-precision", "no",
+           "--learning-rate", "1e-2", "--lr-warmup-steps", "0"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{output[-6000:]}")
+    lora = out_dir / gen.TRAINER_LORA_FILE
+    assert lora.is_file(), f"the trainer wrote no {lora}:\n{output[-3000:]}"
+    return lora
 
 
 @pytest.fixture(scope="module")
@@ -324,13 +355,18 @@ def test_denscore_best_of_n(server):
     assert all((batch[0] != b).any() for b in batch[1:])
 
 
-def test_sdxl_long_prompt(server):
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(server) -> Path:
+    """The SDXL stand-in, written once under the workflows' checkpoint name for both SDXL workflows."""
     if os.environ.get("LONGALIGN_E2E_SDXL", "1") == "0":
-        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflow needs a 2.2 GB stand-in checkpoint")
+        pytest.skip("LONGALIGN_E2E_SDXL=0: the SDXL workflows need a 2.2 GB stand-in checkpoint")
     free = shutil.disk_usage(server.base).free
     if free < 5 * 2**30:
         pytest.skip(f"the SDXL stand-in checkpoint needs ~2.2 GB of disk; {free / 2**30:.1f} GB free")
-    build_tiny_sdxl_checkpoint(server.base / "models" / "checkpoints" / gen.SDXL_CHECKPOINT)
+    return build_tiny_sdxl_checkpoint(server.base / "models" / "checkpoints" / gen.SDXL_CHECKPOINT)
+
+
+def test_sdxl_long_prompt(server, sdxl_checkpoint):
     prompt = shrunk(shipped("sdxl_long_prompt"))
     log_start = len(server.log_text())
     entry = server.run(prompt, "sdxl_long_prompt")
@@ -339,6 +375,43 @@ def test_sdxl_long_prompt(server):
     check_report(entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0])
     log = server.log_text()[log_start:]
     assert "Requested to load SDXLClipModel" in log and re.search(r"Requested to load SDXL\n", log), log[-2000:]
+
+
+def test_sdxl_longalign_lora(server, sdxl_checkpoint, tmp_path):
+    """The LoRA the trainer makes from the stand-in SDXL checkpoint (``python -m trainer.finetune --model <that
+    file>``), renamed as the workflow's note says, through ComfyUI's stock LoRA loader: every key of the file is
+    matched (ComfyUI logs each unmatched one as "lora key not loaded"), and the image differs from the same
+    workflow at strength 0 (the base model), same seed."""
+    lora = train_sdxl_lora(sdxl_checkpoint, tmp_path / "train")
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata() or {}
+    assert keys and all(k.startswith("lora_unet_") for k in keys), keys[:5]
+    # the file says what made it, from which base model
+    assert metadata.get("longalign") == "trainer-lora", metadata
+    assert Path(metadata.get("base_model", "")).name == sdxl_checkpoint.name, metadata
+    assert metadata.get("ss_base_model_version") == "sdxl_base_v1-0", metadata
+    shutil.copyfile(lora, server.base / "models" / "loras" / gen.SDXL_LORA)
+    prompt = shrunk(shipped("sdxl_longalign_lora"))
+    loader = node_id(prompt, "LoraLoaderModelOnly")
+    assert prompt[loader]["inputs"]["lora_name"] == gen.SDXL_LORA
+    log_start = len(server.log_text())
+    entry = server.run(prompt, "sdxl_longalign_lora (the trainer's LoRA)")
+    cached = [n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]]
+    assert loader not in cached, "the LoRA loader's output came from ComfyUI's cache"
+    (with_lora,) = saved_images(server, entry, node_id(prompt, "SaveImage"))
+    check_report(entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0])
+    log = server.log_text()[log_start:]
+    assert re.search(r"Requested to load SDXL\n", log), log[-2000:]
+    assert "lora key not loaded" not in log.lower(), log[-4000:]
+    base = copy.deepcopy(prompt)
+    base[loader]["inputs"]["strength_model"] = 0.0  # ComfyUI's loader returns the model unpatched
+    (without,) = saved_images(server, server.run(base, "sdxl_longalign_lora at strength 0"),
+                              node_id(prompt, "SaveImage"))
+    a, b = load_rgb(with_lora), load_rgb(without)
+    assert a.shape == b.shape == (SIZE, SIZE, 3)
+    assert (a != b).any(), "the LoRA did not change the image"
 
 
 def test_comparison_gives_two_different_images_from_one_seed(server):
