@@ -73,9 +73,10 @@ def objective_from_definitions(trainer, images: torch.Tensor, omega: float) -> t
     return 0.5 * (1 - (relevant + omega * irrelevant).mean())
 
 
-def test_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkeypatch):
-    """Trainer.reward_loss: its loss and its gradient on every LoRA parameter equal the objective written out
-    from the definitions on the images it generated; the plain score (ω = 1) is measurably different."""
+def check_reward_loss_against_definitions(trainer, monkeypatch):
+    """Trainer.reward_loss on PROMPTS: its loss and its gradient on every LoRA parameter equal the objective
+    written out from the definitions on the images it generated; the plain score (ω = 1) is measurably
+    different. Returns the statistics and the LoRA gradients of the loss."""
     import trainer.finetune as finetune
 
     captured = {}
@@ -103,6 +104,11 @@ def test_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkeypatch
     assert abs(float(plain.detach() - expected.detach())) > 1e-3
     assert float((flat(g_plain) - flat(g_expected)).abs().max()) > 1e-2 * scale
     assert stats["reweighted"] == pytest.approx(1 - 2 * float(expected.detach()), abs=1e-6)
+    return stats, g_loss
+
+
+def test_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkeypatch):
+    check_reward_loss_against_definitions(trainer, monkeypatch)
 
 
 def test_lora_dropout_drops_the_branch_output(trainer):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.config import TrainConfig
-from trainer.finetune import Trainer, step_generator
+from trainer.finetune import Trainer
 from trainer.sampling import ddim_scheduler, decode, sample_truncated, vae_dtype
 from trainer_support import FAST, long_caption, merged_tokens, one_thread, run_module  # noqa: F401
 
@@ -89,20 +89,7 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
 def test_sdxl_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkeypatch):
     """The objective on SDXL: loss and LoRA gradient equal 0.5·(1 − mean(relevant + ω·irrelevant)) written out
     from the definitions (test_trainer_objective) on the images the SDXL model generated."""
-    import trainer.finetune as finetune
-
-    captured = {}
-    real_decode = finetune.decode
-    monkeypatch.setattr(finetune, "decode", lambda vae, x: captured.setdefault("images", real_decode(vae, x)))
-    loss, stats = trainer.reward_loss(objective.PROMPTS, step_generator(0, 0, 0))
-    expected = objective.objective_from_definitions(trainer, captured["images"], objective.OMEGA)
-    g_loss = torch.autograd.grad(loss, trainer.params, retain_graph=True)
-    g_expected = torch.autograd.grad(expected, trainer.params)
-    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
-    torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-6, rtol=1e-5)
-    scale = float(flat(g_expected).abs().max())
-    assert scale > 0
-    torch.testing.assert_close(flat(g_loss), flat(g_expected), atol=1e-5 * scale, rtol=1e-4)
+    stats, g_loss = objective.check_reward_loss_against_definitions(trainer, monkeypatch)
     # every LoRA layer of the SDXL UNet gets a gradient (cross-attention, GEGLU and ResNet layers alike)
     names = [n for n, p in trainer.acc.unwrap_model(trainer.unet).named_parameters() if p.requires_grad]
     zero = [n for n, g in zip(names, g_loss) if "lora_B" in n and float(g.abs().max()) == 0]
