@@ -420,7 +420,8 @@ class Trainer:
         return self.encode_step(prompts, with_uncond=False).cond
 
     def unet_eps(self, x, t, conditioning: UNetConditioning):
-        """ε of the UNet; the no-grad sampling steps go through the compiled UNet with ``--compile-unet``."""
+        """The UNet's prediction (ε, or v); the no-grad sampling steps go through the compiled UNet with
+        ``--compile-unet``."""
         unet = self.compiled_unet if self.compiled_unet is not None and not torch.is_grad_enabled() else self.unet
         return unet(x, t, **conditioning.unet_kwargs()).sample
 
@@ -460,7 +461,8 @@ class Trainer:
         return loss, stats
 
     def align_loss(self, batch, gen: torch.Generator):
-        """Supervised ε-MSE on (image, caption) pairs with the segment encoding and caption dropout."""
+        """Supervised diffusion loss (MSE to ε, or to v for v-prediction models) on (image, caption) pairs with the
+        segment encoding and caption dropout."""
         cfg, device = self.cfg, self.acc.device
         images, captions, time_ids = batch
         keep = torch.rand(len(captions), generator=gen) >= cfg.caption_dropout
