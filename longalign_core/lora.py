@@ -79,8 +79,11 @@ SDXL_ADM_CHANNELS = (1280 + 6 * SDXL_TIME_EMBED_DIM, 1280 + 5 * SDXL_TIME_EMBED_
 
 def diffusers_config_from_ldm(unet_config: Mapping) -> dict:
     """A diffusers ``UNet2DConditionModel`` config from an LDM/ComfyUI UNet config (``model_channels``,
-    ``channel_mult``, ``num_res_blocks``, ``transformer_depth``, ``context_dim``, …) of the SD1.x/SD2.x and SDXL families (SDXL: the extra ``text_time`` conditioning of
-    ``adm_in_channels``)."""
+    ``channel_mult``, ``num_res_blocks``, ``transformer_depth``, ``transformer_depth_output``,
+    ``transformer_depth_middle``, ``context_dim``, …) of the SD1.x/SD2.x and SDXL families (SDXL: the extra
+    ``text_time`` conditioning of ``adm_in_channels``). Transformer depths are per block: up blocks that differ
+    from the down blocks (distilled SDXLs such as SSD-1B) get diffusers' ``reverse_transformer_layers_per_block``.
+    A layout diffusers cannot build is a :class:`LoraFormatError` that says why."""
     extra = {}
     adm = unet_config.get("adm_in_channels")
     if adm:
@@ -92,23 +95,41 @@ def diffusers_config_from_ldm(unet_config: Mapping) -> dict:
     mc, mult = unet_config["model_channels"], list(unet_config["channel_mult"])
     nrb = unet_config["num_res_blocks"]
     nrb = list(nrb) if isinstance(nrb, (list, tuple)) else [nrb] * len(mult)
-    depth = list(unet_config.get("transformer_depth", [1] * sum(nrb)))
-    level_depth, pos = [], 0
-    for n in nrb:
-        level_depth.append(max(depth[pos:pos + n] or [0]))
-        pos += n
+    if len(set(nrb)) != 1:
+        raise LoraFormatError(f"this UNet has {nrb} res blocks per level; diffusers (whose layer names LongAlign "
+                              f"LoRAs use) needs the same number on every level")
+    n, levels = nrb[0], len(mult)
+    depth = list(unet_config.get("transformer_depth", [1] * (n * levels)))
+    down = [depth[i * n:(i + 1) * n] for i in range(levels)]
+    output = unet_config.get("transformer_depth_output")
+    # ComfyUI builds output blocks deepest level first, taking their depths from the end of the list
+    up = [list(reversed(output))[i * (n + 1):(i + 1) * (n + 1)] for i in range(levels)] if output else \
+        [[max(d)] * (n + 1) for d in reversed(down)]
+    for blocks, what in ((down, "input"), (up, "output")):
+        if any(0 in d and any(d) for d in blocks):
+            raise LoraFormatError(f"this UNet mixes blocks with and without attention within one level ({what} "
+                                  f"depths {blocks}); diffusers cannot build that")
+    per_level = [max(1, d[0]) if len(set(d)) == 1 else list(d) for d in down]
+    built_up = [[r] * (n + 1) if isinstance(r, int) else None for r in reversed(per_level)]
+    reverse = {}
+    if any(any(d) and list(d) != b for d, b in zip(up, built_up)):
+        reverse = {"reverse_transformer_layers_per_block": [list(d) if any(d) else [1] * (n + 1) for d in up]}
+    mid = unet_config.get("transformer_depth_middle", 1)
+    last = per_level[-1][0] if isinstance(per_level[-1], list) else per_level[-1]
+    if mid is not None and mid >= 1 and mid != last:
+        raise LoraFormatError(f"this UNet's middle block has {mid} transformer blocks but its last level {last}; "
+                              f"diffusers builds the middle block with the last level's depth")
     channels = [mc * m for m in mult]
     heads = unet_config.get("num_heads", -1)
     head_dim = heads if heads and heads > 0 else [c // unet_config["num_head_channels"] for c in channels]
-    mid = unet_config.get("transformer_depth_middle", 1)
     return {
         "_class_name": "UNet2DConditionModel",
         "in_channels": unet_config.get("in_channels", 4), "out_channels": unet_config.get("out_channels", 4),
-        "block_out_channels": channels, "layers_per_block": nrb[0],
-        "down_block_types": ["CrossAttnDownBlock2D" if d > 0 else "DownBlock2D" for d in level_depth],
-        "up_block_types": ["CrossAttnUpBlock2D" if d > 0 else "UpBlock2D" for d in reversed(level_depth)],
+        "block_out_channels": channels, "layers_per_block": n,
+        "down_block_types": ["CrossAttnDownBlock2D" if any(d) else "DownBlock2D" for d in down],
+        "up_block_types": ["CrossAttnUpBlock2D" if any(d) else "UpBlock2D" for d in up],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if mid is not None and mid >= 1 else None,
-        "transformer_layers_per_block": [max(1, d) for d in level_depth],
+        "transformer_layers_per_block": per_level, **reverse,
         "cross_attention_dim": unet_config["context_dim"], "attention_head_dim": head_dim,
         "use_linear_projection": bool(unet_config.get("use_linear_in_transformer", False)),
         "norm_num_groups": 32,

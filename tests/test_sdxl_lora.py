@@ -82,6 +82,41 @@ def test_every_sdxl_kohya_key_is_in_comfyui_sdxl_key_map():
     assert [t.kohya_name for t in targets if t.kohya_name not in key_map] == []
 
 
+
+#: A distilled-SDXL-like layout (SSD-1B style): output transformer depths that differ from the input ones and
+#: within a level (deepest up level 3 then 1 blocks; ComfyUI reads transformer_depth_output from the end).
+ASYMMETRIC_LDM = dict(TINY_SDXL_LDM, transformer_depth=[0, 2], transformer_depth_output=[0, 0, 1, 3],
+                      transformer_depth_middle=2)
+
+
+@requires_comfy
+def test_asymmetric_sdxl_layout_targets_every_layer_comfyui_has():
+    """Up blocks deeper or shallower than the down blocks: the LoRA layers derived from ComfyUI's config (what the
+    Load LongSD LoRA node does) are exactly the Linear/Conv layers of ComfyUI's own model in LongAlign's target
+    modules, each in its key map."""
+    import_comfy()
+    import comfy.lora
+    import comfy.supported_models
+    import comfy.utils
+
+    with torch.device("meta"):
+        model = comfy.supported_models.SDXL(dict(ASYMMETRIC_LDM)).get_model({})
+    unet_config = dict(model.model_config.unet_config)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    targets = lora_targets(diffusers_config_from_ldm(unet_config))
+    assert [t.kohya_name for t in targets if t.kohya_name not in key_map] == []
+    # every attention projection and GEGLU input projection ComfyUI's UNet has is targeted, no more, no fewer
+    # (the feed-forward's output Linear, ff.net.2, sits outside the GEGLU module and is not a LongAlign target)
+    d2c = comfy.utils.unet_to_diffusers(unet_config)
+    comfy_attn = {k for k in model.state_dict() if ".transformer_blocks." in k and k.endswith(".weight")
+                  and (".attn1." in k or ".attn2." in k or ".ff.net.0.proj." in k) and "norm" not in k}
+    ours = {"diffusion_model." + d2c[t.path + ".weight"] for t in targets if ".transformer_blocks." in t.path}
+    assert ours == comfy_attn
+    # the deepest up level really has 3 then 1 transformer blocks
+    assert sum(1 for t in targets if t.path.startswith("up_blocks.0.attentions.0.") and t.path.endswith("attn1.to_q")) == 3
+    assert sum(1 for t in targets if t.path.startswith("up_blocks.0.attentions.1.") and t.path.endswith("attn1.to_q")) == 1
+
+
 def _random_pairs(targets, seed, rank=4):
     g = torch.Generator().manual_seed(seed)
     out = {}

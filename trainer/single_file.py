@@ -244,41 +244,18 @@ def _ldm_unet_config(shapes: Shapes, path) -> dict:
 
 def unet_config_from_shapes(shapes: Shapes, family: Family, path: str | os.PathLike = "checkpoint") -> dict:
     """The diffusers ``UNet2DConditionModel`` config of the checkpoint's UNet: layout from the shapes (through
-    :func:`ldm_unet_config_from_shapes` and :func:`longalign_core.lora.diffusers_config_from_ldm`), per-block
-    transformer depths where down and up blocks differ, heads from the family's rule (SD1.x: 8 heads; SDXL: 64
-    channels per head). A layout diffusers cannot build is a :class:`BadModelFileError`."""
-    from longalign_core.lora import diffusers_config_from_ldm
+    :func:`ldm_unet_config_from_shapes` and :func:`longalign_core.lora.diffusers_config_from_ldm`, which keeps
+    per-block transformer depths), heads from the family's rule (SD1.x: 8 heads; SDXL: 64 channels per head). A
+    layout diffusers cannot build is a :class:`BadModelFileError` naming the file."""
+    from longalign_core.lora import LoraFormatError, diffusers_config_from_ldm
 
     ldm = ldm_unet_config_from_shapes(shapes, path)
-    nrb = ldm["num_res_blocks"]
-    if len(set(nrb)) != 1:
-        raise BadModelFileError(f"checkpoint {path}: its UNet has {nrb} res blocks per level; diffusers (which the "
-                                f"trainer uses) needs the same number on every level; {SUPPORTED}")
     heads = {"num_heads": SD1_HEADS, "num_head_channels": -1} if family == "sd1" else \
         {"num_heads": -1, "num_head_channels": SDXL_HEAD_CHANNELS}
-    config = diffusers_config_from_ldm({**ldm, **heads})
-    n = nrb[0]
-    down = [ldm["transformer_depth"][i * n:(i + 1) * n] for i in range(len(nrb))]
-    by_output_block = ldm["transformer_depth_output"][::-1]
-    up = [by_output_block[i * (n + 1):(i + 1) * (n + 1)] for i in range(len(nrb))]
-    for depths, what in ((down, "input"), (up, "output")):
-        if any(0 in d and any(d) for d in depths):
-            raise BadModelFileError(f"checkpoint {path}: its UNet mixes blocks with and without attention within one "
-                                    f"level ({what} depths {depths}); diffusers cannot build that; {SUPPORTED}")
-    per_level = [d[0] if len(set(d)) == 1 else list(d) for d in down]
-    config["transformer_layers_per_block"] = [max(1, d) if isinstance(d, int) else d for d in per_level]
-    config["up_block_types"] = ["CrossAttnUpBlock2D" if any(d) else "UpBlock2D" for d in up]
-    # diffusers builds up block i with reversed(transformer_layers_per_block)[i] blocks per layer unless told
-    reverse = list(reversed(config["transformer_layers_per_block"]))
-    built_up = [[r] * (n + 1) if isinstance(r, int) else None for r in reverse]
-    if any(any(d) and list(d) != b for d, b in zip(up, built_up)):
-        config["reverse_transformer_layers_per_block"] = [list(d) if any(d) else [1] * (n + 1) for d in up]
-    mid = ldm["transformer_depth_middle"]
-    last = config["transformer_layers_per_block"][-1]
-    if mid != (last[0] if isinstance(last, list) else last):
-        raise BadModelFileError(f"checkpoint {path}: its UNet's middle block has {mid} transformer blocks but its "
-                                f"last level {last}; diffusers builds the middle block with the last level's depth; "
-                                f"{SUPPORTED}")
+    try:
+        config = diffusers_config_from_ldm({**ldm, **heads})
+    except LoraFormatError as exc:
+        raise BadModelFileError(f"checkpoint {path}: {exc}; {SUPPORTED}") from None
     tlpb = config["transformer_layers_per_block"]
     if all(isinstance(d, int) for d in tlpb) and len(set(tlpb)) == 1:
         config["transformer_layers_per_block"] = tlpb[0]  # as SD1.x's published config writes it
