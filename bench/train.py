@@ -213,6 +213,8 @@ def one_run(args) -> dict:
         flags += ["--mixed-precision", args.dtype]
     if args.compile_unet:
         flags += ["--compile-unet"]
+    if args.no_gradient_checkpointing:
+        flags += ["--no-gradient-checkpointing"]
     if args.mode == "full":  # the baseline: backpropagate through every step of the chain
         flags += ["--sample-grad-steps", str(args.steps), "--no-gradient-checkpointing"]
         real = finetune.sample_truncated
@@ -266,7 +268,8 @@ def spawn(args, mode, steps) -> dict:
     cmd = [sys.executable, __file__, "--single", "--mode", mode, "--steps", str(steps), "--shape", args.shape,
            "--device", args.device, "--resolution", str(args.resolution), "--batch", str(args.batch),
            "--cache", args.cache] + (["--dtype", args.dtype] if args.dtype else []) + \
-          (["--compile-unet"] if args.compile_unet else [])
+          (["--compile-unet"] if args.compile_unet else []) + \
+          (["--no-gradient-checkpointing"] if args.no_gradient_checkpointing else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         return {"mode": mode, "steps": steps, "error": (out.stderr or out.stdout).strip().splitlines()[-1]}
@@ -283,6 +286,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--only", choices=["truncated", "full"], help="measure one mode only (e.g. full does not fit)")
     ap.add_argument("--compile-unet", action="store_true", help="the trainer's --compile-unet")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="the trainer's --no-gradient-checkpointing (UNet at the gradient steps and VAE decode "
+                         "keep their activations: the memory/time trade of checkpointing)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "longalign" / "bench"))
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="truncated", help=argparse.SUPPRESS)
@@ -296,7 +302,8 @@ def main() -> None:
     mib = lambda r: f"{r['peak_bytes'] / 2**20:9.1f} MiB" if "peak_bytes" in r else "   failed"  # noqa: E731
     sec = lambda r: f"{r['seconds']:7.2f} s" if "seconds" in r else r.get("error", "")  # noqa: E731
     print(f"[shipped Trainer; {args.shape} shapes, {args.resolution}px, batch {args.batch}, device {args.device}"
-          f"{', --compile-unet' if args.compile_unet else ''}]")
+          f"{', --compile-unet' if args.compile_unet else ''}"
+          f"{', --no-gradient-checkpointing' if args.no_gradient_checkpointing else ''}]")
     results = {}
     for mode, steps in [("truncated", 50), ("full", 50), ("truncated", 100)]:
         if args.only and mode != args.only:
