@@ -20,6 +20,7 @@ from typing import Literal, Mapping
 
 from longalign_core.errors import BadModelFileError
 from longalign_core.io_utils import publish_dir
+from longalign_core.lora import SDXL_ADM_CHANNELS
 
 from .models import BaseModel, _cache_root
 
@@ -31,9 +32,8 @@ SD1_TEXT = "cond_stage_model.transformer.text_model."
 SDXL_TEXT_L = "conditioner.embedders.0.transformer.text_model."
 SDXL_TEXT_G = "conditioner.embedders.1.model."
 VAE = "first_stage_model."
-#: SDXL base's extra conditioning: pooled bigG text (1280) + 6 size/crop embeddings of 256 channels.
-SDXL_ADM_IN = 2816
-SDXL_REFINER_ADM_IN = 2560
+#: SDXL base's extra conditioning (pooled bigG text + 6 size/crop embeddings) and the refiner's (5 of them).
+SDXL_ADM_IN, SDXL_REFINER_ADM_IN = SDXL_ADM_CHANNELS
 #: SDXL attention: 64 channels per head. SD1.x: 8 heads everywhere (diffusers calls heads "attention_head_dim").
 SDXL_HEAD_CHANNELS = 64
 SD1_HEADS = 8
