@@ -196,6 +196,7 @@ class PhaseTimer:
 
 def one_run(args) -> dict:
     import trainer.finetune as finetune
+    import trainer.objective as objective
     from trainer.config import TrainConfig
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -217,15 +218,15 @@ def one_run(args) -> dict:
         flags += ["--no-gradient-checkpointing"]
     if args.mode == "full":  # the baseline: backpropagate through every step of the chain
         flags += ["--sample-grad-steps", str(args.steps), "--no-gradient-checkpointing"]
-        real = finetune.sample_truncated
-        finetune.sample_truncated = lambda *a, **k: real(*a, **{**k, "use_checkpoint": False, "detach_input": False})
+        real = objective.sample_truncated
+        objective.sample_truncated = lambda *a, **k: real(*a, **{**k, "use_checkpoint": False, "detach_input": False})
     trainer = finetune.Trainer(TrainConfig.from_args(flags))
     trainer.unet.train()
     timer = PhaseTimer(cuda)
     eps = trainer.unet_eps
     trainer.unet_eps = timer.wrap(eps, lambda *a: "unet, grad" if torch.is_grad_enabled() else "unet, no grad")
-    finetune.decode = timer.wrap(finetune.decode, "VAE decode")
-    finetune.segment_score = timer.wrap(finetune.segment_score, "reward")
+    objective.decode = timer.wrap(objective.decode, "VAE decode")
+    objective.segment_score = timer.wrap(objective.segment_score, "reward")
     trainer.acc.backward = timer.wrap(trainer.acc.backward, "backward")
     for name in ("clip_grad_norm_",):
         setattr(trainer.acc, name, timer.wrap(getattr(trainer.acc, name), "optimizer"))

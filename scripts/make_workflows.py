@@ -332,7 +332,7 @@ LONGSD_REWARD_LORA = "sd15-reward-3750.pt"
 LONGSD_T5_FOLDER = "t5-large"
 LONGSD_ADAPTER_FOLDER = "s28750_adapter"
 DENSCORE_FOLDER = "Denscore"
-#: The trainer's LoRA (``trainer/finetune.py`` writes ``<output_dir>/longalign_lora.safetensors``), renamed by the
+#: The trainer's LoRA (``trainer/lora_layers.py`` names ``<output_dir>/longalign_lora.safetensors``), renamed by the
 #: user so that it says which base model it belongs to.
 TRAINER_LORA_FILE = "longalign_lora.safetensors"
 SDXL_LORA = "longalign_sdxl_lora.safetensors"

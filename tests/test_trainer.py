@@ -17,8 +17,10 @@ from conftest import REPO
 from longalign_core.lora import load_lora, lora_targets
 from trainer.config import TrainConfig
 from longalign_core.errors import BadConfigError
-from trainer.finetune import Trainer, checkpoints, cli, main
-from trainer.models import embedded_pipeline_dir, load_base_model
+from trainer.checkpoints import checkpoints
+from trainer.finetune import Trainer, cli, main
+from trainer.embedded import embedded_pipeline_dir
+from trainer.models import load_base_model
 from trainer.sampling import ddim_scheduler, grad_step_indices, sample_truncated
 from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
 

@@ -147,7 +147,8 @@ def test_cli_prompts_file_mistakes(tmp_path):
 
 
 def test_cli_corrupt_checkpoint_offers_the_previous_one(tmp_path):
-    from trainer.finetune import Trainer, checkpoints
+    from trainer.checkpoints import checkpoints
+    from trainer.finetune import Trainer
 
     args = ["--output-dir", str(tmp_path / "run"), *FAST, "--sample-steps", "2", "--sample-grad-steps", "1",
             "--train-steps", "3", "--checkpoint-every", "1", "--checkpoints-keep", "5"]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import TrainConfig
-from trainer.finetune import Trainer, step_generator
+from trainer.finetune import Trainer
+from trainer.seeding import step_generator
 from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
 
 # Prompts of plain sentences: their segments are written out below, independently of the splitter.
@@ -77,16 +78,16 @@ def check_reward_loss_against_definitions(trainer, monkeypatch):
     """Trainer.reward_loss on PROMPTS: its loss and its gradient on every LoRA parameter equal the objective
     written out from the definitions on the images it generated; the plain score (ω = 1) is measurably
     different. Returns the statistics and the LoRA gradients of the loss."""
-    import trainer.finetune as finetune
+    import trainer.objective as objective
 
     captured = {}
-    real_decode = finetune.decode
+    real_decode = objective.decode
 
     def spy(vae, latents):
         captured["images"] = real_decode(vae, latents)
         return captured["images"]
 
-    monkeypatch.setattr(finetune, "decode", spy)
+    monkeypatch.setattr(objective, "decode", spy)
     loss, stats = trainer.reward_loss(PROMPTS, step_generator(0, 0, 0))
     images = captured["images"]
     g_loss = torch.autograd.grad(loss, trainer.params, retain_graph=True)
@@ -174,7 +175,7 @@ def test_reference_settings_reproduce_the_released_conditioning_and_reward_segme
     """--split-mode reference --long-segments truncate (with the default --overflow truncate): the step's
     conditioning, positive and unconditional, is the released ``caption2embed`` (re-written in the tests), and
     the reward scores the released split's segments, each cut at 77 tokens."""
-    import trainer.finetune as finetune
+    import trainer.objective as objective
     from longalign_core.clip_vocab import load_clip_tokenizer
     from test_segment_encoding import reference_caption2embed
     from test_segmentation import reference_split
@@ -193,13 +194,13 @@ def test_reference_settings_reproduce_the_released_conditioning_and_reward_segme
     assert step.prompts_cut == 2 and step.tokens_lost > 0
 
     seen = {}
-    real = finetune.segment_score
+    real = objective.segment_score
 
     def spy(*args, **kwargs):
         seen["result"] = real(*args, **kwargs)
         return seen["result"]
 
-    monkeypatch.setattr(finetune, "segment_score", spy)
+    monkeypatch.setattr(objective, "segment_score", spy)
     t.reward_loss(captions, step_generator(0, 0, 0))
     clip = t.reward.model
     for caption, feats in zip(captions, seen["result"].prompts):

@@ -60,8 +60,8 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
                                 7.5, [])
 
     pipe = StableDiffusionXLPipeline(vae=trainer.vae, text_encoder=trainer.text_encoder,
-                                     text_encoder_2=trainer.text_encoder_2, tokenizer=trainer.encoder.encoders[0].tokenizer,
-                                     tokenizer_2=trainer.encoder.encoders[1].tokenizer, unet=unet,
+                                     text_encoder_2=trainer.text_encoder_2, tokenizer=trainer.text.encoder.encoders[0].tokenizer,
+                                     tokenizer_2=trainer.text.encoder.encoders[1].tokenizer, unet=unet,
                                      scheduler=ddim_scheduler(trainer.noise_scheduler, steps))
     pipe.set_progress_bar_config(disable=True)
     recorded = []
@@ -161,7 +161,7 @@ def test_align_stage_time_ids_describe_the_crop(tmp_path):
     t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path / "run"), *FAST, "--stage", "align",
                                        "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
                                        "--validation-prompts", "0"]))
-    images, captions, time_ids = t.align_data(0, 0, torch.Generator().manual_seed(0))
+    images, captions, time_ids = t.align_batch(torch.Generator().manual_seed(0))
     # 80x72 resized to a short side of 32 is 35x32 (torchvision: int(32 * 80 / 72)); centre crop from row
     # round(3 / 2) = 2, column 0
     assert time_ids.tolist() == [[80, 72, 2, 0, 32, 32]] * 2

@@ -150,7 +150,7 @@ def _shaping_fields(config: dict) -> dict:
 def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
     from test_sdxl_lora import SDXL_DIFFUSERS
 
-    from trainer.single_file import unet_config_from_shapes
+    from trainer.checkpoint_configs import unet_config_from_shapes
 
     shapes = unet_ldm_shapes(SDXL_DIFFUSERS)
     assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
@@ -161,7 +161,7 @@ def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
     # the LDM reading is ComfyUI's description of SDXL base (its output depths listed outermost level first)
     from test_sdxl_lora import SDXL_LDM
 
-    from trainer.single_file import ldm_unet_config_from_shapes
+    from trainer.checkpoint_configs import ldm_unet_config_from_shapes
 
     ldm = ldm_unet_config_from_shapes(shapes)
     assert ldm == {k: SDXL_LDM[k] for k in ldm}
@@ -169,7 +169,7 @@ def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
 
 def test_sd15_unet_config_inferred_from_shapes_is_the_published_one():
     from longalign_core.lora import load_unet_config
-    from trainer.single_file import unet_config_from_shapes
+    from trainer.checkpoint_configs import unet_config_from_shapes
 
     published = load_unet_config()
     shapes = unet_ldm_shapes(published)
@@ -183,7 +183,7 @@ def test_text_encoder_configs_inferred_from_full_size_shapes_are_the_published_o
     from open_clip.transformer import TextTransformer
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.single_file import clip_text_config_from_shapes
+    from trainer.checkpoint_configs import clip_text_config_from_shapes
 
     with torch.device("meta"):
         clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -205,7 +205,7 @@ def test_asymmetric_depths_are_inferred_per_block():
     """Up blocks deeper than their down blocks (diffusers' reverse_transformer_layers_per_block) and a middle
     block diffusers cannot build with its own depth."""
     from longalign_core.errors import BadModelFileError
-    from trainer.single_file import unet_config_from_shapes
+    from trainer.checkpoint_configs import unet_config_from_shapes
 
     config = dict(TINY_SDXL_UNET, reverse_transformer_layers_per_block=[[3, 3], [1, 1]])
     inferred = unet_config_from_shapes(unet_ldm_shapes(config), "sdxl")
@@ -484,7 +484,8 @@ def test_trainer_reads_the_unet_comfyui_reads(tmp_path, family):
     import comfy.sd
     import comfy.utils
 
-    from trainer.single_file import ldm_unet_config_from_shapes, load_single_file, read_checkpoint_shapes
+    from trainer.checkpoint_configs import ldm_unet_config_from_shapes
+    from trainer.single_file import load_single_file, read_checkpoint_shapes
 
     if family == "sdxl":
         from test_workflows_e2e import build_tiny_sdxl_checkpoint

@@ -305,9 +305,9 @@ def test_sdxl_longalign_lora_puts_the_trainers_lora_on_the_model():
     assert source(wf, by_type(wf, "SaveImage")[0], "images") == (decode, 0)
     assert source(wf, by_type(wf, "PreviewAny")[0], "source") == (source(wf, ks, "positive")[0], 1)
     note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
-    # the file the trainer writes (trainer/finetune.py LORA_FILE, read from the source, not imported: the trainer
+    # the file the trainer writes (trainer/lora_layers.py LORA_FILE, read from the source, not imported: the trainer
     # needs diffusers), and the SDXL command that makes it
-    finetune = (REPO / "trainer" / "finetune.py").read_text(encoding="utf-8")
+    finetune = (REPO / "trainer" / "lora_layers.py").read_text(encoding="utf-8")
     assert 'LORA_FILE = "longalign_lora.safetensors"' in finetune
     assert "`python -m trainer.finetune --model /path/to/sd_xl_base_1.0.safetensors " in note
     assert "--resolution 1024 --output-dir outputs/sdxl`" in note

@@ -192,10 +192,9 @@ class TrainConfig:
             Path(tmp).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def parser(cls) -> argparse.ArgumentParser:
-        from trainer import finetune
-
-        ap = argparse.ArgumentParser(prog="python -m trainer.finetune", description=finetune.__doc__,
+    def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+        """The command line (``description``: the text ``--help`` prints above the options)."""
+        ap = argparse.ArgumentParser(prog="python -m trainer.finetune", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win; both win "
                                          "over the demo profile used when no --model, or an embedded one, is given)")
@@ -215,9 +214,9 @@ class TrainConfig:
         return ap
 
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> "TrainConfig":
+    def from_args(cls, argv: list[str] | None = None, description: str | None = None) -> "TrainConfig":
         """Resolve flags > ``--config`` file > demo profile (no ``--model`` anywhere) > defaults."""
-        args = vars(cls.parser().parse_args(argv))
+        args = vars(cls.parser(description).parse_args(argv))
         config_file = args.pop("config")
         from_file = read_config_file(config_file) if config_file else {}
         from_flags = {k: v for k, v in args.items() if v is not None}

@@ -1,0 +1,88 @@
+"""What a run trains on: prompts (reward stage) read from text, JSONL or ``datasets`` folders, the order they are
+drawn in, and the held-out validation prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from longalign_core.errors import BadConfigError, BadInputError
+from longalign_core.io_utils import read_jsonl_texts
+
+
+def load_prompts(source: str | None, column: str = "caption") -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl (``prompt``/``caption``), a ``datasets`` folder, or the
+    built-in long prompts. A bad file is a :class:`~longalign_core.errors.BadInputError` naming it (and the
+    line or row)."""
+    if source is None:
+        from longalign_core.denscore import default_reference_prompts
+
+        return default_reference_prompts()
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise BadInputError(f"{path} is not a `datasets` folder written by save_to_disk ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if column not in ds.column_names:
+            raise BadInputError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
+        prompts = list(ds[column])
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise BadInputError(f"{path}: row {i} of column {column!r} is {type(p).__name__}, not a string")
+    elif path.suffix == ".jsonl":
+        prompts = read_jsonl_texts(path, column, option="--prompts")
+    elif path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise BadInputError(f"{path}:{line}: not UTF-8 text ({exc.reason}); save the prompts file as UTF-8") \
+                from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        raise BadConfigError(f"prompts file or folder {path} not found (--prompts or --validation-prompts)")
+    if not prompts:
+        raise BadInputError(f"no prompts found in {path}")
+    return prompts
+
+
+def batch_prompts(prompts: list[str], seed: int, step: int, micro: int, batch: int, process: int,
+                  processes: int, accumulation: int) -> list[str]:
+    """The prompts of one micro-batch: a seeded permutation per epoch, walked in order across processes."""
+    start = ((step * accumulation + micro) * processes + process) * batch
+    out = []
+    for k in range(start, start + batch):
+        epoch, pos = divmod(k, len(prompts))
+        order = np.random.default_rng([seed, epoch]).permutation(len(prompts))
+        out.append(prompts[order[pos]])
+    return out
+
+
+def hold_out(n_items: int, count: int, seed: int) -> list[int]:
+    """Indices of ``count`` held-out items, drawn with the seed (not the first N: files are often sorted)."""
+    rng = np.random.default_rng([seed, 0x7A11D])
+    return sorted(int(i) for i in rng.choice(n_items, size=count, replace=False))
+
+
+def split_validation(pool: list[str], spec: int | str, seed: int, source: str) -> tuple[list[str], list[int]]:
+    """(validation prompts, indices of the training rows) of ``pool``: ``spec`` is a count of held-out items
+    (drawn with the seed and removed from training) or a prompts file (its prompts removed from training)."""
+    if isinstance(spec, int):
+        if spec >= len(pool):
+            raise BadConfigError(f"--validation-prompts {spec} would hold out every one of the {len(pool)} "
+                                 f"training prompts of {source}: lower it, or give a validation prompts file")
+        held = set(hold_out(len(pool), spec, seed)) if spec else set()
+        return [pool[i] for i in sorted(held)], [i for i in range(len(pool)) if i not in held]
+    validation = load_prompts(spec)
+    val = set(validation)
+    train_rows = [i for i, p in enumerate(pool) if p not in val]
+    if not train_rows:
+        raise BadConfigError(f"every training prompt of {source} is also in --validation-prompts {spec}")
+    return validation, train_rows
+
