@@ -77,8 +77,9 @@ def test_method_has_the_six_sections_the_code_refers_to():
     assert {str(n) for n in range(1, 7)} <= sections and {f"1.{k}" for k in range(1, 7)} <= sections
     refs = set()
     for path in list(REPO.glob("*.py")) + [p for d in ("longalign_core", "nodes", "trainer", "scripts", "bench")
-                                           for p in (REPO / d).rglob("*.py")] + [REPO / "README.md"]:
-        for m in re.finditer(r"(?:SPEC|docs/method\.md) §(\d+(?:\.\d+)?)(?:[–-](\d+(?:\.\d+)?))?",
+                                           for p in (REPO / d).rglob("*.py")] + [REPO / "README.md",
+                                           *(REPO / "docs").glob("*.md"), *DOCS.rglob("*.md")]:
+        for m in re.finditer(r"(?:SPEC|docs/method\.md)`?\s+§(\d+(?:\.\d+)?)(?:[–-](\d+(?:\.\d+)?))?",
                              path.read_text(encoding="utf-8")):
             refs.update(g for g in m.groups() if g)
     assert refs and refs <= sections, sorted(refs - sections)
