@@ -13,7 +13,10 @@ import logging
 #: asks for help pages under the folder name ("ComfyUI-LongAlign").
 WEB_DIRECTORY = "./web"
 
-if importlib.util.find_spec("comfy_api") is not None:
+# ComfyUI imports this folder as a package. pytest may also import this file on its own, as a top-level module
+# named "__init__" when the folder's name is not a Python identifier (a clone named "ComfyUI-LongAlign"): then
+# there is no package to import the nodes from, and nothing to register.
+if __package__ and importlib.util.find_spec("comfy_api") is not None:
     try:
         from .nodes import comfy_entrypoint  # noqa: F401
     except ImportError as exc:  # a ComfyUI too old for the V3 API
