@@ -120,7 +120,11 @@ CLIP_SHAPES = {
 
 def import_comfy():
     """Make the checkout importable on a CPU-only torch (ComfyUI picks its device at import)."""
-    if COMFYUI_PATH not in sys.path:
+    # ComfyUI first on the path, every time: its top-level ``nodes`` module must win over this pack's ``nodes/``
+    # package even when pytest has put the checkout itself on the path (a folder named like ComfyUI-LongAlign).
+    if sys.path[:1] != [COMFYUI_PATH]:
+        if COMFYUI_PATH in sys.path:
+            sys.path.remove(COMFYUI_PATH)
         sys.path.insert(0, COMFYUI_PATH)
     from comfy.cli_args import args
 
