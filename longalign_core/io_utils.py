@@ -66,10 +66,11 @@ def read_jsonl_records(path: str | os.PathLike, what: str = "JSONL file", option
     return records
 
 
-def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", option: str | None = None
-                     ) -> list[str]:
+def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", option: str | None = None,
+                     allow_empty: bool = True) -> list[str]:
     """The ``prompt`` (else ``fallback_key``) string of every record of a JSONL file; a bad line, or a prompt
-    that is not a string, is an error naming the file and line."""
+    that is not a string (or, without ``allow_empty``, is empty or only spaces), is an error naming the file and
+    line."""
     from .errors import BadInputError, kind_of
 
     texts = []
@@ -82,6 +83,9 @@ def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", opt
         if not isinstance(text, str):
             raise BadInputError(f"{path}:{n}: '{key}' is {kind_of(text)} ({json_preview(text)}), not a "
                                 f"string; quote it")
+        if not allow_empty and not text.strip():
+            raise BadInputError(f"{path}:{n}: '{key}' is empty{' (only spaces)' if text else ''}: every training "
+                                f"prompt needs text; fill it in or remove the line")
         texts.append(text)
     if not texts:
         raise BadInputError(f"{path} holds no prompts (empty, or only blank lines)")

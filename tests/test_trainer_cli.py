@@ -30,7 +30,7 @@ def test_precedence(tmp_path):
     assert (c.train_steps, c.lora_rank) == (9, 8)  # flag > file
     c = TrainConfig.from_args(["--config", str(toml), "--train-step", "7", "--batch-size", "3"])
     assert (c.train_steps, c.train_batch_size) == (7, 3)  # an abbreviated flag and the alias count as flags
-    toml.write_text('model = "/models/sd15"\n')
+    toml.write_text('model = "/models/sd15"\nreward_model = "/models/denscore"\nprompts = "captions.txt"\n')
     c = TrainConfig.from_args(["--config", str(toml)])
     assert (c.train_steps, c.lora_rank, c.output_dir) == (3750, 32, "outputs/longalign-run")  # no demo profile
     c = TrainConfig.from_args([])
@@ -79,28 +79,6 @@ def test_validation_prompts_are_held_out(tmp_path):
     assert val == [prompts[5], "A held-out prompt."] and prompts[5] not in train and len(train) == 19
     with pytest.raises(BadConfigError, match="would hold out every one of the 20 training prompts"):
         split("--validation-prompts", "20")
-
-
-def test_report_flags_reward_hacking(tmp_path):
-    from trainer.report import write_report
-
-    def run(relevant, irrelevant):
-        with (tmp_path / "validation.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "denscore", "text_relevant", "text_irrelevant"])
-            for k, (r, i) in enumerate(zip(relevant, irrelevant)):
-                w.writerow([k * 100, r + i, r, i])
-        write_report(tmp_path)
-        assert (tmp_path / "report.png").stat().st_size > 0
-        return (tmp_path / "report.md").read_text()
-
-    hacked = run([0.050, 0.060, 0.058, 0.055, 0.052], [0.200, 0.200, 0.203, 0.207, 0.210])
-    assert "WARNING: possible reward hacking: from step 200 to 400" in hacked
-    assert "| text_relevant ×100 | 5.00 | 5.20 |" in hacked
-    assert "WARNING" not in run([0.050, 0.052, 0.055], [0.200, 0.203, 0.207])  # both rose: aligned gains
-    assert "WARNING" not in run([0.050, 0.048, 0.045], [0.200, 0.199, 0.190])  # both fell
-    # Earlier hacking that stopped is not flagged: only the last validations count.
-    assert "WARNING" not in run([0.05, 0.04, 0.03, 0.04, 0.05, 0.06], [0.20, 0.25, 0.30, 0.30, 0.30, 0.31])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -154,7 +132,7 @@ def test_cli_corrupt_checkpoint_offers_the_previous_one(tmp_path):
             "--train-steps", "3", "--checkpoint-every", "1", "--checkpoints-keep", "5"]
     Trainer(TrainConfig.from_args(args)).train()
     first, latest = checkpoints(tmp_path / "run")[-2:]
-    weights = latest / "model.safetensors"
+    weights = latest / "lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
     line = check_user_error(run_module([*args, "--resume", "latest"]), str(latest), f"--resume {first}")
     assert "corrupt or incomplete" in line

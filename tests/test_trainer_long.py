@@ -145,7 +145,7 @@ def test_two_processes_with_captions_of_different_lengths(tmp_path, prompt_files
     out = tmp_path / "ddp"
     proc = run_module(["--output-dir", str(out), *QUICK, "--train-batch-size", "1", "--prompts",
                        str(prompt_files / "train.txt"), "--validation-prompts", str(prompt_files / "val.txt"),
-                       "--overflow", overflow, *t5_args(t5, tiny_t5_dir, tiny_adapter_dir)],
+                       "--overflow", overflow, "--reward-direction", "batch", *t5_args(t5, tiny_t5_dir, tiny_adapter_dir)],
                       nproc=2, port=29533 if t5 else 29534)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "processes = 2" in proc.stdout

@@ -23,7 +23,7 @@ OMEGA = 0.3
 def trainer(tmp_path_factory):
     out = tmp_path_factory.mktemp("objective")
     cfg = TrainConfig.from_args(["--output-dir", str(out), *FAST, "--reward-crop", "center", "--train-steps", "1",
-                                 "--reward-omega", str(OMEGA)])
+                                 "--reward-omega", str(OMEGA), "--reward-direction", "batch"])
     t = Trainer(cfg)
     with torch.no_grad():  # a non-zero LoRA, so that gradients reach both of its factors
         g = torch.Generator().manual_seed(0)

@@ -22,7 +22,8 @@ SDXL = ["--model", "embedded-sdxl"]
 def trainer(tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl")
     t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(out), *FAST, "--reward-crop", "center",
-                                       "--train-steps", "1", "--reward-omega", str(objective.OMEGA)]))
+                                       "--train-steps", "1", "--reward-omega", str(objective.OMEGA),
+                                       "--reward-direction", "batch"]))
     with torch.no_grad():  # a non-zero LoRA, so that gradients reach both of its factors
         g = torch.Generator().manual_seed(0)
         for p in t.params:
@@ -213,7 +214,8 @@ def test_two_processes_on_sdxl(tmp_path):
     out = tmp_path / "ddp"
     proc = run_module([*SDXL, "--output-dir", str(out), *FAST, "--sample-steps", "2", "--sample-grad-steps", "1",
                        "--train-steps", "1", "--dump-debug", "--train-batch-size", "1", "--prompts", str(prompts),
-                       "--validation-prompts", "0", "--overflow", "extend"], nproc=2, port=29541)
+                       "--validation-prompts", "0", "--overflow", "extend", "--reward-direction", "batch"], nproc=2,
+                      port=29541)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "processes = 2" in proc.stdout and "(SDXL, epsilon)" in proc.stdout
     r0 = torch.load(out / "debug" / "rank0-step000000.pt", weights_only=True)

@@ -463,7 +463,10 @@ def test_ckpt_is_read_without_running_its_pickle(tmp_path):
 def test_trainer_cli_refuses_an_unsupported_checkpoint_in_one_paragraph(tmp_path):
     path = tmp_path / "flux1-dev.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(path))
-    proc = run_module(["--model", str(path), "--output-dir", str(tmp_path / "run")], timeout=300)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A red fox. The sky is orange.\n")
+    proc = run_module(["--model", str(path), "--output-dir", str(tmp_path / "run"), "--reward-model", "embedded",
+                       "--prompts", str(prompts)], timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if "error:" in ln][-1]

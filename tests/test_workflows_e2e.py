@@ -168,10 +168,13 @@ def train_sdxl_lora(checkpoint: Path, out_dir: Path) -> Path:
     missing = [m for m in ("diffusers", "peft", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"the trainer needs {', '.join(missing)} in {sys.executable}")
+    prompts = out_dir.parent / f"{out_dir.name}-prompts.txt"
+    prompts.write_text("A lighthouse on a cliff. Waves crash below. Gulls circle the tower.\n")
     cmd = [sys.executable, "-m", "trainer.finetune", "--model", str(checkpoint), "--output-dir", str(out_dir),
            "--train-steps", "1", "--batch-size", "1", "--resolution", "64", "--sample-steps", "2",
            "--sample-grad-steps", "1", "--validation-prompts", "0", "--lora-rank", "4", "--mixed-precision", "no",
-           "--learning-rate", "1e-2", "--lr-warmup-steps", "0"]
+           "--learning-rate", "1e-2", "--lr-warmup-steps", "0", "--reward-model", "embedded",
+           "--prompts", str(prompts)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr

@@ -10,6 +10,7 @@ import torch
 
 from longalign_core.errors import BadConfigError, BadInputError
 
+from .data import check_captions
 from .sampling import sdxl_time_ids
 
 
@@ -30,10 +31,7 @@ class AlignDataset:
             if col not in ds.column_names:
                 raise BadInputError(f"{folder} has no column {col!r} (columns: {ds.column_names}); set {opt}")
         captions = ds[caption_column]
-        for i, c in enumerate(captions):
-            if not isinstance(c, str):
-                raise BadInputError(f"{folder}: row {i} of column {caption_column!r} is "
-                                    f"{type(c).__name__}, not a string caption")
+        check_captions(captions, folder, caption_column)
         self.ds, self.image_column = ds, image_column
         self.captions = [c.replace("\n\n", " ").strip() for c in captions]
 

@@ -1,5 +1,12 @@
-"""Checkpoints of a run and resuming from them. A checkpoint is written to ``checkpoint-NNNNNN.tmp`` and renamed
-when complete, so a killed save never replaces a good one; the newest ``keep`` are kept."""
+"""Checkpoints of a run and resuming from them.
+
+A checkpoint holds what trains and nothing else: the LoRA's fp32 weights (``lora_weights.safetensors``; the frozen
+UNet is never written, so a checkpoint is megabytes, not gigabytes), the trained T5 adapter if any, AdamW's state,
+the LR schedule, every process's RNG states (accelerate's files) and ``trainer_state.json`` (the step: the data
+order is a function of it). Next to them, ``longalign_lora.safetensors`` is the LoRA of that step as a file
+ComfyUI loads, so a run can be stopped at any kept checkpoint. A checkpoint is written to
+``checkpoint-NNNNNN.tmp`` and renamed when complete, so a killed save never replaces a good one; the newest
+``keep`` are kept."""
 
 from __future__ import annotations
 
@@ -7,10 +14,49 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from longalign_core.errors import BadConfigError, BadModelFileError
 
 STATE_FILE = "trainer_state.json"
+#: The trainable parameters of the UNet (the LoRA), by parameter name, fp32: what resume restores exactly.
+LORA_WEIGHTS = "lora_weights.safetensors"
+
+
+def save_only_what_trains(acc, unet) -> None:
+    """Make ``acc.save_state`` / ``acc.load_state`` write and read only ``unet``'s trainable parameters (the
+    LoRA) instead of its whole state dict (accelerate's pre-hooks; the pattern of diffusers' LoRA scripts)."""
+    from safetensors.torch import save_file
+
+    from longalign_core.errors import read_safetensors
+
+    def is_unet(model) -> bool:
+        return acc.unwrap_model(model) is unet
+
+    def save(models, weights, output_dir):
+        for i in reversed(range(len(models))):
+            if is_unet(models[i]):
+                weights.pop(i)  # accelerate then writes no model.safetensors for the UNet
+                if acc.is_main_process:
+                    trainable = {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters()
+                                 if p.requires_grad}
+                    save_file(trainable, str(Path(output_dir) / LORA_WEIGHTS))
+
+    def load(models, input_dir):
+        for model in [m for m in models if is_unet(m)]:
+            models.remove(model)
+            state, _ = read_safetensors(Path(input_dir) / LORA_WEIGHTS, "checkpoint LoRA weights")
+            trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+            if set(state) != trainable:
+                missing, extra = sorted(trainable - set(state)), sorted(set(state) - trainable)
+                raise BadModelFileError(f"{Path(input_dir) / LORA_WEIGHTS} does not hold this run's LoRA "
+                                        f"({len(missing)} layers missing, e.g. {missing[:2]}; {len(extra)} "
+                                        f"unknown, e.g. {extra[:2]}): was it written with another --lora-rank or "
+                                        f"base model?")
+            unet.load_state_dict(state, strict=False)
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -22,9 +68,11 @@ def checkpoints(output_dir: Path) -> list[Path]:
                   and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file())
 
 
-def save_checkpoint(acc, output_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """The accelerator's state (``acc.save_state``) plus ``state`` (the step and the run's counters, JSON) as
-    ``checkpoints/checkpoint-<step>``; older checkpoints beyond the newest ``keep`` are deleted."""
+def save_checkpoint(acc, output_dir: Path, step: int, state: dict, keep: int,
+                    export: Callable[[Path], None] | None = None) -> Path:
+    """The accelerator's state (``acc.save_state``) plus ``state`` (the run's counters, JSON) as
+    ``checkpoints/checkpoint-<step>``; ``export(folder)`` adds files on the main process (the LoRA file) before
+    the folder is complete. Older checkpoints beyond the newest ``keep`` are deleted."""
     folder = Path(output_dir) / "checkpoints"
     final = folder / f"checkpoint-{step:06d}"
     tmp = folder / f"checkpoint-{step:06d}.tmp"
@@ -35,6 +83,8 @@ def save_checkpoint(acc, output_dir: Path, step: int, state: dict, keep: int) ->
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if export is not None:
+            export(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "split_mode": SPLIT_MODES,
     "long_segments": LONG_SEGMENT_POLICIES,
     "reward_crop": ("random", "center"),
+    "reward_direction": ("auto", "training", "reference", "batch"),
     "reward_model_kind": ("auto", "hf_clip", "open_clip"),
     "mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -45,7 +46,7 @@ EMBEDDED_MODELS = ("embedded", "embedded-sdxl")
 #: Settings of the CPU demo run when no --model (or an embedded one) is given (below the config file and flags).
 EMBEDDED_PROFILE = dict(train_steps=30, train_batch_size=2, resolution=64, sample_steps=20,
                         sample_grad_steps=5, learning_rate=2e-3, lr_warmup_steps=0, lora_rank=4,
-                        validation_every=15, validation_prompts=2, validation_steps=10, checkpoint_every=15,
+                        validation_every=15, validation_steps=10, checkpoint_every=15,
                         max_grad_norm=1.0, output_dir="outputs/longalign-demo")
 
 
@@ -75,7 +76,9 @@ class TrainConfig:
                                  "models/checkpoints), or a Hub id. Omit (or 'embedded') for the built-in tiny "
                                  "random SD1.5-shaped model, 'embedded-sdxl' for the SDXL-shaped one (CPU demos)")
     reward_model: str | None = _f(None, "preference model: Denscore/PickScore/CLIP-H folder (HF CLIPModel) or "
-                                        "HPSv2 open_clip checkpoint. Omit for a built-in tiny one")
+                                        "HPSv2 open_clip checkpoint; 'embedded' for the built-in tiny random one "
+                                        "(the default with an embedded --model; with a real --model it must be "
+                                        "given)")
     reward_model_kind: str = _f("auto", "auto | hf_clip | open_clip")
     t5_model: str | None = _f(None, "T5 folder (google-t5/t5-large) for the LongSD T5 branch")
     t5_adapter: str | None = _f(None, "LongSD adapter folder (s28750_adapter) for the T5 branch")
@@ -85,8 +88,8 @@ class TrainConfig:
                                     "s28750_lora_vis.pt for the reward stage)", nargs="*")
     # -- data -------------------------------------------------------------------------------------------------
     prompts: str | None = _f(None, "prompts: .txt (one per line), .jsonl ('prompt' or 'caption' field) or a "
-                                   "local `datasets` folder (save_to_disk) with a 'caption' column. Omit for "
-                                   "the built-in long prompts")
+                                   "local `datasets` folder (save_to_disk) with a 'caption' column. Omit only "
+                                   "with an embedded --model (the built-in long prompts)")
     image_column: str = _f("image", "align stage: image column of the datasets folder")
     caption_column: str = _f("caption", "align stage: caption column")
     # -- text encoding ----------------------------------------------------------------------------------------
@@ -112,6 +115,17 @@ class TrainConfig:
     # -- reward -----------------------------------------------------------------------------------------------
     reward_omega: float = _f(DEFAULT_REWEIGHT, "reweight factor ω of the text-irrelevant part (paper: 0.3)")
     reward_crop: str = _f("random", "random (reference) | center crop before the preference model")
+    reward_direction: str = _f("auto", "the common text direction V of the decomposition: training (from a sample "
+                                       "of the training prompts, fixed for the run) | reference (the shipped "
+                                       "reference prompts, as validation) | batch (the release: the prompts of "
+                                       "each optimizer step, all micro-batches and processes; needs >= 32 of "
+                                       "them, or V is nearly the prompts themselves and the text-relevant part "
+                                       "vanishes) | auto (batch from 32 prompts per step, else training)")
+    reward_direction_prompts: int = _f(1024, "training prompts sampled (with the seed) for --reward-direction "
+                                             "training")
+    decode_batch: int | None = _f(None, "images per VAE decode and reward forward, each backpropagated before the "
+                                        "next (peak memory of the decode falls with it; the gradient is the "
+                                        "same); default: as many as make one 512x512 image")
     # -- optimisation -----------------------------------------------------------------------------------------
     train_steps: int = _f(3750, "optimizer steps (the released reward LoRA is step 3750)")
     train_batch_size: int = _f(8, "prompts (reward) or pairs (align) per process and step", aliases=["--batch-size"])
@@ -128,14 +142,20 @@ class TrainConfig:
                                            "weights stay fp32; frozen parts are cast to this dtype")
     compile_unet: bool = _f(False, "torch.compile the UNet for the no-grad sampling steps (GPU; the first steps "
                                    "are slower while it compiles)")
-    gradient_checkpointing: bool = _f(True, "checkpoint the UNet at the gradient steps (and in align training)")
+    gradient_checkpointing: bool = _f(True, "gradient checkpointing: the UNet's blocks (both stages), each "
+                                            "gradient step of the sampling chain as a whole (reward stage) and the "
+                                            "VAE decode")
     # -- logging, validation, checkpoints ---------------------------------------------------------------------
     log_every: int = _f(1, "log loss/reward every N steps (CSV always; TensorBoard when installed)")
     validation_every: int = _f(500, "sample and score validation images every N steps (0 = only start/end)")
-    validation_prompts: int | str = _f(2, "held-out validation prompts: a count (drawn with the seed from the "
-                                          "training prompts and removed from them) or a prompts file; 0 = none")
+    validation_prompts: int | str | None = _f(None, "held-out validation prompts: a count (drawn with the seed "
+                                                    "from the training prompts and removed from them) or a "
+                                                    "prompts file; 0 = none. Default: 8, or a fifth of a training "
+                                                    "set of fewer than 40 (the reward-hacking check measures the "
+                                                    "validation noise over them)")
     validation_steps: int = _f(25, "DDIM steps for validation images")
-    checkpoint_every: int = _f(500, "save the full training state every N steps")
+    checkpoint_every: int = _f(500, "save the training state (LoRA, optimizer, schedule, RNG: megabytes) and "
+                                    "the LoRA file of that step every N steps")
     checkpoints_keep: int = _f(2, "keep the newest N checkpoints")
     merge_checkpoint: bool = _f(False, "also write the UNet with the LoRA merged (diffusers folder)")
     dump_debug: bool = _f(False, "write per-process diagnostics (V, batch text means, LoRA checksum) each step")
@@ -176,10 +196,39 @@ class TrainConfig:
              "--log-every and --validation-steps must be >= 1, --validation-every >= 0"),
             (not isinstance(self.validation_prompts, int) or self.validation_prompts >= 0,
              f"--validation-prompts must be a count >= 0 or a prompts file, got {self.validation_prompts!r}"),
+            (self.reward_direction_prompts >= 1,
+             f"--reward-direction-prompts must be >= 1, got {self.reward_direction_prompts}"),
+            (self.decode_batch is None or self.decode_batch >= 1, f"--decode-batch must be >= 1, got {self.decode_batch}"),
         ]
         errors = bad + [msg for ok, msg in checks if not ok]
         if errors:
             raise BadConfigError("invalid training config: " + "; ".join(errors))
+        self._refuse_silent_fallbacks()
+
+    @property
+    def is_embedded(self) -> bool:
+        """The run uses a built-in demo model (no --model, or an embedded one)."""
+        return self.model in (None, *EMBEDDED_MODELS)
+
+    def _refuse_silent_fallbacks(self) -> None:
+        """A real base model never trains against the built-in tiny preference model or the built-in prompts
+        without being told to: that run would look normal and learn nothing (or score validation on its own
+        training set)."""
+        if self.is_embedded or self.stage != "reward":
+            return
+        if self.reward_model is None:
+            raise BadConfigError(
+                f"--model {self.model} is a real model but no --reward-model was given: the run would score its "
+                f"images with the built-in tiny random preference model and learn nothing. Pass the preference "
+                f"model to train against, e.g. --reward-model /path/to/Denscore (a Hugging Face CLIPModel folder: "
+                f"Denscore, PickScore or CLIP-H) or an HPSv2 .pt checkpoint; for a smoke test of the pipeline "
+                f"only, --reward-model embedded")
+        if self.prompts is None:
+            raise BadConfigError(
+                f"--model {self.model} is a real model but no --prompts were given: the run would train on the "
+                f"built-in prompts, which are also the reference set that defines V for validation, so validation "
+                f"would score its own training set. Pass your long captions with --prompts (a .txt file with one "
+                f"prompt per line, a .jsonl file with a 'prompt' or 'caption' field, or a local `datasets` folder)")
 
     # -- CLI / files ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -289,7 +338,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         fail("a list of strings")
     if kind == "int | None":
         return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
-    if kind == "int | str":
+    if kind in ("int | str", "int | str | None"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):

@@ -32,11 +32,9 @@ def load_prompts(source: str | None, column: str = "caption") -> list[str]:
         if column not in ds.column_names:
             raise BadInputError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
         prompts = list(ds[column])
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise BadInputError(f"{path}: row {i} of column {column!r} is {type(p).__name__}, not a string")
+        check_captions(prompts, path, column)
     elif path.suffix == ".jsonl":
-        prompts = read_jsonl_texts(path, column, option="--prompts")
+        prompts = read_jsonl_texts(path, column, option="--prompts", allow_empty=False)
     elif path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
@@ -50,6 +48,19 @@ def load_prompts(source: str | None, column: str = "caption") -> list[str]:
     if not prompts:
         raise BadInputError(f"no prompts found in {path}")
     return prompts
+
+
+def check_captions(captions: list, folder, column: str) -> None:
+    """Every row of a ``datasets`` column is a caption with text; the first that is not is a
+    :class:`BadInputError` naming the folder, the row and the column (found at load, not at the step that would
+    draw it hours later)."""
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise BadInputError(f"{folder}: row {i} of column {column!r} is {type(c).__name__}, not a string caption")
+        if not c.strip():
+            raise BadInputError(f"{folder}: row {i} of column {column!r} is empty{' (only spaces)' if c else ''}: "
+                                f"every training caption needs text; fill it in or filter the row out "
+                                f"(ds.filter(lambda r: r[{column!r}].strip()))")
 
 
 def batch_prompts(prompts: list[str], seed: int, step: int, micro: int, batch: int, process: int,
@@ -70,9 +81,22 @@ def hold_out(n_items: int, count: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n_items, size=count, replace=False))
 
 
-def split_validation(pool: list[str], spec: int | str, seed: int, source: str) -> tuple[list[str], list[int]]:
+#: Held-out validation prompts by default (fewer for a small training set: a fifth of it).
+DEFAULT_VALIDATION_PROMPTS = 8
+
+
+def default_validation_count(n_items: int) -> int:
+    """8 held-out prompts, or a fifth of a training set of fewer than 40 (at least 1 of 2 or more)."""
+    return min(DEFAULT_VALIDATION_PROMPTS, max(1, n_items // 5)) if n_items >= 2 else 0
+
+
+def split_validation(pool: list[str], spec: int | str | None, seed: int, source: str
+                     ) -> tuple[list[str], list[int]]:
     """(validation prompts, indices of the training rows) of ``pool``: ``spec`` is a count of held-out items
-    (drawn with the seed and removed from training) or a prompts file (its prompts removed from training)."""
+    (drawn with the seed and removed from training), a prompts file (its prompts removed from training), or
+    None (:func:`default_validation_count`)."""
+    if spec is None:
+        spec = default_validation_count(len(pool))
     if isinstance(spec, int):
         if spec >= len(pool):
             raise BadConfigError(f"--validation-prompts {spec} would hold out every one of the {len(pool)} "

@@ -43,13 +43,13 @@ from .align_data import AlignDataset
 from .config import EMBEDDED_MODELS, TrainConfig
 from .data import batch_prompts, load_prompts, split_validation
 from .conditioning import StepConditioning, StepEncoder
-from .embedded import embedded_reward_dir
+from .direction import RewardDirection, resolve_direction
 from .lora_layers import LORA_FILE, add_lora_output_dropout, attach_lora, export_lora, lora_metadata
-from .models import load_base_model
-from .run_log import TRAIN_COLUMNS, TRAIN_STATS, VALIDATION_COLUMNS, CSVLog, reduce_stats
+from .models import load_base_model, reward_model_source
+from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
 from .sampling import UNetConditioning, vae_dtype
 from .seeding import seed_global_rng, step_generator
-from .validation import validate
+from .validation import Validation
 
 log = logging.getLogger("LongAlign")
 
@@ -110,7 +110,7 @@ class Trainer:
         # rank-aware in transformers, so other ranks must not write them), the others then read them.
         with self.acc.main_process_first():
             base = load_base_model(cfg.model, cfg.seed)
-            reward_path = cfg.reward_model or str(embedded_reward_dir(cfg.seed))
+            reward_path = reward_model_source(cfg.reward_model, cfg.seed)
         self.base_source, self.is_sdxl = base.source, base.is_sdxl
         if self.is_sdxl and cfg.t5_model:
             raise BadConfigError("--t5-model/--t5-adapter: the LongSD T5 branch is made for SD1.5's 768-channel "
@@ -128,7 +128,7 @@ class Trainer:
         set_seed(cfg.seed)  # right before the LoRA's initial weights; every later draw is seeded per step
         self.params = attach_lora(unet, self.targets, cfg.lora_rank, dtype)
         self.dropout_hooks = add_lora_output_dropout(unet, self.targets, cfg.lora_dropout) if cfg.lora_dropout else []
-        if cfg.stage == "align" and cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing:  # per block: a backward holds one block's activations at a time
             unet.enable_gradient_checkpointing()
         if device.type == "cuda":  # NHWC convolutions: faster with cuDNN for the UNet and the VAE
             unet.to(memory_format=torch.channels_last)
@@ -156,6 +156,7 @@ class Trainer:
                 unet, adapter, optimizer, lr_scheduler)
         else:
             self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
+        ckpt.save_only_what_trains(self.acc, unet)
         # SDXL's VAE stays fp32 in an fp16 run (it overflows to NaN in fp16), as diffusers does
         self.vae = base.vae.to(device, dtype=vae_dtype(dtype, base.vae.config)).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
@@ -183,6 +184,14 @@ class Trainer:
             self.reward, reference, split_mode=cfg.split_mode,
             cache_file=self.out / f"reference_direction-{cfg.split_mode}-{prompts_digest(reference)}.safetensors"
             if self.acc.is_main_process else None).to(device)
+        if cfg.stage == "reward":
+            per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
+            mode, warning = resolve_direction(cfg.reward_direction, per_step)
+            if warning and self.acc.is_main_process:
+                print(warning, flush=True)
+            with self.acc.main_process_first():  # the main process computes and caches a training V first
+                self.direction = RewardDirection.build(mode, self.reward, cfg, self.prompts, self.acc.num_processes,
+                                                       self.reference_direction, self.out, device)
 
     # -- the pieces of a step (objective.py composes them) ----------------------------------------------------
     def encode_step(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:
@@ -203,8 +212,9 @@ class Trainer:
         unet = self.compiled_unet if self.compiled_unet is not None and not torch.is_grad_enabled() else self.unet
         return unet(x, t, **conditioning.unet_kwargs()).sample
 
-    def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
-        return objective.reward_loss(self, prompts, gen, dump)
+    def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
+                    direction: torch.Tensor | None = None):
+        return objective.reward_loss(self, prompts, gen, dump, direction)
 
     def align_loss(self, batch, gen: torch.Generator):
         return objective.align_loss(self, batch, gen)
@@ -218,6 +228,7 @@ class Trainer:
         process's statistics summed over the micro-batches."""
         cfg, acc = self.cfg, self.acc
         sums: dict[str, float] = {}
+        step_v = self.direction.for_step(step) if cfg.stage == "reward" else None  # V of the whole step
         for micro in range(cfg.gradient_accumulation_steps):
             draw = step * cfg.gradient_accumulation_steps + micro
             gen = step_generator(cfg.seed, draw, acc.process_index)
@@ -227,7 +238,7 @@ class Trainer:
                 if cfg.stage == "reward":
                     prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
                                             acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
-                    loss, stats = self.reward_loss(prompts, gen, dump)
+                    loss, stats = self.reward_loss(prompts, gen, dump, direction=step_v)
                 else:
                     loss, stats = self.align_loss(self.align_batch(gen), gen)
                 if not torch.isfinite(loss):
@@ -244,7 +255,7 @@ class Trainer:
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if dump is not None:
-                self._dump(step, dump)
+                dump_debug(self, step, dump)
         return sums
 
     def train(self) -> Path:
@@ -259,16 +270,16 @@ class Trainer:
                                                    if isinstance(v, (int, float, str, bool))},
                               init_kwargs={"tensorboard": {"purge_step": start + 1}} if start else {})
         tlog = CSVLog(self.out / "train_log.csv", TRAIN_COLUMNS, main)
-        vlog = CSVLog(self.out / "validation.csv", VALIDATION_COLUMNS, main)
+        validate = Validation(self)
         if start:
             tlog.keep_until(start)
-            validated = {float(r["step"]) for r in vlog.keep_until(start)}
+            validated = validate.keep_until(start)
         acc.wait_for_everyone()
         if main:
-            self._print_summary(start)
+            print_run_summary(self, start)
         due = start == 0 or (cfg.validation_every and start % cfg.validation_every == 0 and start not in validated)
         if due:  # a run killed between a checkpoint and its validation validates on resume
-            self._validate_everywhere(start, vlog)
+            validate(start)
         self.unet.train()
         bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, disable=not main,
                    desc="training")
@@ -290,42 +301,25 @@ class Trainer:
             if done % cfg.checkpoint_every == 0 and done < cfg.train_steps:
                 self.save_checkpoint(done)
             if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.train_steps:
-                self._validate_everywhere(done, vlog)
+                validate(done)
                 self.unet.train()
-        self._validate_everywhere(cfg.train_steps, vlog)
+        validate(cfg.train_steps)
         lora_file = self.save_outputs()
         acc.end_training()
         return lora_file
 
-    def _print_summary(self, start: int) -> None:
-        cfg, acc = self.cfg, self.acc
-        n_prompts = len(self.prompts) if self.prompts is not None else len(self.align_rows)
-        print(f"***** Running training ({cfg.stage} stage) *****\n"
-              f"  base model = {self.base_source} ({'SDXL' if self.is_sdxl else 'SD1.x'}, "
-              f"{self.prediction_type})\n"
-              f"  reward model = {self.reward_source}\n"
-              f"  training prompts = {n_prompts}, held-out validation prompts = {len(self.validation_prompts)}\n"
-              f"  processes = {acc.num_processes}, batch per process = "
-              f"{cfg.train_batch_size}, accumulation = {cfg.gradient_accumulation_steps}\n"
-              f"  steps = {start} -> {cfg.train_steps}, LoRA rank = {cfg.lora_rank} on {len(self.targets)} "
-              f"layers (dropout {cfg.lora_dropout} on the branch output), trainable parameters = "
-              f"{sum(p.numel() for p in self.params):,} (fp32), frozen weights {cfg.mixed_precision}\n"
-              f"  text: budget {cfg.token_budget}, overflow {cfg.overflow}, split {cfg.split_mode}, long "
-              f"segments {cfg.long_segments}{', + T5 branch' if self.t5 is not None else ''}\n"
-              f"  DDIM {cfg.sample_steps} steps, gradients at {cfg.sample_grad_steps}, CFG "
-              f"{cfg.sample_guidance}, ω = {cfg.reward_omega}, {cfg.resolution}px", flush=True)
-
-    def _dump(self, step: int, dump: dict) -> None:
-        folder = self.out / "debug"
-        folder.mkdir(exist_ok=True)
-        checksum = sum(float(p.detach().double().sum()) for p in self.params)
-        torch.save({**dump, "lora_checksum": checksum, "step": step},
-                   folder / f"rank{self.acc.process_index}-step{step:06d}.pt")
-
     # -- checkpoints, validation, outputs ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         return ckpt.save_checkpoint(self.acc, self.out, step, {"seed": self.cfg.seed, "totals": self.totals},
-                                           self.cfg.checkpoints_keep)
+                                    self.cfg.checkpoints_keep, export=lambda folder: self.export_lora(folder, step))
+
+    def export_lora(self, folder: Path, steps: int) -> tuple[Path, dict]:
+        """The LoRA as trained so far, as ``folder/longalign_lora.safetensors`` (kohya keys; ComfyUI loads it)."""
+        meta = lora_metadata(self.cfg, base_source=self.base_source, reward_source=self.reward_source,
+                             prompts_sha256=prompts_digest(self.prompts) if self.prompts else "",
+                             is_sdxl=self.is_sdxl, steps=steps)
+        path = Path(folder) / LORA_FILE
+        return path, export_lora(self.acc.unwrap_model(self.unet), self.targets, path, meta)
 
     def load_checkpoint(self, which: str) -> int:
         """Restore a checkpoint (``latest`` or a folder); returns its step."""
@@ -334,23 +328,13 @@ class Trainer:
         self.acc.print(f"resumed from {path} at step {state['step']}")
         return state["step"]
 
-    def validate(self, step: int, vlog: CSVLog) -> dict | None:
-        return validate(self, step, vlog)
-
-    def _validate_everywhere(self, step: int, vlog: CSVLog) -> None:
-        self.validate(step, vlog)
-        self.acc.wait_for_everyone()
-
     def save_outputs(self) -> Path:
         """The LoRA file (kohya keys), the trained T5 adapter, the merged UNet if asked, and the report."""
         cfg, acc = self.cfg, self.acc
         acc.wait_for_everyone()
         lora_file = self.out / LORA_FILE
         if acc.is_main_process:
-            meta = lora_metadata(cfg, base_source=self.base_source, reward_source=self.reward_source,
-                                 prompts_sha256=prompts_digest(self.prompts) if self.prompts else "",
-                                 is_sdxl=self.is_sdxl, steps=cfg.train_steps)
-            pairs = export_lora(acc.unwrap_model(self.unet), self.targets, lora_file, meta)
+            lora_file, pairs = self.export_lora(self.out, cfg.train_steps)
             if cfg.train_t5_adapter:
                 acc.unwrap_model(self.t5.adapter).save_pretrained(self.out / "t5_adapter")
             if cfg.merge_checkpoint:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .base_model import BaseModel
-from .embedded import embedded_pipeline_dir, embedded_sdxl_pipeline_dir
+from .embedded import embedded_pipeline_dir, embedded_reward_dir, embedded_sdxl_pipeline_dir
 from .single_file import load_single_file
 
 log = logging.getLogger("LongAlign")
@@ -43,3 +43,11 @@ def load_base_model(model: str | None, seed: int = 0) -> BaseModel:
         raise BadModelFileError(f"{source}: its UNet has extra conditioning {unet.config['addition_embed_type']!r}; "
                                 f"the trainer supports SD1.x and SDXL base models")
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, source, **extra)
+
+
+def reward_model_source(reward_model: str | None, seed: int = 0) -> str:
+    """The preference model to load: ``--reward-model`` as given, or the embedded tiny one (``None`` or
+    ``embedded``; :class:`~trainer.config.TrainConfig` allows ``None`` only with an embedded base model)."""
+    if reward_model in (None, "embedded"):
+        return str(embedded_reward_dir(seed))
+    return reward_model

@@ -12,17 +12,20 @@ config.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from longalign_core.denscore import segment_score
+from longalign_core.denscore import Decomposition, segment_score
 
 from .sampling import ddim_scheduler, decode, grad_step_indices, sample_truncated
 
 
-def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
-    """Loss of one micro-batch of ``prompts`` and its statistics. V comes from the step's prompts gathered over
-    all processes. ``dump`` (a dict) receives diagnostics."""
+def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
+                direction: torch.Tensor | None = None):
+    """Loss of one micro-batch of ``prompts`` and its statistics. ``direction`` is V (default: the run's V for
+    these prompts, see :class:`~trainer.direction.RewardDirection`). ``dump`` (a dict) receives diagnostics."""
     cfg, device = run.cfg, run.acc.device
     # 1. the conditioning of the prompts and of the empty prompt (CFG)
     step_cond = run.text.encode(prompts, with_uncond=True)
@@ -34,29 +37,69 @@ def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None
     every = cfg.sample_steps // cfg.sample_grad_steps
     offset = int(torch.randint(0, every, (1,), generator=gen))
     grad_idx = grad_step_indices(cfg.sample_steps, cfg.sample_grad_steps, offset)
+    crop_seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # one crop position for the whole batch
     with run.acc.autocast():
         x0 = sample_truncated(run.unet_eps, scheduler, noise, cond, uncond, cfg.sample_guidance, grad_idx,
                               use_checkpoint=cfg.gradient_checkpointing)
-        # 3. decode with gradients
-        images = decode(run.vae, x0)
-    # 4. the segment-level score, decomposed along V, the text-irrelevant part reweighted by ω
-    result = segment_score(run.reward, images, prompts, direction=None, omega=cfg.reward_omega,
-                           crop=cfg.reward_crop, split_mode=cfg.split_mode, long_segments=cfg.long_segments,
-                           generator=gen, gather=run.acc.gather)
-    parts = result.parts
-    s_omega = parts.reweighted
-    loss = 0.5 * (1 - s_omega.mean())
+    # 3.–4. decode with gradients, score segment by segment, decompose along V, reweight the text-irrelevant part
+    v = run.direction.for_prompts(prompts) if direction is None else direction
+    loss, parts, features = decode_and_score(run, x0, prompts, v, crop_seed)
     if dump is not None:
-        t_bar = torch.stack([f.mean for f in result.prompts])
-        dump.update(t_bar_mean=t_bar.mean(0).detach().cpu(), direction=result.direction.detach().cpu(),
+        t_bar = torch.stack([f.mean for f in features])
+        dump.update(t_bar_mean=t_bar.mean(0).detach().cpu(), direction=v.detach().float().cpu(),
                     cond_length=step_cond.cond.shape[1], uncond_length=step_cond.uncond.shape[1])
-    all_scores = run.acc.gather(parts.score.detach())  # the std over every process's images
-    stats = {"reward": float(parts.score.detach().mean()),
+    all_scores = run.acc.gather(parts.score.to(device))  # the std over every process's images
+    stats = {"reward": float(parts.score.mean()),
              "reward_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
-             "reweighted": float(s_omega.detach().mean()), "text_relevant": float(parts.relevant.detach().mean()),
-             "text_irrelevant": float(parts.irrelevant.detach().mean()), "grad_offset": offset,
-             "reward_tokens_lost": sum(sum(f.truncated) for f in result.prompts), **step_cond.stats}
+             "reweighted": float(parts.reweighted.mean()), "text_relevant": float(parts.relevant.mean()),
+             "text_irrelevant": float(parts.irrelevant.mean()), "grad_offset": offset,
+             "reward_tokens_lost": sum(sum(f.truncated) for f in features), **step_cond.stats}
     return loss, stats
+
+
+def decode_batch(run) -> int:
+    """Images per decode-and-score piece: ``--decode-batch``, or as many as make one 512×512 image."""
+    res = run.cfg.resolution
+    return run.cfg.decode_batch or max(1, (512 * 512) // (res * res))
+
+
+def decode_and_score(run, x0: torch.Tensor, prompts: list[str], v: torch.Tensor, crop_seed: int):
+    """The loss ``0.5 · (1 − mean_b S_ω,b)`` of the decoded ``x0`` ``(B, 4, h, w)``, its parts (detached) and the
+    prompts' text features.
+
+    The images are decoded and scored :func:`decode_batch` at a time. Each piece is backpropagated to its x̂0 at
+    once (S_ω of an image depends on its own x̂0 only: V is fixed by the text), which frees the VAE's and the
+    preference model's activations before the next piece; the returned loss carries the collected
+    ``∂loss/∂x̂0`` back into the sampling chain, so its value and its gradient are those of the whole batch.
+    The random crop is drawn from ``crop_seed`` for each piece: one position for the batch, whatever the piece
+    size."""
+    cfg, n = run.cfg, len(prompts)
+    piece = decode_batch(run)
+    whole = piece >= n
+    x0_pieces = [x0] if whole else [x0.detach()[i:i + piece].requires_grad_() for i in range(0, n, piece)]
+    grads, parts, features, start = [], [], [], 0
+    for x in x0_pieces:
+        images = decode(run.vae, x)
+        result = segment_score(run.reward, images, prompts[start:start + len(x)], direction=v,
+                               omega=cfg.reward_omega, crop=cfg.reward_crop, split_mode=cfg.split_mode,
+                               long_segments=cfg.long_segments,
+                               generator=torch.Generator().manual_seed(crop_seed))
+        piece_loss = -0.5 * result.parts.reweighted.sum() / n
+        if whole:
+            loss = 0.5 + piece_loss
+        else:
+            grads.append(torch.autograd.grad(piece_loss, x)[0])
+        parts.append(result.parts)
+        features += result.prompts
+        start += len(x)
+    joined = Decomposition(*(torch.cat([getattr(p, f.name).detach() for p in parts])
+                             for f in dataclasses.fields(Decomposition)))
+    if not whole:  # value of the whole loss, gradient through x̂0 into the chain
+        value = 0.5 * (1 - joined.reweighted.mean())
+        grad = torch.cat(grads).to(x0.dtype)
+        surrogate = (x0 * grad).sum()
+        loss = surrogate + (value - surrogate.detach())
+    return loss, joined, features
 
 
 def align_loss(run, batch, gen: torch.Generator):

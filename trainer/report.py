@@ -6,8 +6,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-#: How many of the last validations the reward-hacking check looks at.
-HACKING_WINDOW = 3
+import numpy as np
+
+#: How many standard errors of the paired per-prompt difference a change must exceed to count (the peak is the
+#: best of several noisy validations, so a plain 2 would flag noise now and then).
+HACKING_Z = 3.0
+#: Per-prompt values of each validation (step, prompt, text_relevant, text_irrelevant, denscore).
+PER_PROMPT_FILE = "validation_per_prompt.csv"
 
 
 def _read(path: Path) -> list[dict]:
@@ -20,22 +25,52 @@ def _read(path: Path) -> list[dict]:
     return out
 
 
-def reward_hacking(validation: list[dict], window: int = HACKING_WINDOW) -> str | None:
-    """A warning when, over the last ``window`` validations (at least two), the text-irrelevant part rose while
-    the text-relevant part fell: the reward went up through what every prompt shares (aesthetics-like drift),
-    not through alignment with the prompts. None otherwise."""
-    rows = [r for r in validation if r.get("text_relevant") is not None and r.get("text_irrelevant") is not None]
-    last = rows[-window:]
-    if len(last) < 2:
-        return None
-    d_rel = last[-1]["text_relevant"] - last[0]["text_relevant"]
-    d_irr = last[-1]["text_irrelevant"] - last[0]["text_irrelevant"]
-    if d_irr > 0 and d_rel < 0:
-        return (f"possible reward hacking: from step {last[0]['step']:.0f} to {last[-1]['step']:.0f} the "
-                f"text-irrelevant part rose by {d_irr * 100:+.2f} while the text-relevant part fell by "
-                f"{d_rel * 100:+.2f} (×100, held-out prompts). The reward grows through what all prompts share, "
-                f"not through alignment: lower --reward-omega, the learning rate, or stop at an earlier checkpoint.")
-    return None
+def _by_step(per_prompt: list[dict]) -> dict[float, dict[str, np.ndarray]]:
+    """{step: {"text_relevant": (n,), "text_irrelevant": (n,)}} with the prompts in the same order every step."""
+    steps: dict[float, dict[int, tuple[float, float]]] = {}
+    for r in per_prompt:
+        steps.setdefault(r["step"], {})[int(r["prompt"])] = (r["text_relevant"], r["text_irrelevant"])
+    out = {}
+    for step, rows in sorted(steps.items()):
+        order = sorted(rows)
+        out[step] = {"text_relevant": np.array([rows[i][0] for i in order]),
+                     "text_irrelevant": np.array([rows[i][1] for i in order])}
+    return out
+
+
+def reward_hacking(per_prompt: list[dict], z: float = HACKING_Z) -> tuple[str | None, str]:
+    """(a warning or None, what was checked) over the whole run.
+
+    Reward hacking shows as the text-irrelevant part rising while the text-relevant part falls: the reward grows
+    through what every prompt shares (aesthetics-like drift), not through alignment. The check compares the last
+    validation with the best text-relevant one so far (the point to go back to), prompt by prompt: validation
+    uses the same held-out prompts and the same noise every time, so the per-prompt differences are paired and
+    their spread measures the validation noise. It warns when the text-relevant part fell by more than ``z``
+    standard errors of that mean difference and the text-irrelevant part rose by more than ``z`` of its own."""
+    steps = _by_step(per_prompt)
+    if len(steps) < 2:
+        return None, "fewer than two validations: nothing to compare"
+    n = min(len(v["text_relevant"]) for v in steps.values())
+    if n < 2:
+        return None, "one held-out prompt: the validation noise cannot be measured (use --validation-prompts 8)"
+    peak = max(steps, key=lambda s: steps[s]["text_relevant"].mean())
+    last = max(steps)
+    if peak == last:
+        return None, (f"the text-relevant part is at its best at the last validation (step {last:.0f}; {n} "
+                      f"held-out prompts)")
+    d = {k: steps[last][k][:n] - steps[peak][k][:n] for k in ("text_relevant", "text_irrelevant")}
+    mean = {k: float(v.mean()) for k, v in d.items()}
+    se = {k: max(float(v.std(ddof=1)) / np.sqrt(n), 1e-7) for k, v in d.items()}
+    checked = (f"from step {peak:.0f} (the best text-relevant validation) to step {last:.0f}: text-relevant "
+               f"{mean['text_relevant'] * 100:+.2f} ± {se['text_relevant'] * 100:.2f}, text-irrelevant "
+               f"{mean['text_irrelevant'] * 100:+.2f} ± {se['text_irrelevant'] * 100:.2f} (×100, mean ± standard "
+               f"error of the paired difference over {n} held-out prompts; a change counts beyond {z:g} standard "
+               f"errors)")
+    if mean["text_relevant"] < -z * se["text_relevant"] and mean["text_irrelevant"] > z * se["text_irrelevant"]:
+        return (f"possible reward hacking: {checked}. The reward grows through what all prompts share, not "
+                f"through alignment: use the checkpoint nearest step {peak:.0f} (checkpoints/*/"
+                f"longalign_lora.safetensors), or lower --reward-omega or the learning rate."), checked
+    return None, checked
 
 
 def write_report(output_dir: str | Path) -> Path:
@@ -75,10 +110,8 @@ def write_report(output_dir: str | Path) -> Path:
                   "| validation | step {:.0f} | step {:.0f} |".format(first["step"], last["step"]), "|---|---|---|"]
         for key in ("denscore", "text_relevant", "text_irrelevant"):
             lines.append(f"| {key} ×100 | {first[key] * 100:.2f} | {last[key] * 100:.2f} |")
-        warning = reward_hacking(val)
-        lines += ["", f"**WARNING: {warning}**" if warning else
-                  "Reward-hacking check: the text-irrelevant part did not rise while the text-relevant part fell "
-                  f"over the last {min(len(val), HACKING_WINDOW)} validations."]
+        warning, checked = reward_hacking(_read(out / PER_PROMPT_FILE))
+        lines += ["", f"**WARNING: {warning}**" if warning else f"Reward-hacking check: no sign ({checked})."]
     else:
         lines += ["No validation (--validation-prompts 0)."]
     if train:

@@ -15,7 +15,9 @@ TRAIN_STATS = {
     "t5_tokens_lost": "sum", "reward_tokens_lost": "sum", "cond_length": "max",
 }
 TRAIN_COLUMNS = ["step", *TRAIN_STATS, "prompts_cut_total", "tokens_lost_total", "lr", "seconds"]
-VALIDATION_COLUMNS = ["step", "denscore", "text_relevant", "text_irrelevant", "prompts_cut", "tokens_lost"]
+VALIDATION_COLUMNS = ["step", "denscore", "text_relevant", "text_irrelevant", "text_relevant_se",
+                      "text_irrelevant_se", "prompts_cut", "tokens_lost"]
+PER_PROMPT_COLUMNS = ["step", "prompt", "denscore", "text_relevant", "text_irrelevant"]
 
 
 class CSVLog:
@@ -59,3 +61,33 @@ def reduce_stats(acc, stats: dict) -> dict:
     how = {"mean": lambda c: c.mean(), "sum": lambda c: c.sum(), "max": lambda c: c.max(),
            "first": lambda c: c[0]}
     return {k: float(how[TRAIN_STATS[k]](every[:, i])) for i, k in enumerate(keys)}
+
+
+def print_run_summary(run, start: int) -> None:
+    """The "Running training" banner: models, data, processes, LoRA, text options and sampling."""
+    cfg, acc = run.cfg, run.acc
+    n_prompts = len(run.prompts) if run.prompts is not None else len(run.align_rows)
+    print(f"***** Running training ({cfg.stage} stage) *****\n"
+          f"  base model = {run.base_source} ({'SDXL' if run.is_sdxl else 'SD1.x'}, "
+          f"{run.prediction_type})\n"
+          f"  reward model = {run.reward_source}"
+          f"{'' if cfg.stage != 'reward' else ', V from ' + run.direction.describe()}\n"
+          f"  training prompts = {n_prompts}, held-out validation prompts = {len(run.validation_prompts)}\n"
+          f"  processes = {acc.num_processes}, batch per process = "
+          f"{cfg.train_batch_size}, accumulation = {cfg.gradient_accumulation_steps}\n"
+          f"  steps = {start} -> {cfg.train_steps}, LoRA rank = {cfg.lora_rank} on {len(run.targets)} "
+          f"layers (dropout {cfg.lora_dropout} on the branch output), trainable parameters = "
+          f"{sum(p.numel() for p in run.params):,} (fp32), frozen weights {cfg.mixed_precision}\n"
+          f"  text: budget {cfg.token_budget}, overflow {cfg.overflow}, split {cfg.split_mode}, long "
+          f"segments {cfg.long_segments}{', + T5 branch' if run.t5 is not None else ''}\n"
+          f"  DDIM {cfg.sample_steps} steps, gradients at {cfg.sample_grad_steps}, CFG "
+          f"{cfg.sample_guidance}, ω = {cfg.reward_omega}, {cfg.resolution}px", flush=True)
+
+
+def dump_debug(run, step: int, dump: dict) -> None:
+    """``--dump-debug``: this process's diagnostics of a step (V, batch text means, LoRA checksum)."""
+    folder = run.out / "debug"
+    folder.mkdir(exist_ok=True)
+    checksum = sum(float(p.detach().double().sum()) for p in run.params)
+    torch.save({**dump, "lora_checksum": checksum, "step": step},
+               folder / f"rank{run.acc.process_index}-step{step:06d}.pt")

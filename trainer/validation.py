@@ -8,7 +8,8 @@ import torch
 
 from longalign_core.denscore import segment_score
 
-from .run_log import CSVLog
+from .report import PER_PROMPT_FILE
+from .run_log import PER_PROMPT_COLUMNS, VALIDATION_COLUMNS, CSVLog
 from .sampling import ddim_scheduler, decode, sample_truncated
 from .seeding import step_generator
 
@@ -16,10 +17,34 @@ from .seeding import step_generator
 VALIDATION_DRAW = 10**6
 
 
+class Validation:
+    """The run's validations and their logs: ``validation.csv`` (one row per validation: the means over the
+    held-out prompts and their standard errors) and ``validation_per_prompt.csv`` (each prompt's parts, for the
+    reward-hacking check's paired differences)."""
+
+    def __init__(self, run):
+        main = run.acc.is_main_process
+        self.run = run
+        self.log = CSVLog(run.out / "validation.csv", VALIDATION_COLUMNS, main)
+        self.per_prompt = CSVLog(run.out / PER_PROMPT_FILE, PER_PROMPT_COLUMNS, main)
+
+    def keep_until(self, step: int) -> set[float]:
+        """Drop validations after ``step`` (a resumed run repeats them); returns the steps kept."""
+        self.per_prompt.keep_until(step)
+        return {float(r["step"]) for r in self.log.keep_until(step)}
+
+    def __call__(self, step: int) -> dict | None:
+        """Validate at ``step`` on the main process; every process waits for it."""
+        row = validate(self.run, step, self.log, self.per_prompt)
+        self.run.acc.wait_for_everyone()
+        return row
+
+
 @torch.no_grad()
-def validate(run, step: int, vlog: CSVLog) -> dict | None:
+def validate(run, step: int, log: CSVLog, per_prompt: CSVLog | None = None) -> dict | None:
     """Sample and score ``run.validation_prompts`` (main process only, on the unwrapped UNet in eval mode: no
-    LoRA dropout); write the row to ``vlog``, TensorBoard and ``validation/step-NNNNNN.png``."""
+    LoRA dropout); write the row to ``log`` (each prompt's to ``per_prompt``), TensorBoard and
+    ``validation/step-NNNNNN.png``."""
     cfg, acc = run.cfg, run.acc
     prompts = run.validation_prompts
     if not prompts or not acc.is_main_process:
@@ -46,14 +71,21 @@ def validate(run, step: int, vlog: CSVLog) -> dict | None:
         if cfg.train_t5_adapter:
             run.t5.adapter.train()
     p = result.parts
+    n = len(prompts)
+    se = (lambda x: float(x.std() / n**0.5)) if n > 1 else (lambda x: "")  # noqa: E731
     row = {"step": step, "denscore": float(p.score.mean()), "text_relevant": float(p.relevant.mean()),
-           "text_irrelevant": float(p.irrelevant.mean()), "prompts_cut": step_cond.prompts_cut,
+           "text_irrelevant": float(p.irrelevant.mean()), "text_relevant_se": se(p.relevant),
+           "text_irrelevant_se": se(p.irrelevant), "prompts_cut": step_cond.prompts_cut,
            "tokens_lost": step_cond.tokens_lost}
     from PIL import Image
 
     grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     (run.out / "validation").mkdir(exist_ok=True)
     Image.fromarray(np.concatenate(list(grid), axis=1)).save(run.out / "validation" / f"step-{step:06d}.png")
-    vlog.write(row)
-    acc.log({f"validation/{k}": v for k, v in row.items() if k != "step"}, step=step)
+    log.write(row)
+    if per_prompt is not None:
+        for i in range(n):
+            per_prompt.write({"step": step, "prompt": i, "denscore": float(p.score[i]),
+                              "text_relevant": float(p.relevant[i]), "text_irrelevant": float(p.irrelevant[i])})
+    acc.log({f"validation/{k}": v for k, v in row.items() if k != "step" and v != ""}, step=step)
     return row
