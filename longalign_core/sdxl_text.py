@@ -7,6 +7,15 @@ each encoder on its own — the same segments, the same kept positions, each enc
 two merges are concatenated on the channel axis. The pooled vector is bigG's for the **first segment** (ComfyUI
 pools the first 77-token chunk of a long prompt; the LongAlign Text Encode node does the same), so a prompt that
 fits one segment gets exactly SDXL's usual pooled vector.
+
+Token ids: both encoders read the same ids, the CLIP BPE ids of the text from the first ``tokenizer``; only the
+padding is each encoder's own (49407 for CLIP-L, 0 for bigG, from ``tokenizer_2``). That is ComfyUI's SDXL CLIP
+(``comfy/sdxl_clip.py``: the bigG tokenizer is the CLIP-L vocabulary padded with 0), which the LongAlign nodes
+must match, and how SDXL was trained (Stability's ``sgm`` tokenizes bigG with ``open_clip.tokenize``).
+diffusers' ``tokenizer_2`` declares ``"!"`` (id 0) its pad token and so turns every ``!`` into id 0 (``!!``
+becomes two tokens instead of one): for prompts with ``!`` the bigG half here differs from
+``StableDiffusionXLPipeline.encode_prompt``'s; the CLIP-L half does not. Padding is dropped by position, never by
+id, because id 0 is also the real token ``!`` (``fox!_``).
 """
 
 from __future__ import annotations
@@ -110,7 +119,8 @@ class SDXLSegmentEncoder:
         content = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         rows = [[tokenizer.bos_token_id] + ids[: self.window] + [tokenizer.eos_token_id] for ids in content]
         width = max(len(r) for r in rows)
-        kept = torch.tensor([len(r) - 1 for r in rows])  # start + content, the end token is dropped
+        # start + content, by position (bigG's pad id 0 is also the token "!"); the end token is dropped
+        kept = torch.tensor([len(r) - 1 for r in rows])
         keep = torch.arange(width).unsqueeze(0) < kept.unsqueeze(1)
 
         merged, pooled = [], None

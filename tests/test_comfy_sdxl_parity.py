@@ -1,5 +1,6 @@
 """The Python SDXL encoder (transformers) and the LongAlign Text Encode node (ComfyUI's CLIP object) give the same
-numbers on the same SDXL text-encoder weights. Skips unless COMFYUI_PATH is set."""
+numbers on the same SDXL text-encoder weights, also for a prompt with "!" (where diffusers' tokenizer_2 differs).
+Skips unless COMFYUI_PATH is set."""
 
 import sys
 
@@ -12,6 +13,8 @@ pytestmark = requires_comfy
 
 PROMPT = ("A lighthouse stands on a black cliff at dusk. Waves break white against the rocks below! "
           "Two gulls circle the lamp; a fishing boat with a red hull heads home. The sky is violet.")
+#: "!" in CLIP's BPE: "!_" holds id 0 (bigG's pad id), "!!" is one token that diffusers' tokenizer_2 splits in two.
+BANG_PROMPT = "A red fox!_ sits on a mossy rock. A sign beside it says hooray!! Behind it the sky is pink!"
 
 
 def _transformers_encoder(kind, state, with_projection):
@@ -42,14 +45,14 @@ def test_sdxl_encoder_equals_node_on_the_same_weights():
     l_state = random_clip_text_state_dict("l", 12)
     clip = comfy.sd.load_text_encoder_state_dicts([g, l_state], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
                                                   model_options={"dtype": torch.float32})
-    out = node.execute(clip=clip, text=PROMPT, token_budget=240, overflow="extend", split_mode="sentence",
-                       long_sentences="split")
-    (node_cond, extra), = out.args[0]
-
     encoder = SDXLSegmentEncoder(load_clip_tokenizer(), _transformers_encoder("l", l_state, False),
                                  load_clip_tokenizer(pad_token="!"), _transformers_encoder("g", g, True))
-    ours = encoder.encode(PROMPT)
-    assert ours.cond.shape == node_cond.shape == (1, 240, 2048)
-    assert len(ours.reports[0].segments) == 5  # "; " ends a segment too
-    torch.testing.assert_close(ours.cond, node_cond, atol=5e-4, rtol=1e-3)
-    torch.testing.assert_close(ours.pooled, extra["pooled_output"], atol=5e-4, rtol=1e-3)
+    for prompt, segments in ((PROMPT, 5), (BANG_PROMPT, 3)):  # "; " ends a segment too
+        out = node.execute(clip=clip, text=prompt, token_budget=240, overflow="extend", split_mode="sentence",
+                           long_sentences="split")
+        (node_cond, extra), = out.args[0]
+        ours = encoder.encode(prompt)
+        assert ours.cond.shape == node_cond.shape == (1, 240, 2048)
+        assert len(ours.reports[0].segments) == segments
+        torch.testing.assert_close(ours.cond, node_cond, atol=5e-4, rtol=1e-3)
+        torch.testing.assert_close(ours.pooled, extra["pooled_output"], atol=5e-4, rtol=1e-3)

@@ -113,6 +113,56 @@ def test_sdxl_encoder_equals_each_sentence_encoded_alone_through_transformers(sd
     assert [s.text for s in out.reports[0].segments] == SENTENCES
 
 
+def test_sdxl_keeps_a_content_token_that_equals_the_bigG_pad_id(sdxl_pipe):
+    """bigG pads with id 0, which is also the BPE token "!" ("fox!_" holds one). Padding is dropped by position,
+    not by id, so that token stays: each sentence's block, both halves, equals the sentence encoded alone."""
+    p = sdxl_pipe
+    sentences = ["A red fox!_ sits on a mossy rock.", "Behind it, a thin waterfall falls into a pool."]
+    for tok in (p.tokenizer, p.tokenizer_2):  # the case under test: a 0 among the content ids of both tokenizers
+        assert 0 in tok(sentences[0]).input_ids[1:-1]
+    out = SDXLSegmentEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2).encode(" ".join(sentences))
+    assert [s.text for s in out.reports[0].segments] == sentences
+    start = 0
+    for s in sentences:
+        l_block = _encode_alone(p.tokenizer, p.text_encoder, s)[0]
+        g_block = _encode_alone(p.tokenizer_2, p.text_encoder_2, s)[0]
+        n = l_block.shape[0]
+        assert g_block.shape[0] == n
+        torch.testing.assert_close(out.cond[0, start:start + n], torch.cat([l_block, g_block], dim=-1),
+                                   atol=2e-5, rtol=1e-4)
+        start += n
+    assert start == out.reports[0].merged
+
+
+def test_sdxl_bigG_reads_the_clip_bpe_ids_as_comfyui_and_sdxl_training_do(sdxl_pipe):
+    """The rule for "!": both towers read the CLIP BPE ids of the text, so "!!" is one token (748) for bigG too.
+    That is ComfyUI's SDXL CLIP (comfy/sdxl_clip.py: the bigG tokenizer is the CLIP-L vocabulary, padded with 0)
+    and SDXL's own training code (Stability's sgm FrozenOpenCLIPEmbedder2: open_clip.tokenize). diffusers'
+    tokenizer_2 makes every "!" its pad token (id 0), "!!" two tokens; there our bigG half differs from
+    encode_prompt's, the CLIP-L half does not. Expected values: open_clip's tokenizer + transformers, here."""
+    import open_clip
+
+    p = sdxl_pipe
+    text = "A small fox holds a sign that says hooray!!"
+    ids = open_clip.tokenize([text])  # (1, 77): start, content, end, then 0s
+    n = int(ids[0].argmax())  # the end token (the largest id): start + content before it
+    assert ids[0, :n + 1].tolist() == p.tokenizer(text).input_ids  # CLIP-L's tokenizer gives the same ids
+    assert p.tokenizer_2(text).input_ids != p.tokenizer(text).input_ids  # diffusers' tokenizer_2 does not
+    with torch.no_grad():
+        g = p.text_encoder_2(ids, output_hidden_states=True)
+    expected_g, expected_pooled = g.hidden_states[-2][0, :n], g.text_embeds[0]
+
+    out = SDXLSegmentEncoder(p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2).encode(text)
+    assert out.reports[0].merged == n
+    c = p.text_encoder.config.hidden_size  # channels of the CLIP-L half
+    torch.testing.assert_close(out.cond[0, :n, c:], expected_g, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.pooled[0], expected_pooled, atol=2e-5, rtol=1e-4)
+    embeds, _, pooled, _ = p.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(out.cond[0, :n, :c], embeds[0, :n, :c], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(out.cond[0, :n, c:], embeds[0, :n, c:], atol=1e-3)
+    assert not torch.allclose(out.pooled, pooled, atol=1e-3)
+
+
 def test_sdxl_single_sentence_matches_diffusers_encode_prompt(sdxl_pipe):
     """For a prompt that fits one segment, the kept positions and the pooled vector are SDXL's usual ones."""
     text = SENTENCES[1]
@@ -188,18 +238,22 @@ def test_bad_prompts_are_named(sd_pipe):
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
 def test_pipelines_run_with_the_kwargs(which, sd_pipe, sdxl_pipe):
+    """The pipelines accept the kwargs, and both the prompt and the negative prompt reach the UNet."""
+    import numpy as np
+
     pipe = sd_pipe if which == "sd" else sdxl_pipe
     pipe.set_progress_bar_config(disable=True)
 
-    def run(prompt):
-        kwargs, _ = long_prompt_kwargs(pipe, prompt, "blurry")
+    def run(prompt, negative="blurry"):
+        kwargs, _ = long_prompt_kwargs(pipe, prompt, negative)
         return pipe(**kwargs, num_inference_steps=2, height=64, width=64, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
 
     a, a2, b = run(PROMPT), run(PROMPT), run("A green frog on a leaf. Rain falls.")
-    assert a.shape == (1, 64, 64, 3) and (a == a).all()
+    assert a.shape == (1, 64, 64, 3) and np.isfinite(a).all()
     assert (a == a2).all()  # same prompt and seed → same image
-    assert abs(a - b).max() > 1e-4  # the conditioning reaches the UNet
+    assert abs(a - b).max() > 1e-4  # the prompt's conditioning reaches the UNet
+    assert abs(a - run(PROMPT, "sharp, high quality")).max() > 1e-4  # so does the negative's (guidance 7.5)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -167,6 +167,31 @@ def test_kohya_round_trip_and_alpha(tmp_path, tiny_unet):
         from_kohya(state, targets)
 
 
+def test_kohya_file_without_alpha_keys_merges_at_scale_one(tmp_path, tiny_unet):
+    """No ``.alpha`` key means alpha = rank, scale 1, as the two readers users have do: ComfyUI 0.8.0
+    (comfy/weight_adapter/lora.py: ``alpha = v[2] / rank`` if the file has an alpha, else ``alpha = 1.0``) and
+    kohya sd-scripts (networks/lora.py, LoRAModule: "if alpha == 0 or None, alpha is rank (no scaling)").
+    Expected weights: W + up @ down, from the tensors written here."""
+    from safetensors.torch import save_file
+
+    targets = lora_targets(tiny_unet)
+    unet = load_unet(tiny_unet)
+    modules = dict(unet.named_modules())
+    g = torch.Generator().manual_seed(7)
+    state, expected = {}, {}
+    for t in targets:
+        w = modules[t.path].weight.detach().clone()
+        up = torch.randn(w.shape[0], 4, *((1, 1) if w.ndim == 4 else ()), generator=g) * 0.1
+        down = torch.randn(4, *w.shape[1:], generator=g) * 0.1
+        name = "lora_unet_" + t.path.replace(".", "_")
+        state[name + ".lora_up.weight"], state[name + ".lora_down.weight"] = up, down
+        expected[t.path] = w + (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    save_file(state, str(tmp_path / "no_alpha.safetensors"))
+    assert merge_lora(unet, load_lora(tmp_path / "no_alpha.safetensors", targets)) == len(targets)
+    for path, w in expected.items():
+        torch.testing.assert_close(modules[path].weight, w, atol=1e-5, rtol=1e-5, msg=path)
+
+
 def test_convert_cli(tmp_path, tiny_unet, capsys):
     tensors, _ = reference_style_lora(load_unet(tiny_unet))
     torch.save(tensors, tmp_path / "reward.pt")

@@ -46,6 +46,19 @@ def test_no_split_inside_numbers_abbreviations_initials_urls():
                              "Mr. Smith and J. R. R. Tolkien visit example.com today.", "Next."]
 
 
+@pytest.mark.parametrize("prompt, expected", [
+    ("Apples, pears etc. The sky is blue.", ["Apples, pears etc.", "The sky is blue."]),
+    ("Made by Acme Inc. The logo is red.", ["Made by Acme Inc.", "The logo is red."]),
+    ("Apples, pears etc. and plums on a plate.", ["Apples, pears etc. and plums on a plate."]),
+    ("Made by Acme Co. in 1950. Done.", ["Made by Acme Co. in 1950.", "Done."]),
+    ("Mr. Smith waves.", ["Mr. Smith waves."]),
+])
+def test_etc_inc_co_ltd_end_a_sentence_only_before_a_capital(prompt, expected):
+    """"etc." / "Inc." / "Co." / "Ltd." usually end the sentence when a capitalised word follows, and not before
+    a lower-case one; other abbreviations ("Mr.") never end one."""
+    assert texts(prompt) == expected
+
+
 def test_line_breaks_and_cjk_and_quotes():
     assert texts("first line\nsecond line") == ["first line", "second line"]
     assert texts("一只猫坐在椅子上。窗外下着雨！") == ["一只猫坐在椅子上。", "窗外下着雨！"]
