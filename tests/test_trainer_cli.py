@@ -3,7 +3,6 @@ prints (one paragraph naming the option or file, exit code 2, no traceback)."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
