@@ -46,11 +46,6 @@ MAX_TOKEN_BUDGET = 4096
 CLIP_MODEL_TYPES = ("clip_text_model", "clip")
 
 
-def _looks_local(model: str) -> bool:
-    """A path that cannot be a Hub id (``org/name``): absolute, ``./``/``~``-relative or with several parts."""
-    return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
-
-
 def _check_clip_text_config(config_file: Path) -> None:
     """Refuse, before loading anything, a config.json that is not a CLIP text encoder (a T5, an SDXL second
     encoder is fine: it is a CLIP)."""
@@ -78,7 +73,7 @@ def load_encoder(model: str, clip_skip: int = 0, device: str = "cpu") -> CLIPSeg
 
     from safetensors import SafetensorError
 
-    from .errors import BadModelFileError, check_weights_folder
+    from .errors import BadModelFileError, check_weights_folder, looks_local
 
     path = Path(model)
     subfolder = ""
@@ -95,7 +90,7 @@ def load_encoder(model: str, clip_skip: int = 0, device: str = "cpu") -> CLIPSeg
                                 f"Hub id)")
     elif path.exists():
         raise BadModelFileError(f"--model {path} is not a folder; give a diffusers folder or a Hub id")
-    elif _looks_local(model):
+    elif looks_local(model):
         raise BadModelFileError(f"--model {path} not found; check the path")
     kwargs = {"subfolder": subfolder} if subfolder else {}
     try:

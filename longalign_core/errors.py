@@ -91,6 +91,24 @@ def format_error(err: BaseException) -> str:
 # Checks for user files and options
 
 
+def looks_local(path: str | os.PathLike) -> bool:
+    """A path that cannot be a Hugging Face Hub id (``org/name``): absolute, relative with ``./``, ``~``, a
+    backslash, several parts or no ``/`` at all (``sd15``). A missing one is a typo to report, not a download."""
+    text = str(path)
+    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") != 1
+
+
+def check_model_source(value: str, option: str, what: str) -> None:
+    """A model given as a local path must exist: ``--model ./models/sd15`` that is not there is named as a
+    missing path, instead of being tried as a Hub id (a failed connection, minutes later)."""
+    if looks_local(value) and not Path(value).expanduser().exists():
+        parent = Path(value).expanduser().parent
+        hint = f"; {parent} holds: {', '.join(sorted(p.name for p in parent.iterdir())[:8])}" \
+            if parent.is_dir() and any(parent.iterdir()) else ""
+        raise BadModelFileError(f"{option} {value}: no such {what} (a typo in the path?{hint}). Give the local "
+                                f"folder or file, or a Hugging Face Hub id written as org/name")
+
+
 def check_input_file(path: str | os.PathLike, what: str, option: str | None = None,
                      error: type[LongAlignError] = BadInputError) -> Path:
     """``path`` as a readable, non-empty regular file, else ``error`` naming ``what`` (e.g. "prompts file"),

@@ -29,6 +29,10 @@ from .errors import BadConfigError, BadModelFileError
 LORA_TARGET_CLASSES = ("ResnetBlock2D", "Attention", "CrossAttention", "GEGLU")
 KOHYA_PREFIX = "lora_unet_"
 SD15_UNET_CONFIG = Path(__file__).with_name("data") / "sd15_unet_config.json"
+#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json.
+SDXL_UNET_CONFIG = Path(__file__).with_name("data") / "sdxl_unet_config.json"
+#: The published UNet configs by name (``load_unet_config("sdxl")``).
+PUBLISHED_UNET_CONFIGS = {"sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 
 
 class LoraFormatError(BadModelFileError):
@@ -50,9 +54,11 @@ class LoraTarget:
 
 def load_unet_config(config: str | Path | Mapping | None = None) -> dict:
     """A diffusers UNet config: a dict, a ``config.json`` path, a diffusers model folder (``unet/`` inside or
-    not), or None for Stable Diffusion 1.5."""
+    not), a published one by name (``"sd15"``, ``"sdxl"``: SDXL base), or None for Stable Diffusion 1.5."""
     if config is None:
         config = SD15_UNET_CONFIG
+    elif isinstance(config, str) and config in PUBLISHED_UNET_CONFIGS:
+        config = PUBLISHED_UNET_CONFIGS[config]
     if isinstance(config, Mapping):
         return dict(config)
     path = Path(config)
@@ -317,8 +323,8 @@ def merge_lora(unet: nn.Module, pairs: Mapping[str, tuple[torch.Tensor, torch.Te
         layer = modules.get(path)
         if layer is None:
             raise LoraFormatError(f"the UNet has no layer {path}")
-        w = layer.weight
-        w += (strength * lora_delta(up, down, w.shape)).to(device=w.device, dtype=w.dtype)
+        w = layer.weight  # the sum in fp32, rounded once to the weight's dtype (bf16/fp16 frozen weights)
+        w.copy_((w.float() + strength * lora_delta(up, down, w.shape).to(w.device)).to(w.dtype))
     return len(pairs)
 
 

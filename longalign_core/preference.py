@@ -21,7 +21,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from .errors import BadConfigError, BadModelFileError
+from .errors import BadConfigError, BadModelFileError, looks_local
 
 log = logging.getLogger("LongAlign")
 
@@ -125,20 +125,23 @@ def _hf_image_preprocessing(source: str | Path | None, model_dir: str | Path, de
     return default_size, CLIP_MEAN, CLIP_STD
 
 
-def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> PreferenceModel:
-    """A Hugging Face ``CLIPModel`` folder (Denscore, PickScore, CLIP-H), or a Hub id when online."""
+def load_hf_clip(path: str | Path, processor: str | Path | None = None,
+                 dtype: torch.dtype | None = None) -> PreferenceModel:
+    """A Hugging Face ``CLIPModel`` folder (Denscore, PickScore, CLIP-H), or a Hub id when online; read directly in
+    ``dtype`` when given (no fp32 copy of a 16-bit file first)."""
     from safetensors import SafetensorError
     from transformers import CLIPModel
 
     local = Path(path)
-    if local.exists() or _looks_local(path):
+    if local.exists() or looks_local(path):
         _check_hf_clip_folder(local)
     if processor is not None and not Path(processor).is_dir() and (Path(processor).exists() or
-                                                                   _looks_local(processor)):
+                                                                   looks_local(processor)):
         raise PreferenceModelError(f"processor folder {processor} not found (it should hold the CLIP-H tokenizer "
                                    f"and preprocessor_config.json); check the path")
     try:
-        model = CLIPModel.from_pretrained(str(path), use_safetensors=None)
+        model = CLIPModel.from_pretrained(str(path), use_safetensors=None,
+                                          **({"torch_dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not local.exists():
@@ -149,12 +152,6 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None) -> Prefe
     default_size = model.config.vision_config.image_size
     size, mean, std = _hf_image_preprocessing(processor, path if local.exists() else "", default_size)
     return wrap_hf_clip(model, tokenizer, Path(str(path)).name, size, mean, std)
-
-
-def _looks_local(path: str | Path) -> bool:
-    """A path that cannot be a Hub id (``org/name``): absolute, relative with ``./``, ``~`` or several parts."""
-    text = str(path)
-    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
 
 
 def _check_hf_clip_folder(local: Path) -> None:
@@ -268,5 +265,5 @@ def load_preference_model(path: str | Path, kind: ModelKind = "auto", processor:
         kind = "open_clip" if p.is_file() else "hf_clip"
     if kind == "hf_clip" and p.is_file():
         raise PreferenceModelError(f"{p} is a file; a Hugging Face CLIPModel is a folder with config.json")
-    loaded = load_hf_clip(path, processor) if kind == "hf_clip" else load_open_clip(p, arch)
+    loaded = load_hf_clip(path, processor, dtype) if kind == "hf_clip" else load_open_clip(p, arch)
     return loaded.to(device=device, dtype=dtype)

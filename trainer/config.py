@@ -158,6 +158,10 @@ class TrainConfig:
                                     "the LoRA file of that step every N steps")
     checkpoints_keep: int = _f(2, "keep the newest N checkpoints")
     merge_checkpoint: bool = _f(False, "also write the UNet with the LoRA merged (diffusers folder)")
+    dry_run: bool = _f(False, "load everything, run one warm-up and one measured step, one validation and one "
+                              "checkpoint in a temporary folder, and report the memory of each part, the peak "
+                              "memory of a step, its time per phase and the projected run time "
+                              "(<output_dir>/dry_run.md is the only file written); nothing is trained")
     dump_debug: bool = _f(False, "write per-process diagnostics (V, batch text means, LoRA checksum) each step")
 
     def __post_init__(self):

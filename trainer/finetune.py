@@ -44,10 +44,11 @@ from .config import EMBEDDED_MODELS, TrainConfig
 from .data import batch_prompts, load_prompts, split_validation
 from .conditioning import StepConditioning, StepEncoder
 from .direction import RewardDirection, resolve_direction
+from .memory import PhaseTimer, is_out_of_memory, out_of_memory_advice
 from .lora_layers import LORA_FILE, add_lora_output_dropout, attach_lora, export_lora, lora_metadata
-from .models import load_base_model, reward_model_source
+from .models import check_model_sources, load_base_model, reward_model_source
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
-from .sampling import UNetConditioning, vae_dtype
+from .sampling import UNetConditioning
 from .seeding import seed_global_rng, step_generator
 from .validation import Validation
 
@@ -73,6 +74,10 @@ class Trainer:
                                  "the CPU. Use --mixed-precision no (the CPU default) or bf16")
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        # Everything the user gave is checked before anything is written or loaded: a typo in a model path, a
+        # bad prompts file (one message, not minutes of loading, and no empty output folder).
+        check_model_sources(cfg)
+        self._load_data()
         self.trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
         # cpu=True on a machine without an accelerator lets accelerate pick up torchrun's processes (gloo).
         has_accelerator = has_gpu or torch.backends.mps.is_available()
@@ -85,8 +90,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
+        self.phases = PhaseTimer(self.acc.device)  # off unless a dry run or a benchmark measures a step
         self.totals = {"prompts_cut": 0, "tokens_lost": 0}
-        self._load_data()  # first: a bad prompts file fails before minutes of model loading
         self._load_models()
         if self.acc.is_main_process:  # after loading: the resolution default comes from the model
             self.cfg.save(self.out / "config.json")
@@ -109,7 +114,7 @@ class Trainer:
         # The main process first: it creates the embedded models once (saving under torch.distributed is
         # rank-aware in transformers, so other ranks must not write them), the others then read them.
         with self.acc.main_process_first():
-            base = load_base_model(cfg.model, cfg.seed)
+            base = load_base_model(cfg.model, cfg.seed, dtype)
             reward_path = reward_model_source(cfg.reward_model, cfg.seed)
         self.base_source, self.is_sdxl = base.source, base.is_sdxl
         if self.is_sdxl and cfg.t5_model:
@@ -158,10 +163,10 @@ class Trainer:
             self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
         ckpt.save_only_what_trains(self.acc, unet)
         # SDXL's VAE stays fp32 in an fp16 run (it overflows to NaN in fp16), as diffusers does
-        self.vae = base.vae.to(device, dtype=vae_dtype(dtype, base.vae.config)).requires_grad_(False).eval()
+        self.vae = base.vae.to(device).requires_grad_(False).eval()  # loaded in vae_dtype(dtype, its config)
         if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
             self.vae.enable_gradient_checkpointing()
-        self.text_encoder = base.text_encoder.to(device, dtype=dtype).requires_grad_(False).eval()
+        self.text_encoder = base.text_encoder.to(device).requires_grad_(False).eval()
         self.noise_scheduler = base.noise_scheduler
         # ε or v: the reward stage's DDIM steps read it from the scheduler config, the align stage's target too
         self.prediction_type = self.noise_scheduler.config.get("prediction_type", "epsilon")
@@ -171,7 +176,7 @@ class Trainer:
         if self.is_sdxl:  # both text encoders, pooled bigG from the first segment (docs/method.md §1)
             from longalign_core.sdxl_text import SDXLSegmentEncoder
 
-            self.text_encoder_2 = base.text_encoder_2.to(device, dtype=dtype).requires_grad_(False).eval()
+            self.text_encoder_2 = base.text_encoder_2.to(device).requires_grad_(False).eval()
             encoder = SDXLSegmentEncoder(base.tokenizer, self.text_encoder, base.tokenizer_2, self.text_encoder_2)
         else:
             encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
@@ -209,8 +214,10 @@ class Trainer:
     def unet_eps(self, x, t, conditioning: UNetConditioning):
         """The UNet's prediction (ε, or v); the no-grad sampling steps go through the compiled UNet with
         ``--compile-unet``."""
-        unet = self.compiled_unet if self.compiled_unet is not None and not torch.is_grad_enabled() else self.unet
-        return unet(x, t, **conditioning.unet_kwargs()).sample
+        grad = torch.is_grad_enabled()
+        unet = self.compiled_unet if self.compiled_unet is not None and not grad else self.unet
+        with self.phases("UNet, with gradients" if grad else "UNet, no gradients"):
+            return unet(x, t, **conditioning.unet_kwargs()).sample
 
     def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
                     direction: torch.Tensor | None = None):
@@ -246,12 +253,14 @@ class Trainer:
                         f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
                         f"--mixed-precision no (or bf16 instead of fp16), or check the models; the last good "
                         f"checkpoint is in {self.out / 'checkpoints'}")
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                with self.phases("backward"):
+                    acc.backward(loss)
+                with self.phases("optimizer"):
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if dump is not None:
@@ -285,7 +294,12 @@ class Trainer:
                    desc="training")
         for step in bar:
             t0 = time.time()
-            sums = self.optimizer_step(step)
+            try:
+                sums = self.optimizer_step(step)
+            except Exception as exc:  # noqa: BLE001 — running out of memory is a setting to change, not a bug
+                if is_out_of_memory(exc):
+                    raise BadConfigError(out_of_memory_advice(cfg, f"step {step}")) from None
+                raise
             done = step + 1
             micro_n = cfg.gradient_accumulation_steps
             local = {k: v if TRAIN_STATS.get(k) == "sum" else v / micro_n for k, v in sums.items()}
@@ -358,7 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("accelerate", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per weights file otherwise
     cfg = TrainConfig.from_args(argv, description=__doc__)
+    if cfg.dry_run:
+        from .dry_run import dry_run
+
+        print(dry_run(cfg, Trainer)["report"], flush=True)
+        return 0
     if cfg.model in (None, *EMBEDDED_MODELS):
         which = "SDXL" if cfg.model == "embedded-sdxl" else "SD1.5"
         print(f"{'No --model given' if cfg.model is None else '--model ' + cfg.model}: training the built-in tiny "

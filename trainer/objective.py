@@ -28,7 +28,8 @@ def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None
     these prompts, see :class:`~trainer.direction.RewardDirection`). ``dump`` (a dict) receives diagnostics."""
     cfg, device = run.cfg, run.acc.device
     # 1. the conditioning of the prompts and of the empty prompt (CFG)
-    step_cond = run.text.encode(prompts, with_uncond=True)
+    with run.phases("text encoding"):
+        step_cond = run.text.encode(prompts, with_uncond=True)
     cond, uncond = run.text.unet_conditioning(step_cond)
     # 2. DDIM from noise, gradients at K of the steps (every steps/K-th from a random offset)
     side = cfg.resolution // 8
@@ -79,16 +80,19 @@ def decode_and_score(run, x0: torch.Tensor, prompts: list[str], v: torch.Tensor,
     x0_pieces = [x0] if whole else [x0.detach()[i:i + piece].requires_grad_() for i in range(0, n, piece)]
     grads, parts, features, start = [], [], [], 0
     for x in x0_pieces:
-        images = decode(run.vae, x)
-        result = segment_score(run.reward, images, prompts[start:start + len(x)], direction=v,
-                               omega=cfg.reward_omega, crop=cfg.reward_crop, split_mode=cfg.split_mode,
-                               long_segments=cfg.long_segments,
-                               generator=torch.Generator().manual_seed(crop_seed))
+        with run.phases("VAE decode"):
+            images = decode(run.vae, x)
+        with run.phases("reward"):
+            result = segment_score(run.reward, images, prompts[start:start + len(x)], direction=v,
+                                   omega=cfg.reward_omega, crop=cfg.reward_crop, split_mode=cfg.split_mode,
+                                   long_segments=cfg.long_segments,
+                                   generator=torch.Generator().manual_seed(crop_seed))
         piece_loss = -0.5 * result.parts.reweighted.sum() / n
         if whole:
             loss = 0.5 + piece_loss
         else:
-            grads.append(torch.autograd.grad(piece_loss, x)[0])
+            with run.phases("backward (decode, reward)"):
+                grads.append(torch.autograd.grad(piece_loss, x)[0])
         parts.append(result.parts)
         features += result.prompts
         start += len(x)
@@ -109,14 +113,15 @@ def align_loss(run, batch, gen: torch.Generator):
     images, captions, time_ids = batch
     keep = torch.rand(len(captions), generator=gen) >= cfg.caption_dropout
     captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the VAE in its own dtype
+    with torch.no_grad(), torch.autocast(device.type, enabled=False), run.phases("VAE encode"):  # in its own dtype
         latents = run.vae.encode(images.to(device, run.vae.dtype) * 2 - 1).latent_dist.sample(
             generator=gen).to(run.weight_dtype) * run.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
     t = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                       generator=gen).to(device)
     noisy = run.noise_scheduler.add_noise(latents, noise, t)
-    step_cond = run.text.encode(captions, with_uncond=False)
+    with run.phases("text encoding"):
+        step_cond = run.text.encode(captions, with_uncond=False)
     cond, _ = run.text.unet_conditioning(step_cond, time_ids)
     with run.acc.autocast():
         pred = run.unet_eps(noisy, t, cond)

@@ -41,6 +41,34 @@ def read_checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]
     return _torch_shapes(path)
 
 
+def checkpoint_weight_dtype(path: str | os.PathLike):
+    """The dtype most of a checkpoint's UNet weights are stored in (from the safetensors header, or the
+    memory-mapped ``.ckpt``), or None when it cannot be told."""
+    from collections import Counter
+
+    import torch
+
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    counts: Counter = Counter()
+    try:
+        if Path(path).suffix.lower() in (".safetensors", ".sft"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                for k in handle.keys():
+                    if k.startswith(UNET):
+                        counts[names.get(handle.get_slice(k).get_dtype())] += 1
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+            counts.update(v.dtype for k, v in state.items() if k.startswith(UNET) and torch.is_tensor(v))
+    except Exception:  # noqa: BLE001 — only a hint: the loader reports a bad file itself
+        return None
+    counts.pop(None, None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def _safetensors_shapes(path: Path, maybe_torch: bool) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -158,21 +186,42 @@ def checkpoint_family(shapes: Shapes, path: str | os.PathLike = "checkpoint") ->
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_single_file(path: str | os.PathLike) -> BaseModel:
+def load_single_file(path: str | os.PathLike, dtype=None) -> BaseModel:
     """A single-file SD1.x or SDXL-family checkpoint (what ComfyUI users have), family and configs from its own
-    tensor names and shapes, loaded through diffusers' single-file loader offline. SDXL gives a
-    :class:`BaseModel` with ``text_encoder_2``/``tokenizer_2`` set. The noise scheduler is DDPM with the
-    family's betas (what training samples noise with); a v-prediction SDXL file (``v_pred`` marker) gives
-    ``prediction_type="v_prediction"`` (and zero terminal SNR with ``ztsnr``) in its config."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    tensor names and shapes, loaded through diffusers' single-file loader offline, directly in ``dtype`` (default
+    fp32); the VAE in :func:`~trainer.sampling.vae_dtype` (fp32 for SDXL's in an fp16 run, read again from the
+    file in fp32). SDXL gives a :class:`BaseModel` with ``text_encoder_2``/``tokenizer_2`` set. The noise
+    scheduler is DDPM with the family's betas (what training samples noise with); a v-prediction SDXL file
+    (``v_pred`` marker) gives ``prediction_type="v_prediction"`` (and zero terminal SNR with ``ztsnr``) in its
+    config."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from .sampling import vae_dtype
+
+    dtype = dtype or torch.float32
     shapes = read_checkpoint_shapes(path)
     family = checkpoint_family(shapes, path)
     config = config_dir_for(shapes, family, path)
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    # A 16-bit file trained in the other 16-bit dtype is read as stored (no converted copy beside the file's
+    # tensors) and cast one parameter at a time afterwards: the peak stays near the size of the weights.
+    stored = checkpoint_weight_dtype(path)
+    half = (torch.float16, torch.bfloat16)
+    read_as = stored if stored in half and dtype in half else dtype
     try:
-        pipe = pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True, **extra)
+        pipe = pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True,
+                                             torch_dtype=read_as, **extra)
+        vae = pipe.vae
+        wanted = vae_dtype(dtype, vae.config)
+        if wanted != dtype:  # the fp32 VAE of an fp16 SDXL run: its own weights again, not the fp16 copy upcast
+            vae = AutoencoderKL.from_single_file(str(path), config=str(config), subfolder="vae",
+                                                 local_files_only=True, torch_dtype=wanted)
+        for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                     vae if wanted == dtype else None):
+            if part is not None:
+                part.to(dtype)
     except Exception as exc:  # diffusers raises several kinds for a file it cannot convert
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadModelFileError(f"{path} was detected as an {FAMILY_NAMES[family]} checkpoint "
@@ -180,6 +229,6 @@ def load_single_file(path: str | os.PathLike) -> BaseModel:
                                 f"complete? {SUPPORTED}") from None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if family == "sdxl":
-        return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, str(path),
+        return BaseModel(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, scheduler, str(path),
                          text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
-    return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, str(path))
+    return BaseModel(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, scheduler, str(path))

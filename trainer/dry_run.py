@@ -1,0 +1,161 @@
+"""``python -m trainer.finetune … --dry-run``: will this run fit, and how long will it take?
+
+It loads everything the options name, exactly as the run would, runs one warm-up and one measured training step,
+one validation and one checkpoint, and prints (and writes to ``<output_dir>/dry_run.md``, the only file it
+writes there) what each model part holds in memory, the peak memory of the step on this device, the seconds of
+a step split by phase, and the projected time of the whole run. A step that runs out of memory is reported
+with the setting to change first, before hours are spent. The models, caches and checkpoint of the trial live
+in a temporary folder that is removed afterwards."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from longalign_core.errors import BadConfigError
+
+from .memory import (GiB, PeakMemory, is_out_of_memory, module_bytes, out_of_memory_advice, process_peak_bytes,
+                     total_memory)
+from .run_log import CSVLog
+from .validation import validate
+
+REPORT_FILE = "dry_run.md"
+
+
+def model_parts(run) -> list[tuple[str, int, int, str]]:
+    """(part, parameters, bytes, dtype) of what the run holds: frozen parts, the LoRA, its gradients and AdamW's
+    moments (measured from the optimizer's state after a step)."""
+    unet = run.acc.unwrap_model(run.unet)
+    rows = [("UNet (frozen)", *module_bytes(unet, trainable=False)), ("VAE", *module_bytes(run.vae)),
+            ("text encoder", *module_bytes(run.text_encoder))]
+    if getattr(run, "text_encoder_2", None) is not None:
+        rows.append(("text encoder 2 (bigG)", *module_bytes(run.text_encoder_2)))
+    if run.t5 is not None:
+        rows += [("T5 encoder", *module_bytes(run.t5.encoder)),
+                 ("T5 adapter", *module_bytes(run.acc.unwrap_model(run.t5.adapter)))]
+    rows.append((f"preference model ({Path(run.reward_source).name})", *module_bytes(run.reward.model)))
+    n_lora = sum(p.numel() for p in run.params)
+    lora_bytes = sum(p.numel() * p.element_size() for p in run.params)
+    rows.append((f"LoRA, rank {run.cfg.lora_rank} on {len(run.targets)} layers (trained)", n_lora, lora_bytes,
+                 "float32"))
+    rows.append(("LoRA gradients", n_lora, lora_bytes, "float32"))
+    state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    rows.append(("AdamW state (2 moments)", sum(t.numel() for t in state),
+                 sum(t.numel() * t.element_size() for t in state), "float32"))
+    return rows
+
+
+def measure_step(run) -> dict:
+    """One warm-up and one measured optimizer step: seconds, per-phase seconds, peak memory of the step above
+    what was held before it, and what was held."""
+    run.unet.train()
+    run.optimizer_step(0)  # warm-up: optimizer state, kernels, one-time buffers
+    timer = run.phases
+    timer.reset()
+    timer.enabled = True
+    try:
+        with PeakMemory(run.acc.device) as mem:
+            t0 = time.perf_counter()
+            run.optimizer_step(1)
+            seconds = time.perf_counter() - t0
+    finally:
+        timer.enabled = False
+    phases = dict(timer.seconds)
+    phases["rest"] = max(0.0, seconds - sum(phases.values()))
+    return {"seconds": seconds, "phases": phases, "peak_bytes": mem.increase, "held_bytes": mem.base,
+            "device_peak_bytes": mem.peak}
+
+
+def project(cfg, load: float, step: float, validation: float, checkpoint: float) -> dict:
+    """Seconds of the whole run: loading, every step, the validations (at the start, every
+    ``--validation-every`` steps and at the end) and the checkpoints (every ``--checkpoint-every`` steps)."""
+    validations = (1 + (cfg.train_steps - 1) // cfg.validation_every + 1 if cfg.validation_every else 2) \
+        if cfg.validation_prompts != 0 else 0
+    checkpoints = (cfg.train_steps - 1) // cfg.checkpoint_every
+    total = load + cfg.train_steps * step + validations * validation + checkpoints * checkpoint
+    return {"validations": validations, "checkpoints": checkpoints, "total_seconds": total}
+
+
+def dry_run(cfg, trainer_class) -> dict:
+    """Measure a run of ``cfg`` (``trainer_class``: :class:`~trainer.finetune.Trainer`) without running it; the
+    result's ``report`` is the markdown printed and written to ``<output_dir>/dry_run.md``."""
+    with tempfile.TemporaryDirectory(prefix="longalign-dry-run-") as work:
+        t0 = time.perf_counter()
+        run = trainer_class(dataclasses.replace(cfg, output_dir=work, resume=None))
+        load = time.perf_counter() - t0
+        device = run.acc.device
+        where = f"a {run.cfg.stage}-stage step ({run.cfg.train_batch_size} per process, {run.cfg.resolution} px)"
+        try:
+            step = measure_step(run)
+            t0 = time.perf_counter()
+            with PeakMemory(device) as val_mem:
+                validate(run, 0, CSVLog(Path(work) / "v.csv", [], False))
+            validation = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 — only running out of memory is turned into advice
+            if is_out_of_memory(exc):
+                raise BadConfigError(out_of_memory_advice(run.cfg, where)) from None
+            raise
+        t0 = time.perf_counter()
+        folder = run.save_checkpoint(1)
+        checkpoint = time.perf_counter() - t0
+        checkpoint_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        result = {"config": run.cfg, "device": device, "load_seconds": load, "step": step,
+                  "validation_seconds": validation, "validation_peak_bytes": val_mem.increase,
+                  "checkpoint_seconds": checkpoint, "checkpoint_bytes": checkpoint_bytes,
+                  "parts": model_parts(run), "process_peak_bytes": process_peak_bytes(),
+                  "device_bytes": total_memory(device), "processes": run.acc.num_processes,
+                  "is_main_process": run.acc.is_main_process,
+                  **project(run.cfg, load, step["seconds"], validation, checkpoint)}
+    result["report"] = format_report(result)
+    if result["is_main_process"]:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / REPORT_FILE).write_text(result["report"])
+    return result
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 2 else f"{n / 2**20:.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_report(r: dict) -> str:
+    """The dry run's findings as markdown."""
+    cfg, step, dev = r["config"], r["step"], r["device"]
+    on = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    held = step["device_peak_bytes"]
+    fits = held <= r["device_bytes"] if r["device_bytes"] else True
+    lines = [f"# Dry run: {cfg.stage} stage, {cfg.model or 'embedded'}", "",
+             f"Device: {on} ({_gib(r['device_bytes'])}), {r['processes']} process(es); frozen weights "
+             f"{cfg.mixed_precision}, {cfg.resolution} px, batch {cfg.train_batch_size} per process × "
+             f"{cfg.gradient_accumulation_steps} micro-batches, DDIM {cfg.sample_steps} steps with gradients at "
+             f"{cfg.sample_grad_steps}.", "",
+             "| part | parameters | memory | dtype |", "|---|---:|---:|---|"]
+    for name, n, nbytes, dtype in r["parts"]:
+        lines.append(f"| {name} | {n / 1e6:,.1f} M | {_gib(nbytes)} | {dtype} |")
+    lines += ["", f"**Peak memory of one step: {_gib(held)}** on this device "
+                  f"({_gib(step['peak_bytes'])} above the {_gib(step['held_bytes'])} held before it; validation "
+                  f"{_gib(r['validation_peak_bytes'])} above). "
+              + (f"It fits ({held / r['device_bytes']:.0%} of {_gib(r['device_bytes'])})." if fits else
+                 f"It does NOT fit in {_gib(r['device_bytes'])}.")
+              + (f" The process's highest resident memory, loading included: {_gib(r['process_peak_bytes'])}."
+                 if dev.type == "cpu" else ""), "",
+              f"**One step: {step['seconds']:.2f} s** — "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(step["phases"].items(), key=lambda kv: -kv[1])), "",
+              f"**Projected run: {_duration(r['total_seconds'])}** = loading {r['load_seconds']:.0f} s + "
+              f"{cfg.train_steps} steps × {step['seconds']:.2f} s + {r['validations']} validation(s) × "
+              f"{r['validation_seconds']:.1f} s + {r['checkpoints']} checkpoint(s) × {r['checkpoint_seconds']:.1f} s "
+              f"({_gib(r['checkpoint_bytes'])} each). Every process runs every step, so more processes add "
+              f"prompts per step, not steps per second.", ""]
+    return "\n".join(lines)
