@@ -141,9 +141,11 @@ def test_overflow_error_names_the_prompt(tmp_path, prompt_files):
 def test_two_processes_with_captions_of_different_lengths(tmp_path, prompt_files, captions, overflow, t5,
                                                           tiny_t5_dir, tiny_adapter_dir):
     """torchrun, 2 CPU processes (gloo), batch 1 each: one rank gets the ~300-token caption, the other the
-    ~700-token one. Each rank's CFG rows share one length; logged statistics are reduced over both."""
+    ~700-token one. Each rank's CFG rows share one length; logged statistics are reduced over both. The truncate
+    run keeps gradients at 2 steps of its chain (DDP reduces the gradient of two checkpointed UNet calls)."""
     out = tmp_path / "ddp"
-    proc = run_module(["--output-dir", str(out), *QUICK, "--train-batch-size", "1", "--prompts",
+    chain = ["--sample-steps", "4", "--sample-grad-steps", "2"] if overflow == "truncate" else []
+    proc = run_module(["--output-dir", str(out), *QUICK, *chain, "--train-batch-size", "1", "--prompts",
                        str(prompt_files / "train.txt"), "--validation-prompts", str(prompt_files / "val.txt"),
                        "--overflow", overflow, "--reward-direction", "batch", *t5_args(t5, tiny_t5_dir, tiny_adapter_dir)],
                       nproc=2, port=29533 if t5 else 29534)

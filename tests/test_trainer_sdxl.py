@@ -121,8 +121,18 @@ def test_sdxl_long_captions(trainer, overflow):
 
 
 def test_vae_is_upcast_for_fp16_and_decodes_in_fp32_under_autocast(trainer):
-    """SDXL's VAE (force_upcast) stays fp32 in an fp16 run; bf16 and SD1.5's VAE follow the training dtype. Under
-    autocast the upcast VAE still decodes in fp32: the same pixels as without autocast."""
+    """The rule is the VAE config's own ``force_upcast`` (diffusers' flag): fp32 in an fp16 run for SDXL's VAE and
+    for SD1.5's (its published config leaves the flag at diffusers' default, True), the training dtype under bf16
+    and for a VAE made for fp16 (madebyollin/sdxl-vae-fp16-fix says force_upcast false). Under autocast the
+    upcast VAE still decodes in fp32: the same pixels as without autocast."""
+    from diffusers import AutoencoderKL
+
+    from trainer.checkpoint_configs import sd15_config_dir
+
+    sd15_vae = AutoencoderKL.load_config(sd15_config_dir(), subfolder="vae")
+    assert "force_upcast" not in sd15_vae  # as in runwayml/stable-diffusion-v1-5 vae/config.json
+    assert AutoencoderKL.from_config(sd15_vae).config.force_upcast is True
+    assert vae_dtype(torch.float16, AutoencoderKL.from_config(sd15_vae).config) == torch.float32
     assert vae_dtype(torch.float16, trainer.vae.config) == torch.float32
     assert vae_dtype(torch.bfloat16, trainer.vae.config) == torch.bfloat16
     assert vae_dtype(torch.float16, {"force_upcast": False}) == torch.float16
@@ -162,7 +172,7 @@ def test_align_stage_time_ids_describe_the_crop(tmp_path):
     t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path / "run"), *FAST, "--stage", "align",
                                        "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
                                        "--validation-prompts", "0"]))
-    images, captions, time_ids = t.align_batch(torch.Generator().manual_seed(0))
+    images, captions, time_ids = t.align_batch(0)
     # 80x72 resized to a short side of 32 is 35x32 (torchvision: int(32 * 80 / 72)); centre crop from row
     # round(3 / 2) = 2, column 0
     assert time_ids.tolist() == [[80, 72, 2, 0, 32, 32]] * 2
@@ -258,3 +268,32 @@ def test_v_prediction_models_get_their_own_target_and_x0(trainer, monkeypatch):
     v_target = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["x0"]
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen["pred"].float(), v_target.float()))
     assert float((v_target - seen["noise"]).abs().max()) > 1e-2  # ε would be a different target
+
+
+def test_reward_stage_on_a_v_prediction_model_decodes_x0_from_v(trainer, monkeypatch):
+    """The reward stage on a v-prediction model: the x̂0 it decodes is sqrt(ᾱ_t)·x_t − sqrt(1 − ᾱ_t)·v of the
+    last DDIM step, v the guided prediction v_u + g·(v_c − v_u) — written out here from ᾱ and the UNet's
+    outputs (an ε reading would give (x_t − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t) instead)."""
+    from diffusers import DDPMScheduler
+
+    import trainer.objective as objective
+
+    vpred = DDPMScheduler.from_config(trainer.noise_scheduler.config, prediction_type="v_prediction")
+    monkeypatch.setattr(trainer, "noise_scheduler", vpred)
+    monkeypatch.setattr(trainer, "prediction_type", "v_prediction")
+    calls, decoded = [], []
+    real_eps, real_decode = trainer.unet_eps, objective.decode
+    monkeypatch.setattr(trainer, "unet_eps", lambda x, t, c: calls.append((x, t, real_eps(x, t, c))) or calls[-1][2])
+    monkeypatch.setattr(objective, "decode", lambda vae, x: decoded.append(x) or real_decode(vae, x))
+    from trainer.seeding import step_generator
+
+    with torch.no_grad():
+        trainer.reward_loss(["A cat. A dog."], step_generator(0, 0, 0))
+    x_in, t, out = calls[-1]
+    x_t = x_in.chunk(2)[0]
+    v_u, v_c = out.chunk(2)
+    v = v_u + trainer.cfg.sample_guidance * (v_c - v_u)
+    abar = vpred.alphas_cumprod[int(t[0])]
+    torch.testing.assert_close(decoded[0], abar.sqrt() * x_t - (1 - abar).sqrt() * v, atol=1e-5, rtol=1e-4)
+    as_eps = (x_t - (1 - abar).sqrt() * v) / abar.sqrt()
+    assert float((decoded[0] - as_eps).abs().max()) > 1e-3

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 
 #: A few seconds per step on the built-in tiny pipeline at 32 px.
-FAST = ["--resolution", "32", "--sample-steps", "4", "--sample-grad-steps", "2", "--train-batch-size", "2",
+FAST = ["--resolution", "32", "--dataloader-workers", "0", "--sample-steps", "4", "--sample-grad-steps", "2", "--train-batch-size", "2",
         "--validation-prompts", "1", "--validation-steps", "2", "--validation-every", "0", "--lora-rank", "4",
         "--learning-rate", "1e-3", "--lr-warmup-steps", "0"]
 

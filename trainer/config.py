@@ -90,8 +90,17 @@ class TrainConfig:
     prompts: str | None = _f(None, "prompts: .txt (one per line), .jsonl ('prompt' or 'caption' field) or a "
                                    "local `datasets` folder (save_to_disk) with a 'caption' column. Omit only "
                                    "with an embedded --model (the built-in long prompts)")
-    image_column: str = _f("image", "align stage: image column of the datasets folder")
-    caption_column: str = _f("caption", "align stage: caption column")
+    image_column: str = _f("image", "align stage: the column with the images (a datasets.Image column) or their "
+                                    "paths (e.g. 'path' in the released LongAlign data); not used by an image "
+                                    "folder with .txt captions")
+    caption_column: str = _f("caption", "the caption column (--prompts datasets folder, .csv, .jsonl)")
+    image_root: str | None = _f(None, "align stage: the folder relative image paths are read under (default: the "
+                                      "--prompts file's folder; for a datasets folder, it or the folder it sits in)")
+    buckets: bool = _f(False, "align stage: aspect-ratio buckets of about --resolution² pixels (the usual SDXL "
+                              "1024² buckets at 1024) instead of a centre-cropped square; SDXL's size/crop ids "
+                              "are those of the bucket and crop used")
+    dataloader_workers: int = _f(2, "align stage: processes that decode images beside training (0: in the "
+                                    "training process)")
     # -- text encoding ----------------------------------------------------------------------------------------
     token_budget: int = _f(DEFAULT_TOKEN_BUDGET, "segment-level conditioning length of the CLIP part (docs/method.md §1)")
     overflow: str = _f("truncate", "a prompt longer than the token budget: truncate (the release: keep the first "
@@ -203,6 +212,7 @@ class TrainConfig:
             (self.reward_direction_prompts >= 1,
              f"--reward-direction-prompts must be >= 1, got {self.reward_direction_prompts}"),
             (self.decode_batch is None or self.decode_batch >= 1, f"--decode-batch must be >= 1, got {self.decode_batch}"),
+            (self.dataloader_workers >= 0, f"--dataloader-workers must be >= 0, got {self.dataloader_workers}"),
         ]
         errors = bad + [msg for ok, msg in checks if not ok]
         if errors:

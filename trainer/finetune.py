@@ -39,13 +39,14 @@ from longalign_core.preference import load_preference_model
 
 from . import checkpoints as ckpt
 from . import objective
-from .align_data import AlignDataset
+from .align_data import AlignData
 from .config import EMBEDDED_MODELS, TrainConfig
 from .data import batch_prompts, load_prompts, split_validation
 from .conditioning import StepConditioning, StepEncoder
 from .direction import RewardDirection, resolve_direction
 from .memory import PhaseTimer, is_out_of_memory, out_of_memory_advice
-from .lora_layers import LORA_FILE, add_lora_output_dropout, attach_lora, export_lora, lora_metadata
+from .lora_layers import add_lora_output_dropout, attach_lora
+from .outputs import export_run_lora, save_outputs
 from .models import check_model_sources, load_base_model, reward_model_source
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
 from .sampling import UNetConditioning
@@ -103,11 +104,13 @@ class Trainer:
         if cfg.stage == "reward":
             pool, source = load_prompts(cfg.prompts, cfg.caption_column), cfg.prompts or "the built-in prompts"
         else:
-            self.align_dataset = AlignDataset(cfg.prompts, cfg.image_column, cfg.caption_column)
-            pool, source = self.align_dataset.captions, cfg.prompts
+            self.align_data = AlignData(cfg)
+            pool, source = self.align_data.captions, cfg.prompts
         self.validation_prompts, train_rows = split_validation(pool, cfg.validation_prompts, cfg.seed, source)
         self.prompts = [pool[i] for i in train_rows] if cfg.stage == "reward" else None
         self.align_rows = train_rows if cfg.stage == "align" else None
+        if cfg.stage == "align":  # every training image opened before a model loads
+            self.align_data.check(train_rows)
 
     def _load_models(self) -> None:
         cfg, device, dtype = self.cfg, self.acc.device, self.weight_dtype
@@ -124,6 +127,9 @@ class Trainer:
         unet = base.unet
         if cfg.resolution is None:  # the model's own: SD1.5 512, SDXL 1024 (the embedded ones 64)
             self.cfg = cfg = dataclasses.replace(cfg, resolution=int(unet.config.sample_size) * 8)
+        if cfg.stage == "align":
+            self.align_data.cfg = cfg
+            self.align_data.bucket(cfg.resolution, cfg.buckets)
         unet.requires_grad_(False)
         self.targets = lora_targets(unet)
         for path in cfg.init_lora:  # e.g. the stage-1 LoRA under the reward stage, merged and frozen
@@ -226,8 +232,8 @@ class Trainer:
     def align_loss(self, batch, gen: torch.Generator):
         return objective.align_loss(self, batch, gen)
 
-    def align_batch(self, gen: torch.Generator):
-        return self.align_dataset.batch(self.align_rows, self.cfg.train_batch_size, self.cfg.resolution, gen)
+    def align_batch(self, step: int, micro: int = 0):
+        return self.align_data.batch(step, micro, self.acc.process_index, self.acc.num_processes)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def optimizer_step(self, step: int) -> dict[str, float]:
@@ -247,7 +253,7 @@ class Trainer:
                                             acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
                     loss, stats = self.reward_loss(prompts, gen, dump, direction=step_v)
                 else:
-                    loss, stats = self.align_loss(self.align_batch(gen), gen)
+                    loss, stats = self.align_loss(self.align_batch(step, micro), gen)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
@@ -318,22 +324,14 @@ class Trainer:
                 validate(done)
                 self.unet.train()
         validate(cfg.train_steps)
-        lora_file = self.save_outputs()
+        lora_file = save_outputs(self)
         acc.end_training()
         return lora_file
 
     # -- checkpoints, validation, outputs ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         return ckpt.save_checkpoint(self.acc, self.out, step, {"seed": self.cfg.seed, "totals": self.totals},
-                                    self.cfg.checkpoints_keep, export=lambda folder: self.export_lora(folder, step))
-
-    def export_lora(self, folder: Path, steps: int) -> tuple[Path, dict]:
-        """The LoRA as trained so far, as ``folder/longalign_lora.safetensors`` (kohya keys; ComfyUI loads it)."""
-        meta = lora_metadata(self.cfg, base_source=self.base_source, reward_source=self.reward_source,
-                             prompts_sha256=prompts_digest(self.prompts) if self.prompts else "",
-                             is_sdxl=self.is_sdxl, steps=steps)
-        path = Path(folder) / LORA_FILE
-        return path, export_lora(self.acc.unwrap_model(self.unet), self.targets, path, meta)
+                                    self.cfg.checkpoints_keep, export=lambda folder: export_run_lora(self, folder, step))
 
     def load_checkpoint(self, which: str) -> int:
         """Restore a checkpoint (``latest`` or a folder); returns its step."""
@@ -341,29 +339,6 @@ class Trainer:
         self.totals = {**self.totals, **state.get("totals", {})}
         self.acc.print(f"resumed from {path} at step {state['step']}")
         return state["step"]
-
-    def save_outputs(self) -> Path:
-        """The LoRA file (kohya keys), the trained T5 adapter, the merged UNet if asked, and the report."""
-        cfg, acc = self.cfg, self.acc
-        acc.wait_for_everyone()
-        lora_file = self.out / LORA_FILE
-        if acc.is_main_process:
-            lora_file, pairs = self.export_lora(self.out, cfg.train_steps)
-            if cfg.train_t5_adapter:
-                acc.unwrap_model(self.t5.adapter).save_pretrained(self.out / "t5_adapter")
-            if cfg.merge_checkpoint:
-                merged = load_base_model(cfg.model, cfg.seed).unet
-                for path in cfg.init_lora:
-                    merge_lora(merged, load_lora(path, self.targets))
-                merge_lora(merged, pairs)
-                merged.save_pretrained(self.out / "unet_merged")
-            from .report import write_report
-
-            write_report(self.out)
-            print(f"wrote {lora_file} ({len(pairs)} LoRA layers, kohya keys: loads in ComfyUI's LoraLoader and "
-                  f"in LongAlign's Load LongSD LoRA) and {self.out / 'report.png'}", flush=True)
-        acc.wait_for_everyone()
-        return lora_file
 
 
 def main(argv: list[str] | None = None) -> int:

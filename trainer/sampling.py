@@ -100,8 +100,9 @@ def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond, uncon
 
 def vae_dtype(training_dtype: torch.dtype, vae_config) -> torch.dtype:
     """The VAE's dtype for a run in ``training_dtype``: fp32 when training in fp16 with a VAE whose config asks for
-    ``force_upcast`` (SDXL's VAE overflows to NaN in fp16; diffusers' SDXL pipeline and training scripts upcast
-    it the same way), otherwise the training dtype (bf16 has fp32's range)."""
+    ``force_upcast`` (diffusers' flag, True unless the config says otherwise: SDXL's VAE overflows to NaN in fp16,
+    and SD1.5's published config keeps the default; diffusers' SDXL pipeline and training scripts upcast the same
+    way), otherwise the training dtype (bf16 has fp32's range; an fp16-safe VAE says force_upcast false)."""
     if training_dtype == torch.float16 and vae_config.get("force_upcast", False):
         return torch.float32
     return training_dtype

@@ -1,0 +1,45 @@
+"""What a run leaves behind: the LoRA file (kohya keys, metadata saying how it was trained) at every checkpoint and
+at the end, the trained T5 adapter, the merged UNet if asked, and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longalign_core.denscore import prompts_digest
+from longalign_core.lora import load_lora, merge_lora
+
+from .lora_layers import LORA_FILE, export_lora, lora_metadata
+from .models import load_base_model
+
+
+def export_run_lora(run, folder: Path, steps: int) -> tuple[Path, dict]:
+    """The LoRA as trained so far, as ``folder/longalign_lora.safetensors`` (kohya keys; ComfyUI loads it)."""
+    meta = lora_metadata(run.cfg, base_source=run.base_source, reward_source=run.reward_source,
+                         prompts_sha256=prompts_digest(run.prompts) if run.prompts else "",
+                         is_sdxl=run.is_sdxl, steps=steps)
+    path = Path(folder) / LORA_FILE
+    return path, export_lora(run.acc.unwrap_model(run.unet), run.targets, path, meta)
+
+
+def save_outputs(run) -> Path:
+    """The LoRA file (kohya keys), the trained T5 adapter, the merged UNet if asked, and the report."""
+    cfg, acc = run.cfg, run.acc
+    acc.wait_for_everyone()
+    lora_file = run.out / LORA_FILE
+    if acc.is_main_process:
+        lora_file, pairs = export_run_lora(run, run.out, cfg.train_steps)
+        if cfg.train_t5_adapter:
+            acc.unwrap_model(run.t5.adapter).save_pretrained(run.out / "t5_adapter")
+        if cfg.merge_checkpoint:
+            merged = load_base_model(cfg.model, cfg.seed).unet
+            for path in cfg.init_lora:
+                merge_lora(merged, load_lora(path, run.targets))
+            merge_lora(merged, pairs)
+            merged.save_pretrained(run.out / "unet_merged")
+        from .report import write_report
+
+        write_report(run.out)
+        print(f"wrote {lora_file} ({len(pairs)} LoRA layers, kohya keys: loads in ComfyUI's LoraLoader and "
+              f"in LongAlign's Load LongSD LoRA) and {run.out / 'report.png'}", flush=True)
+    acc.wait_for_everyone()
+    return lora_file
