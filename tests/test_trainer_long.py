@@ -108,7 +108,7 @@ def test_align_stage(tmp_path, pairs_folder, captions, t5, overflow, length, tin
     trainer = Trainer(cfg)
     held_out = trainer.validation_prompts
     assert len(held_out) == 1 and len(trainer.align_rows) == 2
-    training = [trainer.align_dataset.captions[i] for i in trainer.align_rows]
+    training = [trainer.align_data.captions[i] for i in trainer.align_rows]
     assert held_out[0] not in training
     trainer.train()
     merged = [merged_tokens(c) for c in training]
