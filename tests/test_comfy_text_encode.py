@@ -54,8 +54,19 @@ def test_pack_registers_v3_node_with_tooltips(pack):
     assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "STRING", "INT", "INT"]
 
 
-def test_sd1_matches_host_per_segment_encodes(node, clip_l):
+def _node_verdict(pack, clip):
+    """The trimmed-forward verdict the node's own cache holds for ``clip``'s current state."""
+    import sys
+
+    cache = sys.modules[pack.__name__ + ".nodes.text_encode"].SEGMENT_CACHE
+    return cache.verdict(clip, cache.state_key(clip))
+
+
+def test_sd1_matches_host_per_segment_encodes(pack, node, clip_l):
     conditioning, report = run_node(node, clip_l, EXAMPLE_PROMPT)
+    # the packed trimmed forward did the work (it was checked, and did not fall back to the host)
+    verdict = _node_verdict(pack, clip_l)
+    assert verdict.usable and verdict.verified, verdict.reason
     assert len(conditioning) == 1
     cond, extra = conditioning[0]
     assert cond.shape == (1, 240, 768)
@@ -426,10 +437,12 @@ def test_sd2_drops_padding_by_position(node):
     torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=3e-4, rtol=1e-3)
 
 
-def test_sdxl_two_encoders_and_pooled(node):
+def test_sdxl_two_encoders_and_pooled(pack, node):
     clip = host_clip("gl", seed=7)
     prompt = "A cat! Two dogs play in the snow."
     (cond, extra), = run_node(node, clip, prompt)[0]
+    verdict = _node_verdict(pack, clip)
+    assert verdict.usable and verdict.verified, verdict.reason
     assert cond.shape == (1, 240, 2048)
     torch.testing.assert_close(cond[0], expected(clip, prompt), atol=5e-4, rtol=1e-3)
     first = split_segments(prompt)[0].text
