@@ -233,6 +233,12 @@ def test_embeddings_are_honoured(tmp_path):
     verdict = cache.verdict(clip, state)
     assert verdict.usable and verdict.checked == {"embeddings"}
     torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
+    # The embedding file replaced on disk: the next prompt uses the new vectors (its sentence is not served from
+    # the tokens cached for the old file).
+    save_file({"emb_params": torch.randn(3, 768) * 0.3}, str(tmp_path / "shiny.safetensors"))
+    again, _ = run_node(node, clip, prompt)
+    assert not torch.allclose(again[0][0][0], cond[0][0][0], atol=1e-3)
+    torch.testing.assert_close(again[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["trimmed-forward", "host-path"])
