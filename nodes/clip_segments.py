@@ -141,16 +141,23 @@ class FastPathVerdict:
 
     ``usable`` turns False for good only on a mismatch with the host or a structural error (the host's modules
     are not what the trimmed forward expects); a transient error (out of memory) leaves it alone.
-    ``verified``: the empty prompt, packed behind real segments, matched the host's own encode in this state
-    (done on the first trimmed forward of the state). ``checked``: the rules already compared with the host's
-    own encode on real rows (``"weights"``: a row with prompt weights; ``"embeddings"``: a row with
-    textual-inversion embeddings), each on the first prompt of the state that uses it.
+    ``checked_width``: the empty prompt, packed behind real segments, matched the host's own encode in this
+    state over its first ``checked_width`` positions (checked on the first trimmed forward of the state, and
+    again, wider, when a later prompt needs more positions than any before). ``checked``: the rules already
+    compared with the host's own encode on real rows (``"weights"``: a row with prompt weights;
+    ``"embeddings"``: a row with textual-inversion embeddings), each on the first prompt of the state that uses
+    it.
     """
 
     usable: bool = True
-    verified: bool = False
+    checked_width: int = 0
     checked: set[str] = field(default_factory=set)
     reason: str = ""
+
+    @property
+    def verified(self) -> bool:
+        """The trimmed forward was checked against the host in this state (and passed)."""
+        return self.usable and self.checked_width > 0
 
 
 class SegmentCache:
@@ -421,10 +428,11 @@ class HostClipSegments:
     def _encode_trimmed_checked(self, trimmed: TrimmedClipForward, rows: list[dict[str, Chunk]],
                                 empty: torch.Tensor, want_pooled: bool, verdict: FastPathVerdict):
         """Trimmed forward of ``rows``, checked against the host's own encode once per model state: on the first
-        call of a state the empty prompt goes along, packed behind the real segments (so the check also covers
-        the packing: positions counted per segment, each segment seeing only itself); the first row with prompt
-        weights and the first with embeddings are encoded by the host too and compared. Returns None (reason in
-        ``verdict``) on a mismatch."""
+        call of a state (and on a later one that needs more positions than any before) the empty prompt goes
+        along as one more segment as wide as the widest row, packed behind the real segments (so the check also
+        covers the packing: positions counted per segment, each segment seeing only itself); the first row with
+        prompt weights and the first with embeddings are encoded by the host too and compared. Returns None
+        (reason in ``verdict``) on a mismatch."""
         to_check = {}
         for i, row in enumerate(rows):
             entries = [e for k in self.keys for e in row[k][: _first_end(row[k]) + 1]]
@@ -438,19 +446,18 @@ class HostClipSegments:
         widths = [min(_first_end(row[self.primary]) + (1 if i in to_check.values() or (i == 0 and want_pooled)
                                                        else 0), CHUNK)
                   for i, row in enumerate(rows)]
-        check_empty = not verdict.verified
-        if check_empty:
+        check_width = max(widths + [2]) if max(widths) > verdict.checked_width else 0  # 2: start + end token
+        if check_width:
             rows = rows + [{k: self._empty[k][0] for k in self.keys}]
-            widths.append(CHUNK)
+            widths.append(check_width)
         with self._phase("trimmed forward"):
             states, pooled = trimmed.encode(rows, widths, empty, want_pooled)
         with self._phase("checks against the host (once per model state)"):
-            if check_empty:
-                if not states_match(states[-1, :CHUNK], empty):
+            if check_width:
+                if not states_match(states[-1, :check_width], empty[:check_width]):
                     verdict.reason = "its result differs from the host's encode of the empty prompt"
                     return None
-                states = states[:-1]
-                rows = rows[:-1]
+                states, rows = states[:-1], rows[:-1]
             if to_check:
                 order = sorted(set(to_check.values()))
                 (host_states, _), = self._encode_chunks([rows[i] for i in order])
@@ -460,7 +467,7 @@ class HostClipSegments:
                         verdict.reason = f"its result differs from the host's encode of a row with {what}"
                         return None
                 verdict.checked.update(to_check)
-            verdict.verified = True
+            verdict.checked_width = max(verdict.checked_width, check_width)
         return states, pooled
 
     def _encode_cached(self, seg_chunks):
