@@ -75,6 +75,88 @@ def keep_mask_before_end(token_ids: torch.Tensor, end_token_id: int) -> torch.Te
     return positions < first_end
 
 
+#: Widest packed row (positions) of :func:`pack_segments`: attention over a row costs its width squared, so
+#: segments share rows up to this width and more rows are made beyond it.
+PACKED_ROW_WIDTH = 256
+
+
+@dataclass
+class PackedRows:
+    """Where each of N segments sits when segments share rows (sequence packing, docs/method.md §1.2).
+
+    A causal text encoder run over a packed row with :meth:`attention_mask` (each position sees only the earlier
+    positions of its own segment) and :meth:`positions` (each segment counts its positions from 0) gives every
+    segment the states it gets alone, without padding every segment to the longest one.
+    ``placement[i]``: (row, offset) of segment i; ``widths[i]``: its positions; R rows of ``width`` positions.
+    """
+
+    placement: list[tuple[int, int]]
+    widths: list[int]
+    rows: int
+    width: int
+
+    def segment_ids(self) -> torch.Tensor:
+        """``(R, W)`` the segment index at each slot; an unused slot gets its own negative id (it sees only itself)."""
+        ids = -1 - torch.arange(self.rows * self.width).reshape(self.rows, self.width)
+        for i, ((row, offset), w) in enumerate(zip(self.placement, self.widths)):
+            ids[row, offset:offset + w] = i
+        return ids
+
+    def positions(self) -> torch.Tensor:
+        """``(R, W)`` each slot's position inside its segment (0 for unused slots)."""
+        pos = torch.zeros(self.rows, self.width, dtype=torch.long)
+        for (row, offset), w in zip(self.placement, self.widths):
+            pos[row, offset:offset + w] = torch.arange(w)
+        return pos
+
+    def attention_mask(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """``(R, 1, W, W)`` additive mask: 0 where query slot q may attend key slot k (same segment, k not after
+        q), ``-finfo(dtype).max`` elsewhere: the causal mask of each segment, block by block."""
+        ids, pos = self.segment_ids(), self.positions()
+        allowed = (ids[:, :, None] == ids[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, -torch.finfo(dtype).max)
+        return mask.unsqueeze(1).to(device)
+
+
+def pack_segments(widths: Sequence[int], max_width: int = PACKED_ROW_WIDTH) -> PackedRows:
+    """Pack segments of ``widths`` positions into as few rows as ``max_width`` allows (first-fit decreasing),
+    each row as narrow as that count of rows permits; inside a row segments keep their input order.
+
+    A segment wider than ``max_width`` gets a row of its own width.
+    """
+    widths = [int(w) for w in widths]
+    if not widths or min(widths) < 1:
+        raise ValueError(f"segment widths must be >= 1, got {widths}")
+    if max_width < 1:
+        raise ValueError(f"max_width must be >= 1, got {max_width}")
+    total = sum(widths)
+    rows = max(1, math.ceil(total / max(max_width, max(widths))))
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    capacity = max(max(widths), math.ceil(total / rows))
+    while True:  # capacity grows until the rows hold everything (at worst one row of the total)
+        fill = [0] * rows
+        members: list[list[int]] = [[] for _ in range(rows)]
+        for i in order:
+            row = next((r for r in range(rows) if fill[r] + widths[i] <= capacity), None)
+            if row is None:
+                break
+            fill[row] += widths[i]
+            members[row].append(i)
+        else:
+            break
+        capacity += 1
+    placement: list[tuple[int, int]] = [(0, 0)] * len(widths)
+    for row, items in enumerate(members):
+        offset = 0
+        for i in sorted(items):
+            placement[i] = (row, offset)
+            offset += widths[i]
+    used = [m for m in range(rows) if members[m]]
+    remap = {r: k for k, r in enumerate(used)}
+    placement = [(remap[r], o) for r, o in placement]
+    return PackedRows(placement, widths, len(used), max(fill))
+
+
 class TokenBudgetError(BadInputError):
     """``overflow="error"`` and a prompt needs more tokens than the budget; front-ends may reword it with their
     own option names from ``prompt_index``, ``needed`` and ``budget``."""

@@ -1,28 +1,31 @@
-"""Trimmed forward: run the host CLIP's own modules over only the positions a segment needs.
+"""Trimmed forward: run the host CLIP's own modules over only the positions the segments need.
 
 ComfyUI's CLIP object always encodes 77 positions per chunk, so one chunk per 15-token sentence spends most of
 its work on padding. CLIP is causal: the states at a segment's start and content positions do not depend on
-anything after them, so running the same modules over the first T positions of every chunk (T = longest
-segment + its end token) gives the same states at a fraction of the cost.
+anything after them. So each segment needs only its own positions, and segments of different lengths can share
+one row (sequence packing, :func:`longalign_core.segment_encoding.pack_segments`): each segment's positions
+count from 0 and an attention mask lets each position see only the earlier positions of its own segment, which
+is the causal mask the host applies to a lone chunk. A 14-sentence prompt then costs about as many positions as
+its tokens, like the host's 77-token chunking, instead of 14 × 77.
 
 This module does exactly what ComfyUI's ``SDClipModel.forward`` does, minus the trailing padding, with the
 host's own objects: the host tokenizer's chunks, ``SDClipModel.process_tokens`` (token and textual-inversion
 embeddings), the text model's position embedding, encoder layers (LoRA patches applied by ``clip.load_model``)
 and final layer norm, the clip-skip layer chosen by ``set_clip_options``, and ComfyUI's prompt-weight rule
 ``(z - z_empty) * w + z_empty``. :class:`TrimmedClipForward` refuses (returns a reason) whenever the host's
-model is not one it understands. The caller (``clip_segments``) checks it against the host's own full encode:
-the empty prompt on every call, and, once per model and patch state, a row with prompt weights and a row with
-embeddings when a prompt uses them; on a mismatch it falls back to the host path for that model state.
+model is not one it understands. The caller (``clip_segments``) checks it against the host's own full encode
+once per model state (model, patches, clip skip, device, dtype): the empty prompt packed behind real segments,
+and a row with prompt weights and a row with embeddings when a prompt uses them; on a mismatch it falls back to
+the host path for that model state.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 
-from ..longalign_core.clip_vocab import END_ID
+from ..longalign_core.segment_encoding import PackedRows, pack_segments
 
 #: What the host's internals raise when they are not what the trimmed forward expects (missing attribute, other
 #: signature, shape mismatch). Anything else (ComfyUI's interrupt, KeyboardInterrupt) propagates.
@@ -89,22 +92,20 @@ class TrimmedClipForward:
         cs.set_clip_options({"execution_device": self.clip.patcher.load_device})
 
     @torch.no_grad()
-    def encode(self, chunk_list: list[dict[str, list]], empty_states: torch.Tensor, want_pooled: bool):
-        """``(n, T, C)`` states for n chunks (C = all streams), and the pooled output of chunk 0 if asked.
+    def encode(self, chunk_list: list[dict[str, list]], widths: Sequence[int], empty_states: torch.Tensor,
+               want_pooled: bool):
+        """``(n, W, C)`` states for n chunks (W = the widest of ``widths``, C = all streams; chunk i's states in
+        its first ``widths[i]`` positions, zeros after), and the pooled output of chunk 0 if asked (then
+        ``widths[0]`` must reach its end token).
 
         ``empty_states``: ``(77, C)`` the host's own encode of the empty prompt, for prompt weights.
         """
         self._prepare()
         try:
-            firsts = []
-            for c in chunk_list:
-                ids = [e[0] for e in c[self.keys[0]]]
-                firsts.append(next((i for i, t in enumerate(ids)
-                                    if isinstance(t, numbers.Integral) and int(t) == END_ID), len(ids) - 1))
-            width = min(max(firsts) + 1, len(chunk_list[0][self.keys[0]]))  # keep the end token: pooled
+            layout = pack_segments(widths)
             outs, pooled, offset = [], None, 0
             for k in self.keys:
-                z, p = self._stream(self.models[k], [c[k] for c in chunk_list], width, want_pooled)
+                z, p = self._stream(self.models[k], [c[k] for c in chunk_list], layout, want_pooled)
                 channels = z.shape[-1]
                 z = self._apply_weights(z, [c[k] for c in chunk_list], empty_states[:, offset:offset + channels])
                 offset += channels
@@ -116,7 +117,8 @@ class TrimmedClipForward:
             self.clip.cond_stage_model.reset_clip_options()
 
     @staticmethod
-    def _stream(m, chunks: list[list], width: int, want_pooled: bool):
+    def _stream(m, chunks: list[list], layout: PackedRows, want_pooled: bool):
+        """One text encoder over the packed rows of ``layout`` → ``(n, W, C)`` per-chunk states and pooled."""
         device = m.execution_device
         if device is None:
             device = m.transformer.get_input_embeddings().weight.device
@@ -124,19 +126,28 @@ class TrimmedClipForward:
         embeds, _, num_tokens, embeds_info = m.process_tokens(token_rows, device)
         if any(info.get("type") != "embedding" for info in embeds_info):
             raise NotImplementedError("non-embedding inputs in the token stream")
+        if want_pooled and num_tokens[0] > layout.widths[0]:
+            raise ValueError(f"chunk 0 is packed with {layout.widths[0]} positions, its end token is at {num_tokens[0] - 1}")
         text_model = m.transformer.text_model
-        position = text_model.embeddings.position_embedding.weight[:width]
-        x = embeds[:, :width] + position.to(device=embeds.device, dtype=embeds.dtype)
-        mask = torch.full((width, width), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+        x = embeds.new_zeros(layout.rows, layout.width, embeds.shape[-1])
+        for i, ((row, offset), w) in enumerate(zip(layout.placement, layout.widths)):
+            x[row, offset:offset + w] = embeds[i, :w]
+        position = text_model.embeddings.position_embedding.weight.to(device=x.device, dtype=x.dtype)
+        x = x + position[layout.positions().to(x.device)]
+        mask = layout.attention_mask(x.dtype, x.device)
         intermediate = m.layer_idx if m.layer == "hidden" else None
         x, hidden = text_model.encoder(x, mask=mask, intermediate_output=intermediate)
         x = text_model.final_layer_norm(x)
         if hidden is not None and m.layer_norm_hidden_state:
             hidden = text_model.final_layer_norm(hidden)
-        z = (x if m.layer == "last" else hidden).float()
+        packed = (x if m.layer == "last" else hidden).float()
+        z = packed.new_zeros(len(chunks), max(layout.widths), packed.shape[-1])
+        for i, ((row, offset), w) in enumerate(zip(layout.placement, layout.widths)):
+            z[i, :w] = packed[row, offset:offset + w]
         pooled = None
         if want_pooled:
-            p = x[0:1, num_tokens[0] - 1]
+            row, offset = layout.placement[0]
+            p = x[row:row + 1, offset + num_tokens[0] - 1]
             if m.return_projected_pooled and hasattr(m.transformer, "text_projection"):
                 p = m.transformer.text_projection(p)
             pooled = p.float()
@@ -147,9 +158,10 @@ class TrimmedClipForward:
         """ComfyUI's prompt-weight rule, position-wise against the empty prompt."""
         empty = empty.to(z.device, z.dtype)
         for row, chunk in enumerate(chunks):
-            weights = torch.tensor([float(e[1]) for e in chunk[: z.shape[1]]], dtype=z.dtype, device=z.device)
-            if torch.all(weights == 1.0):
+            values = [float(e[1]) for e in chunk[: z.shape[1]]]
+            if all(v == 1.0 for v in values):
                 continue
+            weights = torch.tensor(values, dtype=z.dtype, device=z.device)
             w = weights.unsqueeze(-1)
             e = empty[: z.shape[1]]
             z[row] = torch.where(w != 1.0, (z[row] - e) * w + e, z[row])

@@ -6,8 +6,9 @@ Everything the host does to text keeps working because the host does it: ``clip.
 77-token chunks to send (one per segment, all in one batched call) and which positions to keep, then hands the
 states to :func:`longalign_core.segment_encoding.merge_segment_states`.
 
-A :class:`SegmentCache` keyed by the CLIP model, its patch state (``patcher.patches_uuid``), clip-skip and each
-chunk's tokens and weights lets an edit of one sentence re-encode only that sentence.
+A :class:`SegmentCache` keyed by the CLIP model, its state (``patcher.patches_uuid``, clip-skip, device, dtype)
+and each chunk's tokens and weights lets an edit of one sentence re-encode only that sentence; it also keeps the
+host tokenizer's chunks per sentence, so only edited sentences are tokenized again.
 
 The ``clip`` argument is duck-typed (``tokenize``, ``encode_from_tokens_scheduled``, ``layer_idx``,
 ``patcher``, ``cond_stage_model``): nothing here imports ``comfy``.
@@ -15,13 +16,15 @@ The ``clip`` argument is duck-typed (``tokenize``, ``encode_from_tokens_schedule
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import numbers
 import threading
+import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -76,7 +79,10 @@ def _first_end(chunk: Chunk) -> int:
     """Index of the first end token of a chunk (= start token + content count); the whole chunk if none."""
     for i, entry in enumerate(chunk):
         tok = entry[0]
-        if isinstance(tok, numbers.Integral) and int(tok) == END_ID:
+        if type(tok) is int:  # the common case, without the slow abstract-class check below
+            if tok == END_ID:
+                return i
+        elif isinstance(tok, numbers.Integral) and int(tok) == END_ID:
             return i
     return len(chunk)
 
@@ -91,7 +97,35 @@ def _token_key(entry) -> Any:
 
 
 def _chunk_key(chunks_by_key: dict[str, Chunk]) -> tuple:
-    return tuple((k, tuple(_token_key(e) for e in chunks_by_key[k])) for k in sorted(chunks_by_key))
+    """Tokens and weights of a chunk up to its first end token: CLIP is causal, so what follows (padding) changes
+    neither the kept states nor the pooled output at the end token."""
+    return tuple((k, tuple(_token_key(e) for e in c[: _first_end(c) + 1]))
+                 for k, c in sorted(chunks_by_key.items()))
+
+
+class PhaseTimes:
+    """Wall time per phase of :meth:`HostClipSegments.encode`, each phase net of the phases inside it (for the
+    profile split of bench/encode.py). ``seconds["total"]`` is the whole call."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._inner: list[float] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self._inner.append(0.0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - t0
+            inner = self._inner.pop()
+            self.seconds[name] += spent - inner
+            if self._inner:
+                self._inner[-1] += spent
+
+
+_NO_PHASE = contextlib.nullcontext()
 
 
 @dataclass
@@ -102,30 +136,43 @@ class _Entry:
 
 @dataclass
 class FastPathVerdict:
-    """Whether the trimmed forward may be used for one CLIP model and patch state, and what it was checked on.
+    """Whether the trimmed forward may be used for one CLIP model and state (:meth:`SegmentCache.state_key`), and
+    what it was checked on.
 
     ``usable`` turns False for good only on a mismatch with the host or a structural error (the host's modules
     are not what the trimmed forward expects); a transient error (out of memory) leaves it alone.
-    ``checked``: the rules already compared with the host's own encode on real rows (``"weights"``: a row with
-    prompt weights; ``"embeddings"``: a row with textual-inversion embeddings). The empty row is compared on
-    every call.
+    ``checked_width``: the empty prompt, packed behind real segments, matched the host's own encode in this
+    state over its first ``checked_width`` positions (checked on the first trimmed forward of the state, and
+    again, wider, when a later prompt needs more positions than any before). ``checked``: the rules already
+    compared with the host's own encode on real rows (``"weights"``: a row with prompt weights;
+    ``"embeddings"``: a row with textual-inversion embeddings), each on the first prompt of the state that uses
+    it.
     """
 
     usable: bool = True
+    checked_width: int = 0
     checked: set[str] = field(default_factory=set)
     reason: str = ""
 
+    @property
+    def verified(self) -> bool:
+        """The trimmed forward was checked against the host in this state (and passed)."""
+        return self.usable and self.checked_width > 0
+
 
 class SegmentCache:
-    """LRU cache of encoded segment chunks, per CLIP model (held weakly) and patch state.
+    """LRU cache of encoded segment chunks, per CLIP model (held weakly) and state; also the host tokenizer's
+    chunks per sentence, per tokenizer (held weakly) and tokenizer options.
 
-    Key: (patches uuid, clip-skip layer, chunk tokens + weights). Only kept positions are stored.
+    Key: (:meth:`state_key`, chunk tokens + weights up to the end token). Only kept positions are stored.
     """
 
-    def __init__(self, max_entries: int = 2048):
+    def __init__(self, max_entries: int = 2048, max_texts: int = 4096):
         self.max_entries = max_entries
+        self.max_texts = max_texts
         self._models: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
         self._verdicts: "weakref.WeakKeyDictionary[Any, dict[tuple, FastPathVerdict]]" = weakref.WeakKeyDictionary()
+        self._texts: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -141,8 +188,34 @@ class SegmentCache:
 
     @staticmethod
     def state_key(clip) -> tuple:
+        """What the encoded states depend on besides the model object and the tokens: its patches (LoRA, compute
+        dtype: ``patches_uuid`` changes with each), clip skip, execution device and weight dtypes."""
         patcher = getattr(clip, "patcher", None)
-        return (str(getattr(patcher, "patches_uuid", None)), getattr(clip, "layer_idx", None))
+        dtypes = sorted({str(p.dtype) for p in clip.cond_stage_model.parameters()})
+        return (str(getattr(patcher, "patches_uuid", None)), getattr(clip, "layer_idx", None),
+                str(getattr(patcher, "load_device", None)), tuple(dtypes))
+
+    def tokens(self, clip, text: str, tokenize: Callable[[str], Any]):
+        """The host tokenizer's chunks of ``text``, from ``tokenize(text)`` once per tokenizer and options.
+        A text naming a textual-inversion embedding is tokenized every time (the file may change on disk)."""
+        tokenizer = getattr(clip, "tokenizer", None)
+        if tokenizer is None or "embedding:" in text.lower():
+            return tokenize(text)
+        key = (repr(sorted(getattr(clip, "tokenizer_options", {}).items())), text)
+        with self._lock:
+            table = self._texts.get(tokenizer)
+            if table is None:
+                table = self._texts[tokenizer] = OrderedDict()
+            found = table.get(key)
+            if found is not None:
+                table.move_to_end(key)
+                return found
+        found = tokenize(text)
+        with self._lock:
+            table[key] = found
+            while len(table) > self.max_texts:
+                table.popitem(last=False)
+        return found
 
     def get(self, clip, key: tuple, count: bool = True) -> _Entry | None:
         """The entry for ``key`` or None; ``count`` adds the lookup to the segment hit/miss statistics."""
@@ -170,10 +243,18 @@ class SegmentCache:
             per_model = self._verdicts.setdefault(clip.cond_stage_model, {})
             return per_model.setdefault(state, FastPathVerdict())
 
-    def clear(self) -> None:
+    def clear(self, segments_only: bool = False) -> None:
+        """Forget everything, or (``segments_only``) the encoded sentences and their tokens but not what is known
+        per model state (the empty prompt's states, the trimmed-forward verdicts)."""
         with self._lock:
-            self._models = weakref.WeakKeyDictionary()
-            self._verdicts = weakref.WeakKeyDictionary()
+            if segments_only:
+                for table in self._models.values():
+                    for key in [k for k in table if k[-1] != "<empty>"]:
+                        del table[key]
+            else:
+                self._models = weakref.WeakKeyDictionary()
+                self._verdicts = weakref.WeakKeyDictionary()
+            self._texts = weakref.WeakKeyDictionary()
             self.hits = self.misses = 0
 
 
@@ -186,12 +267,15 @@ class HostClipSegments:
     """Segment-level encoding of one prompt through a ComfyUI ``CLIP`` object."""
 
     def __init__(self, clip, cache: SegmentCache | None = None,
-                 check_interrupt: Callable[[], None] | None = None, fast: bool = True):
+                 check_interrupt: Callable[[], None] | None = None, fast: bool = True,
+                 phases: PhaseTimes | None = None):
         self.clip = clip
         self.cache = cache if cache is not None else SegmentCache()  # None: nothing reused between calls
         self.fast = fast
         self.check_interrupt = check_interrupt or (lambda: None)
-        empty = clip.tokenize("")
+        self.phases = phases
+        with self._phase("tokenize"):
+            empty = self.cache.tokens(clip, "", clip.tokenize)
         if not isinstance(empty, dict) or not empty:
             raise UnsupportedClipError("this CLIP's tokenizer did not return ComfyUI token chunks")
         unknown = [k for k in empty if k not in SUPPORTED_KEYS]
@@ -207,22 +291,34 @@ class HostClipSegments:
         self.primary = "l" if "l" in empty else self.keys[0]
         self._empty = empty
         self._tokens: dict[str, dict[str, list[Chunk]]] = {}
+        self._counts: dict[str, int] = {}
+
+    def _phase(self, name: str):
+        return _NO_PHASE if self.phases is None else self.phases.phase(name)
 
     # -- tokens -------------------------------------------------------------------------------------------------
+    def _tokenize_checked(self, text: str) -> dict[str, list[Chunk]]:
+        tokens = self.clip.tokenize(text)
+        _check_weights(tokens, text)
+        counts = {k: len(tokens[k]) for k in self.keys}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"token streams disagree on chunk count for {text!r}: {counts}")
+        return tokens
+
     def tokenize(self, text: str) -> dict[str, list[Chunk]]:
         tokens = self._tokens.get(text)
         if tokens is None:
-            tokens = self.clip.tokenize(text)
-            _check_weights(tokens, text)
-            counts = {k: len(tokens[k]) for k in self.keys}
-            if len(set(counts.values())) != 1:
-                raise ValueError(f"token streams disagree on chunk count for {text!r}: {counts}")
+            with self._phase("tokenize"):
+                tokens = self.cache.tokens(self.clip, text, self._tokenize_checked)
             self._tokens[text] = tokens
         return tokens
 
     def count_tokens(self, text: str) -> int:
         """Content positions (start/end/pad excluded) the host makes of ``text``, over all its chunks."""
-        return sum(_first_end(c) - 1 for c in self.tokenize(text)[self.primary])
+        count = self._counts.get(text)
+        if count is None:
+            count = self._counts[text] = sum(_first_end(c) - 1 for c in self.tokenize(text)[self.primary])
+        return count
 
     # -- encoding -----------------------------------------------------------------------------------------------
     def _encode_chunks(self, chunk_list: list[dict[str, Chunk]]) -> list[tuple[torch.Tensor, dict]]:
@@ -248,38 +344,45 @@ class HostClipSegments:
 
         The pooled output is the first segment's (the host likewise pools the first chunk of a long prompt).
         """
-        plan = plan_segments(prompt, self.count_tokens, CHUNK - 2, split_mode, long_segments)
-        seg_chunks = [{k: self.tokenize(s.text)[k][0] for k in self.keys} for s in plan]  # truncate: 1st chunk
-        counts = [self.count_tokens(s.text) for s in plan]
-        kept_len = [_first_end(c[self.primary]) for c in seg_chunks]
-        self.check_interrupt()
+        with self._phase("total"):  # net of the phases inside: Python overhead of the node itself
+            with self._phase("plan"):
+                plan = plan_segments(prompt, self.count_tokens, CHUNK - 2, split_mode, long_segments)
+                seg_chunks = [{k: self.tokenize(s.text)[k][0] for k in self.keys} for s in plan]  # truncate: 1st
+                counts = [self.count_tokens(s.text) for s in plan]
+                kept_len = [_first_end(c[self.primary]) for c in seg_chunks]
+            self.check_interrupt()
 
-        if _uses_clip_hooks(self.clip):
-            entries = self._encode_all(seg_chunks)
-        else:
-            entries = [self._encode_cached(seg_chunks)]
+            if _uses_clip_hooks(self.clip):
+                entries = self._encode_all(seg_chunks)
+            else:
+                entries = [self._encode_cached(seg_chunks)]
 
-        conditioning = []
-        report = None
-        for seg_states, pad, extra in entries:
-            channels = pad.shape[-1]
-            states = torch.zeros(len(plan), CHUNK, channels, dtype=pad.dtype, device=pad.device)
-            keep = torch.zeros(len(plan), CHUNK, dtype=torch.bool)
-            for i, (kept, n) in enumerate(zip(seg_states, kept_len)):
-                states[i, :n] = kept[:n]
-                keep[i, :n] = True
-            result = merge_segment_states(states, keep, [0] * len(plan), pad, budget, overflow, num_prompts=1)
-            conditioning.append([result.cond, extra])
-            if report is None:
-                report = build_report(plan, counts, result.merged[0], result.dropped[0], result.padding[0],
-                                      budget, overflow, CHUNK - 2)
+            with self._phase("merge"):
+                conditioning = []
+                report = None
+                width = max(kept_len)
+                for seg_states, pad, extra in entries:
+                    channels = pad.shape[-1]
+                    states = torch.zeros(len(plan), width, channels, dtype=pad.dtype, device=pad.device)
+                    keep = torch.zeros(len(plan), width, dtype=torch.bool)
+                    for i, (kept, n) in enumerate(zip(seg_states, kept_len)):
+                        states[i, :n] = kept[:n]
+                        keep[i, :n] = True
+                    result = merge_segment_states(states, keep, [0] * len(plan), pad, budget, overflow,
+                                                  num_prompts=1)
+                    conditioning.append([result.cond, extra])
+                    if report is None:
+                        report = build_report(plan, counts, result.merged[0], result.dropped[0],
+                                              result.padding[0], budget, overflow, CHUNK - 2)
         return conditioning, report
 
     def _encode_all(self, seg_chunks):
         """CLIP hooks present: the host schedules them, so segments + the empty prompt go in one host call."""
         empty = {k: self._empty[k][0] for k in self.keys}
         out = []
-        for states, extra in self._encode_chunks(seg_chunks + [empty]):
+        with self._phase("host encode"):
+            host_out = self._encode_chunks(seg_chunks + [empty])
+        for states, extra in host_out:
             pad = padding_embedding(states[-1], PAD_EMBEDDING_POSITIONS)
             out.append((list(states[:-1]), pad, dict(extra)))
         return out
@@ -290,7 +393,8 @@ class HostClipSegments:
         key = state + ("<empty>",)
         entry = self.cache.get(self.clip, key, count=False)
         if entry is None:
-            (states, _), = self._encode_chunks([{k: self._empty[k][0] for k in self.keys}])
+            with self._phase("host encode (empty prompt, once per model state)"):
+                (states, _), = self._encode_chunks([{k: self._empty[k][0] for k in self.keys}])
             entry = _Entry(states[0].clone(), None)
             self.cache.put(self.clip, key, entry)
         return entry.kept
@@ -317,20 +421,18 @@ class HostClipSegments:
             if reason is not None:
                 verdict.usable, verdict.reason = False, reason
                 log.info("LongAlign: trimmed CLIP forward not used (%s); encoding through the CLIP object", reason)
-        (states, extra), = self._encode_chunks(rows)
+        with self._phase("host encode"):
+            (states, extra), = self._encode_chunks(rows)
         return states, extra.get("pooled_output")
 
     def _encode_trimmed_checked(self, trimmed: TrimmedClipForward, rows: list[dict[str, Chunk]],
                                 empty: torch.Tensor, want_pooled: bool, verdict: FastPathVerdict):
-        """Trimmed forward of ``rows`` plus the empty row, checked against the host: the empty row on every call;
-        the first row with prompt weights and the first with embeddings against the host's own encode of that
-        row, once per model and patch state. Returns None (reason in ``verdict``) on a mismatch."""
-        empty_row = {k: self._empty[k][0] for k in self.keys}
-        states, pooled = trimmed.encode(rows + [empty_row], empty, want_pooled)
-        width = states.shape[1]
-        if not states_match(states[-1], empty[:width]):
-            verdict.reason = "its result differs from the host's encode of the empty prompt"
-            return None
+        """Trimmed forward of ``rows``, checked against the host's own encode once per model state: on the first
+        call of a state (and on a later one that needs more positions than any before) the empty prompt goes
+        along as one more segment as wide as the widest row, packed behind the real segments (so the check also
+        covers the packing: positions counted per segment, each segment seeing only itself); the first row with
+        prompt weights and the first with embeddings are encoded by the host too and compared. Returns None
+        (reason in ``verdict``) on a mismatch."""
         to_check = {}
         for i, row in enumerate(rows):
             entries = [e for k in self.keys for e in row[k][: _first_end(row[k]) + 1]]
@@ -340,33 +442,53 @@ class HostClipSegments:
             if "embeddings" not in verdict.checked and "embeddings" not in to_check \
                     and any(not isinstance(e[0], numbers.Integral) for e in entries):
                 to_check["embeddings"] = i
-        if to_check:
-            order = sorted(set(to_check.values()))
-            (host_states, _), = self._encode_chunks([rows[i] for i in order])
-            for what, i in to_check.items():
-                n = _first_end(rows[i][self.primary]) + 1  # start, content and end token (pooled position)
-                if not states_match(states[i, :n], host_states[order.index(i), :n]):
-                    verdict.reason = f"its result differs from the host's encode of a row with {what}"
+        # Positions each row needs: start + content; the end token too where pooled or compared with the host.
+        widths = [min(_first_end(row[self.primary]) + (1 if i in to_check.values() or (i == 0 and want_pooled)
+                                                       else 0), CHUNK)
+                  for i, row in enumerate(rows)]
+        check_width = max(widths + [2]) if max(widths) > verdict.checked_width else 0  # 2: start + end token
+        if check_width:
+            rows = rows + [{k: self._empty[k][0] for k in self.keys}]
+            widths.append(check_width)
+        with self._phase("trimmed forward"):
+            states, pooled = trimmed.encode(rows, widths, empty, want_pooled)
+        with self._phase("checks against the host (once per model state)"):
+            if check_width:
+                if not states_match(states[-1, :check_width], empty[:check_width]):
+                    verdict.reason = "its result differs from the host's encode of the empty prompt"
                     return None
-            verdict.checked.update(to_check)
-        return states[:-1], pooled
+                states, rows = states[:-1], rows[:-1]
+            if to_check:
+                order = sorted(set(to_check.values()))
+                (host_states, _), = self._encode_chunks([rows[i] for i in order])
+                for what, i in to_check.items():
+                    n = widths[i]  # start, content and end token (pooled position)
+                    if not states_match(states[i, :n], host_states[order.index(i), :n]):
+                        verdict.reason = f"its result differs from the host's encode of a row with {what}"
+                        return None
+                verdict.checked.update(to_check)
+            verdict.checked_width = max(verdict.checked_width, check_width)
+        return states, pooled
 
     def _encode_cached(self, seg_chunks):
         cache, clip = self.cache, self.clip
-        state = SegmentCache.state_key(clip)
+        with self._phase("cache look-ups"):
+            state = SegmentCache.state_key(clip)
         empty = self._empty_states(state)
-        keys = [state + _chunk_key(c) for c in seg_chunks]
-        found = [cache.get(clip, k) for k in keys]
+        with self._phase("cache look-ups"):
+            keys = [state + _chunk_key(c) for c in seg_chunks]
+            found = [cache.get(clip, k) for k in keys]
         # Pooled output comes from the first row of a call: the first segment goes first when its pooled is missing.
         need_first = found[0] is None or found[0].pooled is None
         todo = [i for i, e in enumerate(found) if e is None or (i == 0 and need_first)]
         if todo:
             states, pooled = self._encode_rows(state, [seg_chunks[i] for i in todo], empty, todo[0] == 0)
-            for j, i in enumerate(todo):
-                n = _first_end(seg_chunks[i][self.primary])
-                entry = _Entry(states[j, :n].clone(), pooled if j == 0 and i == 0 else None)
-                cache.put(clip, keys[i], entry)
-                found[i] = entry
+            with self._phase("cache look-ups"):
+                for j, i in enumerate(todo):
+                    n = _first_end(seg_chunks[i][self.primary])
+                    entry = _Entry(states[j, :n].clone(), pooled if j == 0 and i == 0 else None)
+                    cache.put(clip, keys[i], entry)
+                    found[i] = entry
         extra = {"pooled_output": found[0].pooled}
         add_hooks = getattr(clip, "add_hooks_to_dict", None)
         if callable(add_hooks):
@@ -374,4 +496,5 @@ class HostClipSegments:
         return [e.kept for e in found], padding_embedding(empty, PAD_EMBEDDING_POSITIONS), extra
 
 
-__all__ = ["FastPathVerdict", "HostClipSegments", "SegmentCache", "UnsupportedClipError", "SUPPORTED_KEYS"]
+__all__ = ["FastPathVerdict", "HostClipSegments", "PhaseTimes", "SegmentCache", "UnsupportedClipError",
+           "SUPPORTED_KEYS"]

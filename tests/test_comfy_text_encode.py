@@ -54,8 +54,19 @@ def test_pack_registers_v3_node_with_tooltips(pack):
     assert [o.io_type for o in schema.outputs] == ["CONDITIONING", "STRING", "INT", "INT"]
 
 
-def test_sd1_matches_host_per_segment_encodes(node, clip_l):
+def _node_verdict(pack, clip):
+    """The trimmed-forward verdict the node's own cache holds for ``clip``'s current state."""
+    import sys
+
+    cache = sys.modules[pack.__name__ + ".nodes.text_encode"].SEGMENT_CACHE
+    return cache.verdict(clip, cache.state_key(clip))
+
+
+def test_sd1_matches_host_per_segment_encodes(pack, node, clip_l):
     conditioning, report = run_node(node, clip_l, EXAMPLE_PROMPT)
+    # the packed trimmed forward did the work (it was checked, and did not fall back to the host)
+    verdict = _node_verdict(pack, clip_l)
+    assert verdict.usable and verdict.verified, verdict.reason
     assert len(conditioning) == 1
     cond, extra = conditioning[0]
     assert cond.shape == (1, 240, 768)
@@ -123,6 +134,72 @@ def test_clip_lora_is_honoured_and_cache_follows_patches(node, clip_l):
     torch.testing.assert_close(run_node(node, clip_l, EXAMPLE_PROMPT)[0][0][0][0], before)
 
 
+def _clip_lora_file(folder, seed=4):
+    """A kohya CLIP LoRA on every fc1 of CLIP-L, saved where ComfyUI's LoraLoader looks (``loras``)."""
+    from safetensors.torch import save_file
+
+    import_comfy()
+    import folder_paths
+
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for layer in range(12):
+        base = f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1"
+        lora[base + ".lora_up.weight"] = torch.randn(3072, 4, generator=gen) * 0.05
+        lora[base + ".lora_down.weight"] = torch.randn(4, 768, generator=gen) * 0.05
+    save_file(lora, str(folder / "clip_style.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return "clip_style.safetensors"
+
+
+@pytest.mark.parametrize("trimmed", ["correct", "wrong-after-the-change"])
+def test_lora_strength_change_between_queued_prompts(pack, node, clip_l, tmp_path, monkeypatch, caplog, trimmed):
+    """Two queued prompts, the CLIP LoRA's strength changed between them (ComfyUI's own LoraLoader, one instance
+    as the server keeps it): the second output is the host's encode at the new strength. No stale segment (the
+    same sentences were cached at the old strength) and no stale verdict: the new state is checked on its own,
+    so a trimmed forward that is wrong only after the change is caught and the host encodes instead."""
+    import sys
+
+    import nodes as comfy_nodes
+
+    name = _clip_lora_file(tmp_path)
+    loader = comfy_nodes.LoraLoader()
+    cache = sys.modules[pack.__name__ + ".nodes.text_encode"].SEGMENT_CACHE
+    cache.clear()
+    prompt = EXAMPLE_PROMPT
+    _, clip_1 = loader.load_lora(None, clip_l, name, 0.0, 1.0)
+    first = run_node(node, clip_1, prompt)[0][0][0][0]
+    torch.testing.assert_close(first, expected(clip_1, prompt), atol=2e-4, rtol=1e-4)
+    state_1 = cache.state_key(clip_1)
+    assert cache.verdict(clip_1, state_1).verified
+
+    if trimmed == "wrong-after-the-change":
+        fastpath = _fastpath(pack).TrimmedClipForward
+        original = fastpath._stream
+
+        def slightly_off(m, chunks, layout, want_pooled):
+            z, p = original(m, chunks, layout, want_pooled)
+            return z + 2e-3 * z.abs().amax().clamp_min(1.0), p
+
+        monkeypatch.setattr(fastpath, "_stream", staticmethod(slightly_off))
+    _, clip_2 = loader.load_lora(None, clip_l, name, 0.0, 0.4)
+    with caplog.at_level("INFO", logger="LongAlign"):
+        second = run_node(node, clip_2, prompt)[0][0][0][0]
+    monkeypatch.undo()
+    want = expected(clip_2, prompt)
+    assert not torch.allclose(want, first, atol=1e-3)  # the strength change matters
+    torch.testing.assert_close(second, want, atol=2e-4, rtol=1e-4)
+    state_2 = cache.state_key(clip_2)
+    assert state_2 != state_1
+    verdict_2 = cache.verdict(clip_2, state_2)
+    if trimmed == "correct":
+        assert verdict_2.usable and verdict_2.verified and "not used" not in caplog.text
+    else:
+        assert not verdict_2.usable and "trimmed CLIP forward not used" in caplog.text
+        assert cache.verdict(clip_1, state_1).usable  # the old state's verdict is its own
+    cache.clear()
+
+
 def test_prompt_weights_are_honoured(node, clip_l):
     prompt = "A (red:1.6) cat sits on a chair. A (blue:0.5) dog sleeps."
     cond = run_node(node, clip_l, prompt)[0][0][0][0]
@@ -156,6 +233,12 @@ def test_embeddings_are_honoured(tmp_path):
     verdict = cache.verdict(clip, state)
     assert verdict.usable and verdict.checked == {"embeddings"}
     torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
+    # The embedding file replaced on disk: the next prompt uses the new vectors (its sentence is not served from
+    # the tokens cached for the old file).
+    save_file({"emb_params": torch.randn(3, 768) * 0.3}, str(tmp_path / "shiny.safetensors"))
+    again, _ = run_node(node, clip, prompt)
+    assert not torch.allclose(again[0][0][0], cond[0][0][0], atol=1e-3)
+    torch.testing.assert_close(again[0][0][0], expected(clip, prompt), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["trimmed-forward", "host-path"])
@@ -178,7 +261,7 @@ def test_cache_reencodes_only_the_edited_sentence(pack, clip_l, fast, monkeypatc
     cond, _ = mod.HostClipSegments(clip_l, cache, fast=fast).encode(edited)
     assert cache.hits == 13 and cache.misses == 15
     if fast:
-        assert host_rows == [] and trimmed_rows == [2]  # the edited sentence + the empty-prompt check row
+        assert host_rows == [] and trimmed_rows == [1]  # the edited sentence only: this model state was checked
     else:
         assert host_rows == [1] and trimmed_rows == []
     monkeypatch.undo()
@@ -204,8 +287,8 @@ def test_trimmed_forward_falls_back_when_its_check_fails(pack, clip_l, monkeypat
     fastpath = _fastpath(pack).TrimmedClipForward
     original = fastpath._stream
 
-    def broken(m, chunks, width, want_pooled):
-        z, p = original(m, chunks, width, want_pooled)
+    def broken(m, chunks, layout, want_pooled):
+        z, p = original(m, chunks, layout, want_pooled)
         return z + 0.5, p
 
     monkeypatch.setattr(fastpath, "_stream", staticmethod(broken))
@@ -223,8 +306,8 @@ def test_trimmed_forward_check_rejects_an_error_20x_its_tolerance(pack, clip_l, 
     mod = _fastpath(pack)
     original = mod.TrimmedClipForward._stream
 
-    def slightly_off(m, chunks, width, want_pooled):
-        z, p = original(m, chunks, width, want_pooled)
+    def slightly_off(m, chunks, layout, want_pooled):
+        z, p = original(m, chunks, layout, want_pooled)
         return z + 2e-3 * z.abs().amax().clamp_min(1.0), p  # 20 × the check's 1e-4, written out
 
     monkeypatch.setattr(mod.TrimmedClipForward, "_stream", staticmethod(slightly_off))
@@ -360,10 +443,12 @@ def test_sd2_drops_padding_by_position(node):
     torch.testing.assert_close(cond[0][0][0], expected(clip, prompt), atol=3e-4, rtol=1e-3)
 
 
-def test_sdxl_two_encoders_and_pooled(node):
+def test_sdxl_two_encoders_and_pooled(pack, node):
     clip = host_clip("gl", seed=7)
     prompt = "A cat! Two dogs play in the snow."
     (cond, extra), = run_node(node, clip, prompt)[0]
+    verdict = _node_verdict(pack, clip)
+    assert verdict.usable and verdict.verified, verdict.reason
     assert cond.shape == (1, 240, 2048)
     torch.testing.assert_close(cond[0], expected(clip, prompt), atol=5e-4, rtol=1e-3)
     first = split_segments(prompt)[0].text

@@ -307,3 +307,55 @@ def test_report_lines_fit_the_width_and_mark_trimmed_text(segment_encoder, width
     flat = " ".join(text.split())
     for warning in report.warnings():
         assert " ".join(("WARNING: " + warning).split()) in flat
+
+
+def test_packed_rows_place_every_segment_once_without_overlap():
+    from longalign_core.segment_encoding import pack_segments
+
+    widths = [17, 16, 17, 14, 15, 19, 13, 17, 16, 14, 17, 16, 15, 16]  # the built-in prompt's segments
+    packed = pack_segments(widths)
+    assert (packed.rows, packed.width) == (1, sum(widths))  # 222 positions fit one row: no padding at all
+    many = pack_segments([60] * 10, max_width=256)
+    assert many.rows == 3 and many.width <= 256
+    for layout in (packed, many):
+        used = set()
+        for (row, offset), w in zip(layout.placement, layout.widths):
+            slots = {(row, offset + j) for j in range(w)}
+            assert not slots & used and offset + w <= layout.width
+            used |= slots
+    wide = pack_segments([300, 5], max_width=256)  # wider than a row: a row of its own width
+    assert wide.width == 300 and wide.placement[0][1] == 0
+
+
+def test_packed_mask_and_positions_written_out():
+    from longalign_core.segment_encoding import pack_segments
+
+    layout = pack_segments([2, 3], max_width=8)
+    assert layout.placement == [(0, 0), (0, 2)] and layout.width == 5
+    assert layout.positions().tolist() == [[0, 1, 0, 1, 2]]
+    allowed = (layout.attention_mask()[0, 0] == 0).int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [0, 0, 1, 0, 0],
+                       [0, 0, 1, 1, 0],
+                       [0, 0, 1, 1, 1]]
+
+
+def test_packed_attention_equals_each_segment_alone():
+    """Attention over packed rows with the block mask gives each segment what causal attention over it alone
+    gives (torch's own causal attention per segment is the independent side)."""
+    from longalign_core.segment_encoding import pack_segments
+
+    torch.manual_seed(0)
+    widths = [5, 9, 3, 7, 9, 2]
+    layout = pack_segments(widths, max_width=16)
+    assert layout.rows > 1
+    heads, dim = 2, 8
+    alone = [torch.randn(3, heads, w, dim) for w in widths]  # q, k, v of each segment
+    packed = torch.zeros(3, layout.rows, heads, layout.width, dim)
+    for (row, offset), w, qkv in zip(layout.placement, widths, alone):
+        packed[:, row, :, offset:offset + w] = qkv
+    out = torch.nn.functional.scaled_dot_product_attention(*packed, attn_mask=layout.attention_mask())
+    for (row, offset), w, (q, k, v) in zip(layout.placement, widths, alone):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.testing.assert_close(out[row, :, offset:offset + w], want, atol=1e-6, rtol=1e-5)
