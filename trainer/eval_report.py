@@ -166,7 +166,7 @@ def _plot(summary: Summary, path: Path) -> None:
     the report is part of the evaluation's overhead)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .evaluate import save_png
+    from .eval_io import save_png
 
     arms, others = summary.arms, [a for a in summary.arms if a.diffs]
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
@@ -215,21 +215,24 @@ def _plot(summary: Summary, path: Path) -> None:
     save_png(np.asarray(img), path)
 
 
+def latin1(text: str) -> str:
+    """``text`` in what Pillow's bitmap font can draw (Latin-1; anything else becomes "?")."""
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str]) -> list[Path]:
     """grids/pNNN.jpg: per prompt, one column per arm and one row per seed, the Denscore and its parts under each
     image (JPEG: a grid is for looking; the images themselves are PNGs in images/)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from longalign_core.io_utils import atomic_path
-
-    from .evaluate import arm_folder
+    from .eval_io import arm_folder
 
     values = image_values(rows)
     by_prompt: dict[int, set[int]] = {}
     for arm_images in values.values():
         for p, s in arm_images:
             by_prompt.setdefault(p, set()).add(s)
-    small = ImageFont.load_default(size=12)
+    small = ImageFont.load_default_imagefont()  # Pillow's bitmap font: a tenth of the time of a scalable one
     first = next((out / "images").glob("*/*.png"), None)
     side = Image.open(first).size[0] if first else GRID_CELL[1]
     cell, caption = min(GRID_CELL[1], max(GRID_CELL[0], side)), 34
@@ -238,11 +241,11 @@ def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str]) -> 
     for p in sorted(by_prompt):
         seeds = sorted(by_prompt[p])
         title = textwrap.wrap(f"prompt {p}: {prompts[p] if p < len(prompts) else ''}", max(30, width // 7))
-        title = title[:3] + [title[3] + (" …" if len(title) > 4 else "")] if len(title) > 3 else title
-        head = 8 + 15 * len(title)
+        title = title[:3] + [title[3] + (" ..." if len(title) > 4 else "")] if len(title) > 3 else title
+        head = 8 + 13 * len(title)
         grid = Image.new("RGB", (width, head + len(seeds) * (cell + caption)), "white")
         draw = ImageDraw.Draw(grid)
-        draw.multiline_text((6, 4), "\n".join(title), font=small, fill="black", spacing=3)
+        draw.multiline_text((6, 4), latin1("\n".join(title)), font=small, fill="black", spacing=2)
         for c, arm in enumerate(arms):
             for r, s in enumerate(seeds):
                 x, y = c * cell, head + r * (cell + caption)
@@ -253,10 +256,10 @@ def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str]) -> 
                         grid.paste(img.convert("RGB").resize((cell, cell), resample), (x, y))
                 v = values.get(arm, {}).get((p, s))
                 numbers = "" if v is None else f"S {v[0] * 100:.2f} = rel {v[1] * 100:.2f} + irr {v[2] * 100:.2f}"
-                draw.multiline_text((x + 4, y + cell + 2), f"{arm}, seed {s}\n{numbers}", font=small,
+                draw.multiline_text((x + 4, y + cell + 2), latin1(f"{arm}, seed {s}\n{numbers}"), font=small,
                                     fill="black", spacing=3)
         path = out / "grids" / f"p{p:03d}.jpg"
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="JPEG", quality=90)
+        path.parent.mkdir(exist_ok=True)
+        grid.save(path, format="JPEG", quality=90)  # derived from scores.csv and images/: rebuilt by any report
         paths.append(path)
     return paths

@@ -24,321 +24,27 @@ traceback). docs/evaluate.md says what each number means.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from longalign_core.denscore import DEFAULT_REWEIGHT, default_reference_prompts, prompts_digest
+from longalign_core.denscore import default_reference_prompts, prompts_digest
 from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_input_file, \
     check_model_source, run_cli
-from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
-from longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
 
-from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig, _coerce, _f, flag
-from .eval_stats import BASE_ARM, DEFAULT_BOOTSTRAP, METRICS, SCORE_COLUMNS
+from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE
+from .eval_arms import Arm, WeightSwap, file_sha256, lora_metadata, plan_arms
+from .eval_config import DEMO_LORA, EVALUATION_PROMPTS, EvalConfig, _train_default
+from .eval_io import SCORES_FILE, SETTINGS_FILE, arm_folder, check_settings, csv_text, format_rows, image_noise, \
+    keep_complete_units, plan_units, save_png, start_files
+
+__all__ = ["EVALUATION_PROMPTS", "EvalConfig", "Evaluation", "cli", "main"]
 
 log = logging.getLogger("LongAlign")
-
-#: The held-out long prompts shipped with the pack (not the reference set that defines V).
-EVALUATION_PROMPTS = Path(__file__).resolve().parents[1] / "longalign_core" / "data" / "evaluation_prompts.txt"
-#: The LoRA ``./dev run`` (the trainer's CPU demo) writes; the no-argument evaluation picks it up.
-DEMO_LORA = Path(EMBEDDED_PROFILE["output_dir"]) / "longalign_lora.safetensors"
-SETTINGS_FILE = "evaluation.json"
-SCORES_FILE = "scores.csv"
-
-CHOICES = {"overflow": OVERFLOW_POLICIES, "split_mode": SPLIT_MODES, "long_segments": LONG_SEGMENT_POLICIES,
-           "reward_model_kind": ("auto", "hf_clip", "open_clip"), "mixed_precision": ("no", "fp16", "bf16")}
-
-
-def _train_default(name: str):
-    """The trainer's default of a setting (its validation sampler): one source for both commands."""
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
-
-
-@dataclass
-class EvalConfig:
-    # -- what is compared -------------------------------------------------------------------------------------
-    model: str | None = _f(None, "base model as the trainer takes it: a diffusers folder, a single-file SD1.x/SDXL "
-                                 "checkpoint, a Hub id, 'embedded' or 'embedded-sdxl' (the built-in tiny random "
-                                 "models). Omit for the embedded SD1.5-shaped one (then the LoRA of ./dev run, "
-                                 f"{DEMO_LORA}, is an arm when it exists)")
-    lora: list[str] = _f(list, "a LoRA arm, FILE[:STRENGTH] (strength default 1): this trainer's .safetensors or a "
-                               "LongSD .pt; repeat for more arms. The base model is always an arm", nargs="+")
-    reward_model: str | None = _f(None, "the judge: Denscore/PickScore/CLIP-H folder (HF CLIPModel) or HPSv2 "
-                                        "open_clip checkpoint; 'embedded' for the built-in tiny one (the default "
-                                        "with an embedded --model; with a real --model it must be given)")
-    reward_model_kind: str = _f("auto", "auto | hf_clip | open_clip")
-    prompts: str | None = _f(None, "held-out prompts: .txt (one per line) or .jsonl ('prompt' or 'caption'); "
-                                   "default: the pack's 64 evaluation prompts (longalign_core/data/"
-                                   "evaluation_prompts.txt, not the reference set that defines V)")
-    num_prompts: int | None = _f(None, "evaluate only the first N prompts (default: all)")
-    seeds: int = _f(2, "images per prompt and arm (seeds seed, seed+1, …); the same noise for every arm")
-    seed: int = _f(0, "first seed (the embedded models are also made with it, as in the trainer)")
-    # -- sampling: the trainer's validation sampler ------------------------------------------------------------
-    steps: int | None = _f(None, f"DDIM steps (default: the trainer's --validation-steps, "
-                                 f"{_train_default('validation_steps')}; {EMBEDDED_PROFILE['validation_steps']} "
-                                 f"on the embedded models)", aliases=["--validation-steps"])
-    guidance: float = _f(_train_default("sample_guidance"), "classifier-free guidance scale (with the empty "
-                                                            "prompt)", aliases=["--sample-guidance"])
-    resolution: int | None = _f(None, "image size in pixels; default: the base model's own (512 for SD1.5, 1024 "
-                                      "for SDXL, 64 for the embedded ones)")
-    batch_size: int = _f(8, "images per UNet batch (CFG doubles it)")
-    mixed_precision: str | None = _f(None, "no | fp16 | bf16: the base model's dtype; default bf16 on a GPU, no "
-                                           "on the CPU. The preference model always scores in fp32")
-    # -- text options (as the trainer's) ----------------------------------------------------------------------
-    token_budget: int = _f(DEFAULT_TOKEN_BUDGET, "segment-level conditioning length of the CLIP part")
-    overflow: str = _f(_train_default("overflow"), "a prompt longer than the budget: truncate | extend | error")
-    split_mode: str = _f(_train_default("split_mode"), "segment splitter of the conditioning and the score")
-    long_segments: str = _f(_train_default("long_segments"), "a sentence longer than the text window: split | "
-                                                             "truncate")
-    omega: float = _f(DEFAULT_REWEIGHT, "reweight factor ω of the text-irrelevant part in the reweighted score")
-    # -- outputs ----------------------------------------------------------------------------------------------
-    output_dir: str = _f("outputs/longalign-eval", "where images, scores.csv, report.md/png and grids/ go")
-    resume: bool = _f(False, "continue the evaluation in --output-dir (the images already scored are kept)")
-    report_only: bool = _f(False, "only rebuild report.md, report.png and grids/ from <output-dir>/scores.csv")
-    bootstrap: int = _f(DEFAULT_BOOTSTRAP, "bootstrap resamples (over prompts) for the 95 % intervals")
-    bootstrap_seed: int = _f(0, "seed of the bootstrap resamples")
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name), flag(f.name)))
-        bad = [f"{flag(k)} {getattr(self, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items()
-               if getattr(self, k) is not None and getattr(self, k) not in v]
-        checks = [
-            (self.seeds >= 1, f"--seeds must be >= 1 (images per prompt and arm), got {self.seeds}"),
-            (self.num_prompts is None or self.num_prompts >= 1, f"--num-prompts must be >= 1, got {self.num_prompts}"),
-            (self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.guidance >= 0, f"--guidance must be >= 0, got {self.guidance}"),
-            (self.resolution is None or self.resolution % 8 == 0 and 16 <= self.resolution <= 4096,
-             f"--resolution must be a multiple of 8 in 16..4096, got {self.resolution}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (1 <= self.token_budget <= MAX_TOKEN_BUDGET,
-             f"--token-budget must be in 1..{MAX_TOKEN_BUDGET}, got {self.token_budget}"),
-            (0.0 <= self.omega <= 1.0, f"--omega must be in [0, 1], got {self.omega}"),
-            (self.bootstrap >= 100, f"--bootstrap must be >= 100 resamples, got {self.bootstrap}"),
-        ]
-        errors = bad + [msg for ok, msg in checks if not ok]
-        if errors:
-            raise BadConfigError("invalid evaluation settings: " + "; ".join(errors))
-        if not self.is_embedded and self.reward_model is None and not self.report_only:
-            raise BadConfigError(f"--model {self.model} is a real model but no --reward-model was given: its images "
-                                 f"would be judged by the built-in tiny random preference model. Pass the judge, "
-                                 f"e.g. --reward-model /path/to/Denscore (a Hugging Face CLIPModel folder) or an "
-                                 f"HPSv2 .pt checkpoint")
-
-    @property
-    def is_embedded(self) -> bool:
-        return self.model in (None, *EMBEDDED_MODELS)
-
-    #: read by trainer.conditioning.StepEncoder (there is no T5 adapter to train here)
-    train_t5_adapter = False
-
-    @classmethod
-    def parser(cls) -> argparse.ArgumentParser:
-        ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-        for f in dataclasses.fields(cls):
-            names = [flag(f.name), *f.metadata.get("aliases", [])]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f" [{' | '.join(CHOICES[f.name])}]" if f.name in CHOICES else ""
-            help_text = f"{f.metadata['help']}{choices} (default: {default})".replace("%", "%%")
-            if f.type in ("bool", bool):
-                ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            elif f.metadata.get("nargs"):
-                ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], action="extend", default=None,
-                                metavar="FILE[:STRENGTH]", help=help_text)
-            else:
-                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-                ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
-        return ap
-
-    @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> "EvalConfig":
-        args = vars(cls.parser().parse_args(argv))
-        return cls(**{k: v for k, v in args.items() if v is not None})
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Arms
-
-
-@dataclass
-class Arm:
-    """One model under test: the base (no LoRA) or the base with ``lora`` merged at ``strength``."""
-
-    name: str
-    lora: str = ""
-    strength: float = 0.0
-    spec: str = ""  # as given to --lora
-    pairs: dict | None = None
-    sha256: str = ""
-
-
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``FILE[:STRENGTH]`` -> (file, strength); a ``:`` that is not followed by a number belongs to the path
-    (``C:\\loras\\x.safetensors``)."""
-    path, _, tail = spec.rpartition(":")
-    if path and tail:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def plan_arms(specs: list[str]) -> list[Arm]:
-    """The base plus one arm per ``--lora``; each file is checked now (exists, readable, not empty) and an arm
-    given twice (the same file at the same strength) is refused."""
-    import math
-
-    arms, seen, names = [Arm(BASE_ARM)], {}, {BASE_ARM}
-    for spec in specs:
-        path, strength = parse_lora_spec(spec)
-        if not math.isfinite(strength):
-            raise BadConfigError(f"--lora {spec}: the strength must be a finite number")
-        if not Path(path).expanduser().exists():
-            raise BadModelFileError(f"--lora {spec}: no such LoRA file {path} (a typo in the path?); give this "
-                                    f"trainer's .safetensors or a LongSD .pt, optionally with :STRENGTH")
-        checked = check_input_file(Path(path).expanduser(), "LoRA file", "--lora", error=BadModelFileError)
-        key = (str(checked.resolve()), strength)
-        if key in seen:
-            raise BadConfigError(f"--lora {spec} is given twice (as {seen[key]!r} too): the same LoRA at the same "
-                                 f"strength is one arm. Drop one, or give another strength (FILE:0.5)")
-        seen[key] = spec
-        stem = checked.stem
-        name = f"{stem}@{strength:g}"
-        k = 2
-        while name in names:  # two files with one name in different folders
-            name = f"{stem}-{k}@{strength:g}"
-            k += 1
-        names.add(name)
-        arms.append(Arm(name, str(checked), strength, spec))
-    return arms
-
-
-def lora_metadata(path: str) -> dict[str, str]:
-    """The metadata of a .safetensors LoRA ({} for a LongSD .pt)."""
-    if not path.lower().endswith(".safetensors"):
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 — load_lora names a broken file; metadata is only advice
-        return {}
-
-
-class WeightSwap:
-    """Merges an arm's LoRA into the UNet and restores the base weights exactly afterwards (a copy of every
-    touched weight is kept on the CPU), so every arm starts from bit-identical base weights."""
-
-    def __init__(self, unet):
-        self.unet, self.modules, self.saved = unet, dict(unet.named_modules()), {}
-
-    def apply(self, arm: Arm) -> None:
-        from longalign_core.lora import merge_lora
-
-        self.restore()
-        if arm.pairs is None:
-            return
-        for path in arm.pairs:
-            self.saved[path] = self.modules[path].weight.detach().to("cpu", copy=True)
-        merge_lora(self.unet, arm.pairs, arm.strength)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for path, weight in self.saved.items():
-            self.modules[path].weight.copy_(weight)
-        self.saved = {}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Noise, units of work, rows
-
-
-def image_seed(seed: int, prompt: str) -> int:
-    """The noise seed of one image: from the image's seed and the prompt's text (not its position in the file),
-    so a prompt gets the same noise in every arm, run and prompts file."""
-    from .seeding import step_seed
-
-    return step_seed(seed, int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12], 16), 0)
-
-
-def image_noise(seed: int, prompt: str, side: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(image_seed(seed, prompt))
-    return torch.randn(4, side, side, generator=g)
-
-
-def plan_units(n_prompts: int, seeds: int, batch_size: int) -> list[list[int]]:
-    """Consecutive prompt groups, each sampled and written as one piece (all its seeds): about ``batch_size``
-    images. A resumed run redoes only the groups that were not complete."""
-    per = max(1, batch_size // seeds)
-    return [list(range(i, min(i + per, n_prompts))) for i in range(0, n_prompts, per)]
-
-
-def format_rows(arm: Arm, prompt_index: int, seed: int, result, b: int, omega: float) -> list[dict]:
-    """The rows of image ``b`` of a :class:`~longalign_core.denscore.ScoreResult`: one per sentence."""
-    rows = []
-    segs = result.prompts[b].segments
-    s, r, i = (t.detach().double().cpu().numpy() for t in
-               (result.segment_scores[b], result.segment_relevant[b], result.segment_irrelevant[b]))
-    for k, seg in enumerate(segs):
-        rows.append({"arm": arm.name, "lora": arm.lora, "strength": f"{arm.strength:g}" if arm.lora else "",
-                     "prompt": prompt_index, "seed": seed, "sentence": k + 1, "text": seg.text,
-                     "score": repr(float(s[k])), "text_relevant": repr(float(r[k])),
-                     "text_irrelevant": repr(float(i[k])), "reweighted": repr(float(r[k] + omega * i[k]))})
-    return rows
-
-
-def csv_text(rows: list[dict], header: bool = False) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SCORE_COLUMNS, lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    """An image written whole or not at all (a kill never leaves a truncated PNG); light compression (level 1:
-    several times faster than the default, the files a little larger)."""
-    from PIL import Image
-
-    from longalign_core.io_utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-
-
-def arm_folder(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The evaluation
 
 
 class Evaluation:
@@ -512,64 +218,22 @@ class Evaluation:
 
     # -- resume ---------------------------------------------------------------------------------------------
     def _start_files(self) -> list[dict]:
-        """Write the settings (fresh run) or check them and keep the complete units of ``scores.csv``
+        """Write the settings (fresh run), or check them and keep the complete units of ``scores.csv``
         (resume). Returns the kept rows."""
+        from longalign_core.denscore import prompt_features
+
         if not self.settings_file.exists():
             if self.cfg.resume:
                 self.say(f"--resume: {self.out} holds no evaluation yet; starting one")
-            from longalign_core.io_utils import atomic_path
-
-            self.out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.out / "prompts.txt") as tmp:
-                Path(tmp).write_text("".join(p + "\n" for p in self.prompts), encoding="utf-8")
-            with atomic_path(self.scores_file) as tmp:
-                Path(tmp).write_text(csv_text([], header=True), encoding="utf-8")
-            with atomic_path(self.settings_file) as tmp:
-                Path(tmp).write_text(json.dumps(self.settings, indent=2), encoding="utf-8")
+            start_files(self.out, self.prompts, self.settings)
             return []
-        saved = json.loads(self.settings_file.read_text(encoding="utf-8"))
-        differ = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in self.settings.items() if saved.get(k) != v]
-        if differ:
-            raise BadConfigError(f"--resume: {self.out} was evaluated with other settings ({'; '.join(differ)}); "
-                                 f"resume with the same ones, or choose another --output-dir")
-        return self._complete_rows()
-
-    def _complete_rows(self) -> list[dict]:
-        """The rows of ``scores.csv`` whose unit (arm × prompt group, every seed, every sentence) is complete;
-        the file is rewritten with only those (a kill may have cut it anywhere)."""
-        import csv
-        import io
-
-        from longalign_core.io_utils import atomic_path
-        from longalign_core.denscore import prompt_features
-
-        text = self.scores_file.read_text(encoding="utf-8") if self.scores_file.exists() else ""
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
-        rows = list(csv.DictReader(io.StringIO(text))) if text else []
+        check_settings(self.out, self.settings)
         cfg = self.cfg
-        n_sent = [len(f.segments) for f in prompt_features(self.reward, self.prompts, cfg.split_mode,
-                                                             cfg.long_segments, cache_size=len(self.prompts))]
-        count: dict[tuple, int] = {}
-        for r in rows:
-            try:
-                key = (r["arm"], int(r["prompt"]), int(r["seed"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-            count[key] = count.get(key, 0) + 1
-        seeds = [cfg.seed + k for k in range(cfg.seeds)]
-        done = set()
-        for arm in self.arms:
-            for u, unit in enumerate(plan_units(len(self.prompts), cfg.seeds, cfg.batch_size)):
-                if all(count.get((arm.name, p, s)) == n_sent[p] for p in unit for s in seeds):
-                    done.add((arm.name, u))
-        unit_of = {p: u for u, unit in enumerate(plan_units(len(self.prompts), cfg.seeds, cfg.batch_size))
-                   for p in unit}
-        kept = [r for r in rows if r.get("prompt", "").isdigit() and int(r["prompt"]) in unit_of
-                and (r["arm"], unit_of[int(r["prompt"])]) in done]
-        with atomic_path(self.scores_file) as tmp:
-            Path(tmp).write_text(csv_text(kept, header=True), encoding="utf-8")
-        self.done_units = done
+        sentences = [len(f.segments) for f in prompt_features(self.reward, self.prompts, cfg.split_mode,
+                                                                cfg.long_segments, cache_size=len(self.prompts))]
+        kept, self.done_units = keep_complete_units(
+            self.scores_file, [a.name for a in self.arms], plan_units(len(self.prompts), cfg.seeds, cfg.batch_size),
+            [cfg.seed + k for k in range(cfg.seeds)], sentences)
         return kept
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -695,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    cfg = EvalConfig.from_args(argv)
+    cfg = EvalConfig.from_args(argv, description=__doc__)
     if cfg.report_only:
         print(rebuild_report(cfg), flush=True)
         return 0
