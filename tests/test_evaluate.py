@@ -242,8 +242,9 @@ def test_strength_zero_is_the_base(tmp_path, files):
 
 
 def test_resume_after_an_interruption_gives_the_same_scores(tmp_path, files):
-    """Interrupted after 3 of 6 prompt groups, with half a row of the 4th written when it died: --resume keeps
-    the 3 complete groups, redoes only the other 3, and scores.csv is byte for byte the uninterrupted one."""
+    """Interrupted after 3 of 6 prompt groups, the last row cut mid-number as a kill during the write would leave
+    it (every row of the group is there, one value is wrong): --resume keeps the 2 intact groups, redoes the
+    other 4, and scores.csv is byte for byte the uninterrupted one."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     lora = ["--lora", str(files["lora_a"]), "--batch-size", "2"]  # 2 seeds per group: one prompt a group
     evaluate(whole, files, *lora)
@@ -257,8 +258,8 @@ def test_resume_after_an_interruption_gives_the_same_scores(tmp_path, files):
     written = (cut / "scores.csv").read_text()
     full = (whole / "scores.csv").read_text()
     assert full.startswith(written) and written != full
-    nxt = full[len(written):].splitlines(keepends=True)
-    (cut / "scores.csv").write_text(written + nxt[0] + nxt[1][: len(nxt[1]) // 2])  # killed mid-write
+    assert written.endswith("\n") and written[-5:-1].isdigit()
+    (cut / "scores.csv").write_text(written[:-5])  # killed mid-write: "…,0.0123456789\n" -> "…,0.012345"
     redone = []
     from longalign_core.errors import BadConfigError
 
@@ -267,7 +268,7 @@ def test_resume_after_an_interruption_gives_the_same_scores(tmp_path, files):
     with pytest.raises(BadConfigError, match="seeds: 2 then, 3 now"):
         evaluate(cut, files, *lora, "--resume", "--seeds", "3")
     evaluate(cut, files, *lora, "--resume", on_unit=redone.append)
-    assert redone == [1, 2, 3]
+    assert redone == [1, 2, 3, 4]
     assert (cut / "scores.csv").read_text() == full
     for arm in ("base", "a@1"):
         for p in range(3):
