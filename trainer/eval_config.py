@@ -9,21 +9,23 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from longalign_core import denscore
 from longalign_core.denscore import DEFAULT_REWEIGHT
 from longalign_core.errors import BadConfigError
-from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
-from longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
+from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET
 
+from .config import CHOICES as TRAIN_CHOICES
 from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig, _coerce, _f, flag
 from .eval_stats import DEFAULT_BOOTSTRAP
 
 #: The held-out long prompts shipped with the pack (not the reference set that defines V).
-EVALUATION_PROMPTS = Path(__file__).resolve().parents[1] / "longalign_core" / "data" / "evaluation_prompts.txt"
+EVALUATION_PROMPTS = Path(denscore.__file__).with_name("data") / "evaluation_prompts.txt"
 #: The LoRA ``./dev run`` (the trainer's CPU demo) writes; the no-argument evaluation picks it up.
 DEMO_LORA = Path(EMBEDDED_PROFILE["output_dir"]) / "longalign_lora.safetensors"
 
-CHOICES = {"overflow": OVERFLOW_POLICIES, "split_mode": SPLIT_MODES, "long_segments": LONG_SEGMENT_POLICIES,
-           "reward_model_kind": ("auto", "hf_clip", "open_clip"), "mixed_precision": ("no", "fp16", "bf16")}
+#: Allowed words of the options that take one: the trainer's.
+CHOICES = {k: TRAIN_CHOICES[k] for k in ("overflow", "split_mode", "long_segments", "reward_model_kind",
+                                         "mixed_precision")}
 
 
 def _train_default(name: str):
