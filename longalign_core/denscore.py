@@ -14,6 +14,7 @@ Scores are plain cosines (no logit scale); the paper reports them ×100.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -157,6 +158,7 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
     """
     cache = _cache_of(model)
     window = model.context_length - 2
+    count = functools.lru_cache(maxsize=None)(model.count_tokens)  # fitting and reporting count each segment
     todo: dict[tuple, list[Segment]] = {}
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
@@ -164,13 +166,13 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
         key = (p, split_mode, long_segments)
         if key not in cache and key not in todo:
             segs = split_segments(p, split_mode)
-            todo[key] = fit_segments(segs, model.count_tokens, window, long_segments)
+            todo[key] = fit_segments(segs, count, window, long_segments)
     if todo:
         texts = [s.text for segs in todo.values() for s in segs]
         feats = F.normalize(model.text_features(texts).float(), dim=-1)
         start = 0
         for key, segs in todo.items():
-            counts = [model.count_tokens(s.text) for s in segs]
+            counts = [count(s.text) for s in segs]
             cache[key] = PromptFeatures(segs, feats[start:start + len(segs)], [max(0, n - window) for n in counts])
             start += len(segs)
     out = []

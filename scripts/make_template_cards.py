@@ -29,6 +29,7 @@ FLOWS = {
     "sdxl_long_prompt": ("SDXL Checkpoint", "LongAlign Text Encode", "KSampler 1024 px", "Save Image"),
     "sdxl_longalign_lora": ("SDXL Checkpoint", "LongAlign LoRA", "LongAlign Text Encode", "KSampler 1024 px"),
     "comparison": ("one prompt, one seed", "CLIP Text Encode", "LongAlign Text Encode", "two images"),
+    "lora_vs_base": ("one prompt, one seed", "with the LoRA | without", "Denscore Score x2", "charts side by side"),
 }
 BACKGROUND, PANEL, ACCENT, TEXT, MUTED = (24, 26, 33), (44, 48, 60), (86, 156, 214), (240, 240, 240), (170, 176, 190)
 

@@ -336,6 +336,17 @@ DENSCORE_FOLDER = "Denscore"
 #: user so that it says which base model it belongs to.
 TRAINER_LORA_FILE = "longalign_lora.safetensors"
 SDXL_LORA = "longalign_sdxl_lora.safetensors"
+SD15_LORA = "longalign_sd15_lora.safetensors"
+#: The trainer command that makes SD15_LORA (the Read me note of lora_vs_base shows it).
+SD15_TRAIN_COMMAND = (
+    f"python -m trainer.finetune --model /path/to/{SD15_CHECKPOINT} --reward-model /path/to/{DENSCORE_FOLDER} "
+    "--prompts long_prompts.txt --output-dir outputs/sd15"
+)
+#: The evaluation command the same note gives (many prompts and seeds, with intervals).
+SD15_EVAL_COMMAND = (
+    f"python -m trainer.evaluate --model /path/to/{SD15_CHECKPOINT} --reward-model /path/to/{DENSCORE_FOLDER} "
+    f"--lora outputs/sd15/{TRAINER_LORA_FILE}"
+)
 #: The trainer command that makes SDXL_LORA (the Read me note of sdxl_longalign_lora and the README show it).
 SDXL_TRAIN_COMMAND = (
     f"python -m trainer.finetune --model /path/to/{SDXL_CHECKPOINT} --reward-model /path/to/{DENSCORE_FOLDER} "
@@ -653,7 +664,101 @@ def comparison() -> Workflow:
     return wf
 
 
-WORKFLOWS = [long_prompt_sd15, longsd, denscore_best_of_n, sdxl_long_prompt, sdxl_longalign_lora, comparison]
+def lora_vs_base() -> Workflow:
+    """One prompt, one seed, one latent: the checkpoint with the LoRA (upper row) and without (lower row), each
+    image scored by its own Denscore Score; the LoRA's chart, numbers and image (column F) beside the base's
+    (column G). The encoders' column is moved right to widen the gap the lower row's MODEL and VAE links drop
+    through (as in comparison). The prompt's text reaches the upper Denscore node level above the graph and the
+    lower one through a Reroute above the samplers; the lower row's outputs reach column G through Reroutes
+    below column F."""
+    wf = Workflow("lora_vs_base", "LongAlign LoRA vs base by Denscore",
+                  "Same seed with and without the LoRA, scored by sentence")
+    y0 = 240  # the generation graph starts below the prompt's links
+    ck = y0 + 340  # checkpoint: MODEL / CLIP / VAE outputs at ck + 14 / 34 / 54
+    B2 = B + 100
+    C2 = B2 + ENCODER_W + 160
+    D2 = C2 + 320 + 180
+    E = D2 + 320 + 200  # the Denscore nodes: a wide gap before them for the links that rise and fall to them
+    prompt = wf.add("PrimitiveStringMultiline", (A, TOP), (360, 280), title="Prompt", value=LONG_PROMPT)
+    ckpt = wf.add("CheckpointLoaderSimple", (A, ck), (360, 98), ckpt_name=SD15_CHECKPOINT)
+    pos = wf.add("LongAlignTextEncode", (B2, y0), (ENCODER_W, 300), title="LongAlign Text Encode (positive)",
+                 colors=GREEN, text="", **LONGALIGN_WIDGETS)
+    lora = wf.add("LoraLoaderModelOnly", (B2, ck + 140), (360, 82), title="Load LoRA (LongAlign SD1.5 LoRA)",
+                  lora_name=SD15_LORA, strength_model=1.0)
+    neg_y = ck + 140 + 82 + 70
+    neg = wf.add("LongAlignTextEncode", (B2, neg_y), (ENCODER_W, 244), title="LongAlign Text Encode (negative)",
+                 colors=RED, text=NEGATIVE_PROMPT, **LONGALIGN_WIDGETS)
+    for node in (pos, neg):
+        wf.link(ckpt.out("CLIP"), node, "clip")
+    wf.link(prompt.out("STRING"), pos, "text")
+    latent = wf.add("EmptyLatentImage", (B2, neg_y + 244 + 60), (ENCODER_W, 106), width=512, height=512,
+                    batch_size=1)
+    settings = dict(seed=1234, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
+    # upper row: the LoRA on the checkpoint's MODEL; the VAE link passes above its sampler
+    wf.link(ckpt.out("MODEL"), lora, "model")
+    ks_lora = _sample(wf, lora.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"),
+                      latent.out("LATENT"), C2, ck + 140, title="KSampler (LoRA)", **settings)
+    dec_lora = _decode(wf, ks_lora, ckpt.out("VAE"), D2, ck + 20)
+    # lower row: the checkpoint alone, its MODEL and VAE through Reroutes in the corridor below the latent
+    low = latent.pos[1] + 106 + 40
+    model = wf.reroute(ckpt.out("MODEL"), (B2 + 20, low))
+    vae = wf.reroute(ckpt.out("VAE"), (B2 + 20, low + 40))
+    ks_base = _sample(wf, model.out(""), pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent.out("LATENT"),
+                      C2, low + 140, title="KSampler (base)", **settings)
+    dec_base = _decode(wf, ks_base, vae.out(""), D2, low + 20)
+    # the judge: one preference model, one Denscore Score per image
+    loader = wf.add("LongAlignPreferenceModelLoader", (D2, 800), (320, 106),
+                    model_name=DENSCORE_FOLDER, kind="auto", precision="auto")
+    score_lora = wf.add("LongAlignDenscoreScore", (E, TOP + 14 - 136), (420, 420), title="Denscore Score (LoRA)",
+                        text="", omega=0.3, reference_prompts="", split_mode="sentence")
+    score_base = wf.add("LongAlignDenscoreScore", (E, 1180), (420, 420), title="Denscore Score (base)",
+                        text="", omega=0.3, reference_prompts="", split_mode="sentence")
+    text_hop = wf.reroute(prompt.out("STRING"), (E - 90, 450))
+    for node, image, text in ((score_lora, dec_lora, prompt.out("STRING")), (score_base, dec_base, text_hop.out(""))):
+        wf.link(loader.out("DENSCORE_MODEL"), node, "denscore_model")
+        wf.link(image.out("IMAGE"), node, "images")
+        wf.link(text, node, "text")
+    # outputs: column F the LoRA's, column G the base's, in the same order
+    F = E + 420 + 100
+    G = F + 420 + 260  # room between the columns for the links rising to G
+    nodes = {}
+    for x, name in ((F, "LoRA"), (G, "base")):
+        chart = wf.add("SaveImage", (x, TOP - 8), (420, 300), title=f"Save Image (Denscore chart, {name})",
+                       filename_prefix=f"lora_vs_base_chart_{name.lower()}")
+        numbers = wf.add("PreviewAny", (x, TOP - 8 + 300 + 70), (420, 190),
+                         title=f"Preview as Text (Denscore numbers, {name})")
+        image = wf.add("SaveImage", (x, TOP - 8 + 300 + 70 + 190 + 70), (420, 460), title=f"Save Image ({name})",
+                       filename_prefix=f"lora_vs_base_{name.lower()}")
+        nodes[name] = (chart, numbers, image)
+    chart, numbers, image = nodes["LoRA"]
+    wf.link(score_lora.out("chart"), chart, "images")
+    wf.link(score_lora.out("report"), numbers, "source")
+    wf.link(dec_lora.out("IMAGE"), image, "images")
+    # the base's links run below its Denscore node, then up between the columns
+    lift_x, lift_y = F + 420 + 20, score_base.pos[1] + 420 + 60
+    under = wf.reroute(dec_base.out("IMAGE"), (E + 20, lift_y + 80))
+    for k, (src, target, input_name) in enumerate(zip(
+            (score_base.out("chart"), score_base.out("report"), under.out("")), nodes["base"],
+            ("images", "source", "images"))):
+        hop = wf.reroute(src, (lift_x, lift_y + 40 * k))
+        wf.link(hop.out(""), target, input_name)
+    wf.note(
+        "## LoRA vs base by Denscore\n"
+        "Did the LoRA help on *this* prompt? One **Prompt**, one negative, one latent and the same seed: the "
+        "upper sampler uses the checkpoint with the LoRA, the lower one the checkpoint alone, so the LoRA is the "
+        "only difference. Each image gets its own **Denscore Score**: the chart (per sentence: grey = "
+        "text-irrelevant, blue = text-relevant) and the numbers, LoRA on the left, base on the right.\n\n"
+        f"* `models/checkpoints/`: the SD1.5 checkpoint the LoRA was trained on (`{SD15_CHECKPOINT}`).\n"
+        f"* `models/loras/`: `{SD15_LORA}`, the trainer's `{TRAINER_LORA_FILE}` renamed.\n"
+        f"* `models/denscore/{DENSCORE_FOLDER}/`: the Denscore folder.\n"
+        "* One prompt and one seed is an anecdote: for a verdict over many prompts, with confidence intervals, "
+        f"run `{SD15_EVAL_COMMAND}`.",
+        (A, ck + 98 + 60), (360, 420))
+    return wf
+
+
+WORKFLOWS = [long_prompt_sd15, longsd, denscore_best_of_n, sdxl_long_prompt, sdxl_longalign_lora, comparison,
+             lora_vs_base]
 
 
 def build_all() -> dict[str, Workflow]:

@@ -118,7 +118,7 @@ def test_pack_zip_holds_what_an_install_needs_and_nothing_else(packed, checkout)
             "docs/method.md"} <= names  # the help pages point to docs/method.md
     docs_pages = {f"docs/{p.name}" for p in (checkout / "docs").glob("*.md")}
     assert docs_pages and not docs_pages - names, sorted(docs_pages - names)  # README.md links every docs page
-    assert sum(n.startswith("workflows/") and n.endswith(".json") for n in names) == 12  # 6 UI + 6 API
+    assert sum(n.startswith("workflows/") and n.endswith(".json") for n in names) == 14  # 7 UI + 7 API
     unwanted = sorted(n for n in names if n.startswith(tuple(FORBIDDEN_PREFIXES)) or "__pycache__" in n
                       or n.endswith((".pyc", ".zip")))
     assert not unwanted, (

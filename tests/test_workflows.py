@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "sdxl_long_prompt", "sdxl_longalign_lora"]
+NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "lora_vs_base", "sdxl_long_prompt",
+         "sdxl_longalign_lora"]
 
 
 def _load_generator():
@@ -331,6 +332,51 @@ def test_comparison_differs_only_in_the_text_encoder():
     assert len(by_type(wf, "SaveImage")) == 2
     saves = sorted(by_type(wf, "SaveImage"), key=lambda n: n["pos"][0])
     assert saves[0]["pos"][1] == saves[1]["pos"][1]  # side by side
+
+
+def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
+    """Two KSamplers with one seed, one latent and one conditioning; one model is the checkpoint's, the other the
+    same through ComfyUI's LoRA loader. Each image has its own Denscore Score (one preference model, the prompt
+    the images came from); each arm's chart, numbers and image are saved side by side with the other's."""
+    wf = ui("lora_vs_base")
+    samplers = {n["title"]: n for n in by_type(wf, "KSampler")}
+    assert sorted(samplers) == ["KSampler (LoRA)", "KSampler (base)"]
+    lora_ks, base_ks = samplers["KSampler (LoRA)"], samplers["KSampler (base)"]
+    assert widget_values(lora_ks) == widget_values(base_ks) and widget_values(base_ks)["control_after_generate"] \
+        == "fixed"
+    for slot in ("positive", "negative", "latent_image"):
+        assert source(wf, lora_ks, slot) == source(wf, base_ks, slot) is not None
+    ckpt = by_type(wf, "CheckpointLoaderSimple")[0]
+    assert source(wf, base_ks, "model") == (ckpt, 0)
+    lora, _ = source(wf, lora_ks, "model")
+    assert lora["type"] == "LoraLoaderModelOnly" and source(wf, lora, "model") == (ckpt, 0)
+    assert widget_values(lora) == {"lora_name": "longalign_sd15_lora.safetensors", "strength_model": 1.0}
+    prompt = by_type(wf, "PrimitiveStringMultiline")[0]
+    positive = source(wf, base_ks, "positive")[0]
+    assert positive["type"] == "LongAlignTextEncode" and source(wf, positive, "text") == (prompt, 0)
+    scores = {n["title"]: n for n in by_type(wf, "LongAlignDenscoreScore")}
+    loader = by_type(wf, "LongAlignPreferenceModelLoader")[0]
+    assert widget_values(loader)["model_name"] == "Denscore"
+    saved = {n["title"]: n for n in by_type(wf, "SaveImage")}
+    previews = {n["title"]: n for n in by_type(wf, "PreviewAny")}
+    columns = {}
+    for arm, sampler in (("LoRA", lora_ks), ("base", base_ks)):
+        score = scores[f"Denscore Score ({arm})"]
+        decode, _ = source(wf, score, "images")
+        assert decode["type"] == "VAEDecode" and source(wf, decode, "samples") == (sampler, 0)
+        assert source(wf, decode, "vae") == (ckpt, 2)
+        assert source(wf, score, "text") == (prompt, 0) and source(wf, score, "denscore_model") == (loader, 0)
+        chart, numbers = saved[f"Save Image (Denscore chart, {arm})"], previews[f"Preview as Text (Denscore numbers, {arm})"]
+        image = saved[f"Save Image ({arm})"]
+        assert source(wf, chart, "images") == (score, 5) and source(wf, numbers, "source") == (score, 4)
+        assert source(wf, image, "images") == (decode, 0)
+        columns[arm] = [chart["pos"], numbers["pos"], image["pos"]]
+    # side by side: the same heights, the LoRA's column left of the base's
+    assert [p[1] for p in columns["LoRA"]] == [p[1] for p in columns["base"]]
+    assert all(a[0] < b[0] for a, b in zip(columns["LoRA"], columns["base"]))
+    note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
+    assert "`python -m trainer.evaluate --model /path/to/v1-5-pruned-emaonly-fp16.safetensors " in note
+    assert "models/loras/`: `longalign_sd15_lora.safetensors`" in note
 
 
 # ----------------------------------------------------------------------------------------------------------------

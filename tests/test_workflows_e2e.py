@@ -160,6 +160,22 @@ def save_longsd_loras(checkpoint: Path, names: list[str], folder: Path) -> None:
         torch.save(tensors, folder / name)
 
 
+def save_kohya_lora(checkpoint: Path, path: Path, scale: float = 0.1) -> Path:
+    """A kohya-keyed LoRA (random rank-4 pairs, the trainer's file format) for the UNet of ``checkpoint``, with the
+    module names the pack derives from the UNet config ComfyUI detects."""
+    comfy = import_comfy()
+    from longalign_core.lora import diffusers_config_from_ldm, lora_targets, save_kohya
+
+    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
+    g = torch.Generator().manual_seed(7)
+    pairs = {}
+    for t in lora_targets(diffusers_config_from_ldm(dict(model.model.model_config.unet_config))):
+        conv = (1, 1) if t.kind == "conv" else ()
+        pairs[t.path] = (torch.randn((t.weight_shape[0], 4, *conv), generator=g) * scale,
+                         torch.randn((4, *t.weight_shape[1:]), generator=g) * scale)
+    return save_kohya(pairs, path, {"format": "kohya", "ss_base_model_version": "sd_v1"})
+
+
 def train_sdxl_lora(checkpoint: Path, out_dir: Path) -> Path:
     """The trainer's LoRA for ``checkpoint`` (one reward step at 64 px with the built-in tiny preference model),
     made by ``python -m trainer.finetune`` in a subprocess; returns ``<out_dir>/longalign_lora.safetensors``.
@@ -193,6 +209,7 @@ def server(tmp_path_factory, tiny_clip_dir, tiny_t5_dir):
     models = base / "models"
     sd15 = build_tiny_sd15_checkpoint(models / "checkpoints" / gen.SD15_CHECKPOINT)
     save_longsd_loras(sd15, [gen.LONGSD_STAGE1_LORA, gen.LONGSD_REWARD_LORA], models / "loras")
+    save_kohya_lora(sd15, models / "loras" / gen.SD15_LORA)
     shutil.copytree(tiny_t5_dir, models / "text_encoders" / gen.LONGSD_T5_FOLDER)
     torch.manual_seed(6)
     TextAdapter(in_dim=32, int_dim=24, out_dim=768).save_pretrained(models / "longalign" / gen.LONGSD_ADAPTER_FOLDER)
@@ -426,3 +443,36 @@ def test_comparison_gives_two_different_images_from_one_seed(server):
     assert a.shape == b.shape == (SIZE, SIZE, 3)
     assert (a != b).any()  # same seed, latent and sampler: only the text encoder differs
     check_report(entry["outputs"][node_id(prompt, "PreviewAny")]["text"][0])
+
+
+def test_lora_vs_base_scores_both_arms_from_one_seed(server):
+    """The LoRA (a kohya file for the stand-in SD1.5 checkpoint, every key matched) changes the image and its
+    Denscore numbers; at strength 0 the two arms give the same image and the same numbers (one seed, one latent,
+    one conditioning: the LoRA is the only difference)."""
+    prompt = shrunk(shipped("lora_vs_base"))
+    log_start = len(server.log_text())
+    entry = server.run(prompt, "lora_vs_base")
+    assert "lora key not loaded" not in server.log_text()[log_start:].lower()
+
+    def arms(entry):
+        out = {}
+        for arm in ("LoRA", "base"):
+            (image,) = saved_images(server, entry, node_id(prompt, "SaveImage", f"Save Image ({arm})"))
+            (chart,) = saved_images(server, entry, node_id(prompt, "SaveImage", f"Denscore chart, {arm}"))
+            numbers = entry["outputs"][node_id(prompt, "PreviewAny", f"Denscore numbers, {arm}")]["text"][0]
+            score_ui = entry["outputs"][node_id(prompt, "LongAlignDenscoreScore", f"({arm})")]
+            assert numbers == score_ui["text"][0] and load_rgb(chart).shape[1] >= 600
+            m = re.search(r"image 0: +(-?\d+\.\d+) = +(-?\d+\.\d+) \+ +(-?\d+\.\d+)", numbers)
+            assert m, numbers[:300]
+            out[arm] = (load_rgb(image), m.groups())
+        return out
+
+    result = arms(entry)
+    assert result["LoRA"][0].shape == result["base"][0].shape == (SIZE, SIZE, 3)
+    assert (result["LoRA"][0] != result["base"][0]).any(), "the LoRA did not change the image"
+    assert result["LoRA"][1] != result["base"][1]
+    zero = copy.deepcopy(prompt)
+    zero[node_id(prompt, "LoraLoaderModelOnly")]["inputs"]["strength_model"] = 0.0
+    same = arms(server.run(zero, "lora_vs_base at strength 0"))
+    assert (same["LoRA"][0] == same["base"][0]).all() and same["LoRA"][1] == same["base"][1]
+    assert (same["base"][0] == result["base"][0]).all()  # the base arm did not move

@@ -1,0 +1,383 @@
+"""Did the LoRA help? The base model against the same model with one or more LoRAs, on held-out long prompts,
+sentence by sentence, with confidence intervals.
+
+Demo on the CPU (the built-in tiny models; the LoRA ``./dev run`` trained, if there is one):
+
+    python -m trainer.evaluate
+
+A real comparison (SD1.5 or SDXL, any LoRA of this trainer or of the LongSD release, Denscore as the judge):
+
+    python -m trainer.evaluate --model /models/stable-diffusion-v1-5 --reward-model /models/denscore/Denscore \\
+        --lora outputs/reward/longalign_lora.safetensors --lora outputs/reward/longalign_lora.safetensors:0.5 \\
+        --seeds 2 --output-dir outputs/eval
+
+Every arm (the base, and each ``--lora FILE[:STRENGTH]``) samples every prompt from the same noise with the
+trainer's validation sampler (DDIM, CFG with the empty prompt, segment-level conditioning), and every image is
+scored with Denscore (or another preference model) against its prompt, decomposed along V from the shipped
+reference prompt set. ``<output-dir>`` gets the images, ``scores.csv`` (one row per arm, prompt, seed and
+sentence), ``report.md`` / ``report.png`` (means and differences with 95 % bootstrap intervals over prompts,
+win rates, the sentences that gained and lost most, a reward-hacking flag) and ``grids/`` (per prompt, the arms
+side by side with their scores). ``--resume`` continues an interrupted evaluation; ``--report-only`` rebuilds
+the report from ``scores.csv``. User mistakes print one paragraph and exit with code 2 (``--debug`` keeps the
+traceback). docs/evaluate.md says what each number means.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longalign_core.denscore import default_reference_prompts, prompts_digest
+from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_input_file, \
+    check_model_source, run_cli
+
+from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE
+from .eval_arms import Arm, WeightSwap, file_sha256, lora_metadata, plan_arms
+from .eval_config import DEMO_LORA, EVALUATION_PROMPTS, EvalConfig, _train_default
+from .eval_io import SCORES_FILE, SETTINGS_FILE, arm_folder, check_settings, csv_text, format_rows, image_noise, \
+    keep_complete_units, plan_units, save_png, start_files
+
+__all__ = ["EVALUATION_PROMPTS", "EvalConfig", "Evaluation", "cli", "main"]
+
+log = logging.getLogger("LongAlign")
+
+
+class Evaluation:
+    """Checks everything the user gave, loads the models, and runs the arms (:meth:`run`)."""
+
+    def __init__(self, cfg: EvalConfig, announce=print):
+        from .memory import PhaseTimer
+
+        self.cfg, self.say = cfg, announce
+        self.out = Path(cfg.output_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = cfg.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise BadConfigError("--mixed-precision fp16 needs a CUDA GPU; use no (the CPU default) or bf16")
+        from longalign_core.dtypes import DTYPES
+
+        self.precision, self.dtype = precision, DTYPES.get(precision, torch.float32)
+        self.timer = PhaseTimer(self.device)
+        self.timer.enabled = True
+        self.t0 = time.perf_counter()
+        # everything the user named is checked before anything is loaded or written
+        self.settings_file, self.scores_file = self.out / SETTINGS_FILE, self.out / SCORES_FILE
+        if self.settings_file.exists() and not cfg.resume:
+            raise BadConfigError(f"--output-dir {self.out} already holds an evaluation ({SETTINGS_FILE}): pass "
+                                 f"--resume to continue it, --report-only to rebuild its report, or choose "
+                                 f"another --output-dir")
+        for option, value, what in (("--model", cfg.model, "model folder or checkpoint file"),
+                                    ("--reward-model", cfg.reward_model, "preference model folder or file")):
+            if value is not None and value not in EMBEDDED_MODELS:
+                check_model_source(value, option, what)
+        self.prompts = self._load_prompts()
+        specs = list(cfg.lora)
+        self.demo_lora = None
+        if cfg.model is None and not specs and DEMO_LORA.is_file():
+            specs, self.demo_lora = [str(DEMO_LORA)], DEMO_LORA
+        self.arms = plan_arms(specs)
+        with self.timer("base model"):
+            self._load_base()
+        with self.timer("LoRA files"):
+            self._load_loras()
+        with self.timer("preference model"):
+            self._load_judge()
+        self.settings = self._settings()
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _load_prompts(self) -> list[str]:
+        from .data import load_prompts
+
+        cfg = self.cfg
+        source = cfg.prompts or str(EVALUATION_PROMPTS)
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise BadInputError(f"--prompts {source}: no such prompts file (a typo in the path?); give a .txt with "
+                                f"one prompt per line or a .jsonl with a 'prompt' field")
+        if path.is_file():
+            check_input_file(path, "prompts file", "--prompts")
+        prompts = load_prompts(str(path))
+        if cfg.num_prompts is not None:
+            if cfg.num_prompts > len(prompts):
+                raise BadConfigError(f"--num-prompts {cfg.num_prompts}: {source} has only {len(prompts)} prompts")
+            prompts = prompts[:cfg.num_prompts]
+        first: dict[str, int] = {}
+        for i, p in enumerate(prompts):
+            if p in first:
+                raise BadInputError(f"{source}: prompt {i + 1} repeats prompt {first[p] + 1} ({p[:60]!r}…): a prompt "
+                                    f"counted twice weighs twice in every mean; remove the copy")
+            first[p] = i
+        self.prompts_source = source
+        return prompts
+
+    def _load_base(self) -> None:
+        import dataclasses as dc
+
+        from .models import load_base_model
+
+        cfg = self.cfg
+        base = load_base_model(cfg.model, cfg.seed, self.dtype)
+        self.base_source, self.is_sdxl = base.source, base.is_sdxl
+        if cfg.resolution is None:
+            self.cfg = cfg = dc.replace(cfg, resolution=int(base.unet.config.sample_size) * 8)
+        if cfg.steps is None:
+            self.cfg = cfg = dc.replace(cfg, steps=EMBEDDED_PROFILE["validation_steps"] if cfg.is_embedded
+                                        else _train_default("validation_steps"))
+        self.unet = base.unet.to(self.device).requires_grad_(False).eval()
+        self.vae = base.vae.to(self.device).requires_grad_(False).eval()
+        self.noise_scheduler = base.noise_scheduler
+        text_encoder = base.text_encoder.to(self.device).requires_grad_(False).eval()
+        if self.is_sdxl:
+            from longalign_core.sdxl_text import SDXLSegmentEncoder
+
+            text_encoder_2 = base.text_encoder_2.to(self.device).requires_grad_(False).eval()
+            encoder = SDXLSegmentEncoder(base.tokenizer, text_encoder, base.tokenizer_2, text_encoder_2)
+        else:
+            from longalign_core.clip_text import CLIPSegmentEncoder
+
+            encoder = CLIPSegmentEncoder(base.tokenizer, text_encoder)
+        from .conditioning import StepEncoder
+
+        self.text = StepEncoder(cfg, encoder, None, self.dtype, self.device, self.is_sdxl)
+        self.swap = WeightSwap(self.unet)
+
+    def _load_loras(self) -> None:
+        from longalign_core.lora import LoraFormatError, load_lora, lora_targets
+
+        targets = lora_targets(self.unet)
+        for arm in self.arms[1:]:
+            try:
+                arm.pairs = load_lora(arm.lora, targets)
+            except LoraFormatError as exc:
+                detail = str(exc).removeprefix(f"{arm.lora}: ")
+                raise BadModelFileError(f"--lora {arm.spec}: {detail} The base model here is {self.base_source} "
+                                        f"({'SDXL' if self.is_sdxl else 'SD1.x'}): give a LoRA made for it, not "
+                                        f"for another architecture or model") from None
+            arm.sha256 = file_sha256(arm.lora)
+            self._warn_lora_settings(arm)
+
+    def _warn_lora_settings(self, arm: Arm) -> None:
+        """A LoRA of this trainer records its text options; evaluating with others is allowed but said."""
+        meta = lora_metadata(arm.lora)
+        cfg = self.cfg
+        differ = [f"{key} {meta[key]} (now {getattr(cfg, key)})" for key in
+                  ("token_budget", "overflow", "split_mode", "long_segments")
+                  if key in meta and meta[key] != str(getattr(cfg, key))]
+        if differ:
+            self.say(f"note: {arm.spec} was trained with {', '.join(differ)}; pass the same text options to "
+                     f"evaluate it as it was trained")
+
+    def _load_judge(self) -> None:
+        from longalign_core.denscore import direction_cache_file, direction_from_prompts
+        from longalign_core.preference import load_preference_model
+
+        from .models import reward_model_source
+
+        cfg = self.cfg
+        self.reward_source = reward_model_source(cfg.reward_model, cfg.seed)
+        self.reward = load_preference_model(self.reward_source, cfg.reward_model_kind, device=self.device,
+                                            dtype=torch.float32)
+        reference = default_reference_prompts()
+        digest = prompts_digest(reference) + ("" if cfg.split_mode == "sentence" else "-" + cfg.split_mode)
+        cache = direction_cache_file(self.reward_source, digest)
+        self.direction = direction_from_prompts(self.reward, reference, split_mode=cfg.split_mode,
+                                                cache_file=cache).to(self.device)
+        overlap = len(set(self.prompts) & set(reference))
+        if overlap:
+            self.say(f"note: {overlap} of the evaluation prompts are in the reference set that defines V; "
+                     f"held-out prompts should not be")
+
+    def _settings(self) -> dict:
+        """What the scores depend on; a resumed evaluation must have the same."""
+        cfg = self.cfg
+        return {"model": self.base_source, "reward_model": self.reward_source,
+                "reward_model_kind": cfg.reward_model_kind,
+                "arms": [{"name": a.name, "lora": a.lora, "strength": a.strength, "sha256": a.sha256}
+                         for a in self.arms],
+                "prompts": self.prompts_source, "prompts_sha256": prompts_digest(self.prompts),
+                "num_prompts": len(self.prompts), "seeds": cfg.seeds, "seed": cfg.seed, "steps": cfg.steps,
+                "guidance": cfg.guidance, "resolution": cfg.resolution, "batch_size": cfg.batch_size,
+                "precision": self.precision, "device": self.device.type, "token_budget": cfg.token_budget,
+                "overflow": cfg.overflow, "split_mode": cfg.split_mode, "long_segments": cfg.long_segments,
+                "omega": cfg.omega}
+
+    def check_prompts_encode(self) -> tuple[int, int]:
+        """Encode every prompt once before anything is written: ``--overflow error`` stops now, not at the
+        prompt hours in. Returns (prompts cut, conditioning tokens lost)."""
+        cut = lost = 0
+        with self.timer("text encoding"):
+            for unit in plan_units(len(self.prompts), 1, 32):
+                enc = self.text.encode([self.prompts[i] for i in unit], with_uncond=False)
+                cut, lost = cut + enc.prompts_cut, lost + enc.tokens_lost
+        return cut, lost
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    def _start_files(self) -> list[dict]:
+        """Write the settings (fresh run), or check them and keep the complete units of ``scores.csv``
+        (resume). Returns the kept rows."""
+        from longalign_core.denscore import prompt_features
+
+        if not self.settings_file.exists():
+            if self.cfg.resume:
+                self.say(f"--resume: {self.out} holds no evaluation yet; starting one")
+            start_files(self.out, self.prompts, self.settings)
+            return []
+        check_settings(self.out, self.settings)
+        cfg = self.cfg
+        sentences = [len(f.segments) for f in prompt_features(self.reward, self.prompts, cfg.split_mode,
+                                                                cfg.long_segments, cache_size=len(self.prompts))]
+        kept, self.done_units = keep_complete_units(
+            self.scores_file, [a.name for a in self.arms], plan_units(len(self.prompts), cfg.seeds, cfg.batch_size),
+            [cfg.seed + k for k in range(cfg.seeds)], sentences)
+        return kept
+
+    # -- the run --------------------------------------------------------------------------------------------
+    def run(self, on_unit=None) -> dict:
+        """Sample, score and write every (arm, prompt group) not done yet, then the report. ``on_unit(n)`` is
+        called after each group is written (tests interrupt the run there). Returns the phase timings."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        cut, lost = self.check_prompts_encode()
+        self.done_units = set()
+        kept = self._start_files()
+        units = plan_units(len(self.prompts), cfg.seeds, cfg.batch_size)
+        todo = [(arm, u) for arm in self.arms for u in range(len(units)) if (arm.name, u) not in self.done_units]
+        self._banner(cut, lost, len(kept), len(todo), len(self.arms) * len(units))
+        bar = tqdm(total=len(todo), desc="evaluating", unit="group", disable=not todo)
+        current = None
+        try:
+            for n, (arm, u) in enumerate(todo, 1):
+                if arm is not current:
+                    with self.timer("LoRA merge"):
+                        self.swap.apply(arm)
+                    current = arm
+                self._unit(arm, units[u])
+                bar.update(1)
+                if on_unit is not None:
+                    on_unit(n)
+        finally:
+            bar.close()
+            self.swap.restore()
+        with self.timer("report"):
+            from .eval_report import write_evaluation_report
+
+            summary = write_evaluation_report(self.out, cfg.bootstrap, cfg.bootstrap_seed,
+                                              timings=self.timings(), tokens=(cut, lost))
+        self.say(summary)
+        return self.timings()
+
+    def timings(self) -> dict:
+        """Seconds per phase so far and in all (``total``: since the evaluation was set up)."""
+        return {**dict(self.timer.seconds), "total": time.perf_counter() - self.t0}
+
+    def _banner(self, cut: int, lost: int, kept: int, todo: int, total: int) -> None:
+        cfg = self.cfg
+        lines = [f"***** LongAlign evaluation: {len(self.arms)} arm(s) × {len(self.prompts)} prompts × {cfg.seeds} "
+                 f"seed(s) *****",
+                 f"  base model = {self.base_source} ({'SDXL' if self.is_sdxl else 'SD1.x'}, {self.precision}, "
+                 f"{self.device.type})",
+                 f"  arms = {', '.join(a.name for a in self.arms)}",
+                 f"  judge = {self.reward_source} (fp32), V from the shipped reference prompts",
+                 f"  prompts = {self.prompts_source}",
+                 f"  DDIM {cfg.steps} steps, CFG {cfg.guidance:g}, {cfg.resolution}px, seeds {cfg.seed}.."
+                 f"{cfg.seed + cfg.seeds - 1}; text: budget {cfg.token_budget}, overflow {cfg.overflow}, split "
+                 f"{cfg.split_mode}"]
+        if cut:
+            lines.append(f"  {cut} prompts exceed --token-budget {cfg.token_budget} and are cut ({lost} tokens; "
+                         f"--overflow {cfg.overflow})")
+        if kept:
+            lines.append(f"  resuming: {total - todo} of {total} prompt groups already scored ({kept} rows kept)")
+        self.say("\n".join(lines))
+
+    @torch.no_grad()
+    def _unit(self, arm: Arm, unit: list[int]) -> None:
+        """Sample, decode and score one prompt group for one arm; write its images, then its rows."""
+        from longalign_core.denscore import segment_score
+
+        from .sampling import ddim_scheduler, decode, sample_truncated
+
+        cfg = self.cfg
+        seeds = [cfg.seed + k for k in range(cfg.seeds)]
+        items = [(p, s) for p in unit for s in seeds]
+        side = cfg.resolution // 8
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        images = []
+        for start in range(0, len(items), cfg.batch_size):
+            chunk = items[start:start + cfg.batch_size]
+            texts = [self.prompts[p] for p, _ in chunk]
+            with self.timer("text encoding"):
+                step_cond = self.text.encode(texts, with_uncond=True)
+                cond, uncond = self.text.unet_conditioning(step_cond)
+            with self.timer("sampling"):
+                noise = torch.stack([image_noise(s, self.prompts[p], side) for p, s in chunk])
+                noise = noise.to(self.device, self.dtype)
+                scheduler = ddim_scheduler(self.noise_scheduler, cfg.steps)
+                eps = lambda x, t, c: self.unet(x, t, **c.unet_kwargs()).sample  # noqa: E731
+                with autocast:
+                    x0 = sample_truncated(eps, scheduler, noise, cond, uncond, cfg.guidance, [])
+            with self.timer("decoding"):
+                images.append(decode(self.vae, x0).float())
+        images = torch.cat(images)
+        with self.timer("scoring"):
+            texts = [self.prompts[p] for p, _ in items]
+            result = segment_score(self.reward, images.to(self.device), texts, direction=self.direction,
+                                   omega=cfg.omega, crop="center", split_mode=cfg.split_mode,
+                                   long_segments=cfg.long_segments)
+            rows = [row for b, (p, s) in enumerate(items) for row in format_rows(arm, p, s, result, b, cfg.omega)]
+        with self.timer("writing"):
+            pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            folder = self.out / "images" / arm_folder(arm.name)
+            for b, (p, s) in enumerate(items):
+                save_png(pixels[b], folder / f"p{p:03d}-s{s}.png")
+            with self.scores_file.open("a", encoding="utf-8", newline="") as f:
+                f.write(csv_text(rows))  # one write per group: a kill leaves whole groups or a cut tail
+
+
+def rebuild_report(cfg: EvalConfig) -> str:
+    """``--report-only``: the report of the evaluation in ``--output-dir``, from its scores.csv alone."""
+    from .eval_report import write_evaluation_report
+
+    out = Path(cfg.output_dir)
+    if not (out / SCORES_FILE).is_file():
+        raise BadInputError(f"--report-only: {out / SCORES_FILE} not found; run the evaluation first (or give its "
+                            f"--output-dir)")
+    return write_evaluation_report(out, cfg.bootstrap, cfg.bootstrap_seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate; user mistakes raise :class:`~longalign_core.errors.LongAlignError` (see :func:`cli`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("accelerate", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    cfg = EvalConfig.from_args(argv, description=__doc__)
+    if cfg.report_only:
+        print(rebuild_report(cfg), flush=True)
+        return 0
+    evaluation = Evaluation(cfg)
+    if cfg.model is None:
+        lora = (f"the LoRA ./dev run trained ({evaluation.demo_lora}) against the base" if evaluation.demo_lora
+                else f"the base alone (no LoRA at {DEMO_LORA}: run ./dev run first, or pass --lora)")
+        print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
+              f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
+              f"the pipeline). Pass --model, --reward-model and --lora for a real comparison.", flush=True)
+    evaluation.run()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m trainer.evaluate``: user mistakes print one paragraph (no traceback) and exit with code 2."""
+    return run_cli(main, argv, prog="python -m trainer.evaluate")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
