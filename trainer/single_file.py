@@ -220,7 +220,7 @@ def load_single_file(path: str | os.PathLike, dtype=None) -> BaseModel:
                                                  local_files_only=True, torch_dtype=wanted)
         for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
                      vae if wanted == dtype else None):
-            if part is not None:
+            if part is not None and next(part.parameters()).dtype != dtype:
                 part.to(dtype)
     except Exception as exc:  # diffusers raises several kinds for a file it cannot convert
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
