@@ -190,9 +190,11 @@ def one_run(args) -> dict:
         flags += ["--sample-grad-steps", str(args.steps), "--no-gradient-checkpointing"]
         real = objective.sample_truncated
         objective.sample_truncated = lambda *a, **k: real(*a, **{**k, "use_checkpoint": False, "detach_input": False})
-    trainer = finetune.Trainer(TrainConfig.from_args(flags))
     if args.whole_unet_checkpoint:  # the reward stage before per-block checkpointing: one checkpoint per UNet call
-        trainer.acc.unwrap_model(trainer.unet).disable_gradient_checkpointing()
+        import contextlib
+
+        objective.blocks_checkpointed = lambda unet: contextlib.nullcontext()
+    trainer = finetune.Trainer(TrainConfig.from_args(flags))
     result = measure_step(trainer)
     import shutil
 

@@ -9,7 +9,7 @@ import pytest
 
 from longalign_core.errors import BadConfigError
 from trainer.config import EMBEDDED_PROFILE, TrainConfig
-from trainer_support import FAST, one_thread, run_module  # noqa: F401
+from trainer_support import FAST, one_thread  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -95,43 +95,61 @@ def check_user_error(proc, *names: str) -> str:
     return line[-1]
 
 
-def test_cli_option_mistakes(tmp_path):
-    out = ["--output-dir", str(tmp_path / "run")]
-    check_user_error(run_module([*out, "--mixed-precision", "fp16"]), "--mixed-precision fp16", "CPU", "bf16")
-    check_user_error(run_module([*out, "--batch-size", "0"]), "--train-batch-size (--batch-size)", ">= 1")
-    check_user_error(run_module([*out, "--token-budget", "1000000000"]), "--token-budget", "1..4096")
-
-
-def test_cli_config_file_mistakes(tmp_path):
-    out = ["--output-dir", str(tmp_path / "run")]
-    bad_type = tmp_path / "types.toml"
-    bad_type.write_text('train_steps = "ten"\n')
-    check_user_error(run_module([*out, "--config", str(bad_type)]), str(bad_type), "train_steps", "an integer")
-    bad_syntax = tmp_path / "syntax.toml"
-    bad_syntax.write_text("train_steps = 10\nsplit_mode = reference\n")
-    check_user_error(run_module([*out, "--config", str(bad_syntax)]), str(bad_syntax), "TOML syntax error",
-                     "line 2")
-
-
-def test_cli_prompts_file_mistakes(tmp_path):
-    out = ["--output-dir", str(tmp_path / "run"), *FAST]
-    not_a_string = tmp_path / "numbers.jsonl"
-    not_a_string.write_text('{"prompt": "A red fox."}\n{"prompt": 5}\n')
-    check_user_error(run_module([*out, "--prompts", str(not_a_string)]), f"{not_a_string}:2", "string")
-    bad_record = tmp_path / "broken.jsonl"
-    bad_record.write_text('{"prompt": "A red fox."}\n{"prompt": "A blue bird."}\n{"prompt": "A cat.",\n')
-    check_user_error(run_module([*out, "--prompts", str(bad_record)]), f"{bad_record}:3", "not valid JSON")
-
-
-def test_cli_corrupt_checkpoint_offers_the_previous_one(tmp_path):
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """Every command-line mistake below, run through ``python -m trainer.finetune``'s entry point in one fresh
+    interpreter (one start-up for all of them), as (returncode, stdout, stderr) per case; plus the files."""
     from trainer.checkpoints import checkpoints
     from trainer.finetune import Trainer
+    from trainer_support import run_cli_cases
 
-    args = ["--output-dir", str(tmp_path / "run"), *FAST, "--sample-steps", "2", "--sample-grad-steps", "1",
-            "--train-steps", "3", "--checkpoint-every", "1", "--checkpoints-keep", "5"]
-    Trainer(TrainConfig.from_args(args)).train()
-    first, latest = checkpoints(tmp_path / "run")[-2:]
-    weights = latest / "lora_weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
-    line = check_user_error(run_module([*args, "--resume", "latest"]), str(latest), f"--resume {first}")
+    tmp = tmp_path_factory.mktemp("mistakes")
+    out = ["--output-dir", str(tmp / "run")]
+    files = {"bad_type": tmp / "types.toml", "bad_syntax": tmp / "syntax.toml",
+             "not_a_string": tmp / "numbers.jsonl", "bad_record": tmp / "broken.jsonl"}
+    files["bad_type"].write_text('train_steps = "ten"\n')
+    files["bad_syntax"].write_text("train_steps = 10\nsplit_mode = reference\n")
+    files["not_a_string"].write_text('{"prompt": "A red fox."}\n{"prompt": 5}\n')
+    files["bad_record"].write_text('{"prompt": "A red fox."}\n{"prompt": "A blue bird."}\n{"prompt": "A cat.",\n')
+    # a run with checkpoints whose newest LoRA weights are then cut short, as by a full disk
+    resume = ["--output-dir", str(tmp / "ckpt"), *FAST, "--sample-steps", "2", "--sample-grad-steps", "1",
+              "--train-steps", "3", "--checkpoint-every", "1", "--checkpoints-keep", "5"]
+    Trainer(TrainConfig.from_args(resume)).train()
+    files["first"], files["latest"] = checkpoints(tmp / "ckpt")[-2:]
+    weights = files["latest"] / "lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cases = {
+        "fp16": [*out, "--mixed-precision", "fp16"], "batch": [*out, "--batch-size", "0"],
+        "budget": [*out, "--token-budget", "1000000000"],
+        "bad_type": [*out, "--config", str(files["bad_type"])],
+        "bad_syntax": [*out, "--config", str(files["bad_syntax"])],
+        "not_a_string": [*out, *FAST, "--prompts", str(files["not_a_string"])],
+        "bad_record": [*out, *FAST, "--prompts", str(files["bad_record"])],
+        "corrupt": [*resume, "--resume", "latest"],
+    }
+    return files, run_cli_cases(cases)
+
+
+def test_cli_option_mistakes(mistakes):
+    _, runs = mistakes
+    check_user_error(runs["fp16"], "--mixed-precision fp16", "CPU", "bf16")
+    check_user_error(runs["batch"], "--train-batch-size (--batch-size)", ">= 1")
+    check_user_error(runs["budget"], "--token-budget", "1..4096")
+
+
+def test_cli_config_file_mistakes(mistakes):
+    files, runs = mistakes
+    check_user_error(runs["bad_type"], str(files["bad_type"]), "train_steps", "an integer")
+    check_user_error(runs["bad_syntax"], str(files["bad_syntax"]), "TOML syntax error", "line 2")
+
+
+def test_cli_prompts_file_mistakes(mistakes):
+    files, runs = mistakes
+    check_user_error(runs["not_a_string"], f"{files['not_a_string']}:2", "string")
+    check_user_error(runs["bad_record"], f"{files['bad_record']}:3", "not valid JSON")
+
+
+def test_cli_corrupt_checkpoint_offers_the_previous_one(mistakes):
+    files, runs = mistakes
+    line = check_user_error(runs["corrupt"], str(files["latest"]), f"--resume {files['first']}")
     assert "corrupt or incomplete" in line

@@ -169,7 +169,11 @@ def test_empty_captions_are_refused_at_load_with_their_place(tmp_path):
 def test_reward_stage_checkpoints_unet_blocks_and_decodes_in_pieces_with_the_same_gradient(
         tmp_path, prompt_file, monkeypatch):
     t = trainer_with(tmp_path, prompt_file, "--train-batch-size", "3", "--decode-batch", "2")
-    assert t.acc.unwrap_model(t.unet).is_gradient_checkpointing  # per block, in the reward stage too
+    unet = t.acc.unwrap_model(t.unet)
+    calls = []
+    real_eps = t.unet_eps
+    monkeypatch.setattr(t, "unet_eps", lambda *a: calls.append((torch.is_grad_enabled(),
+                                                                   unet.is_gradient_checkpointing)) or real_eps(*a))
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for p in t.params:
@@ -182,6 +186,11 @@ def test_reward_stage_checkpoints_unet_blocks_and_decodes_in_pieces_with_the_sam
 
     in_pieces = loss_and_grad()
     assert [len(p) for p in pieces] == [2, 1]
+    # FAST: 4 DDIM steps, gradients at 2. Sampling keeps no activations (the gradient steps too: only their
+    # inputs); the backward recomputes the 2 gradient steps with the UNet's blocks checkpointed (then one block's
+    # activations at a time; block checkpoints during sampling would keep their inputs for every gradient step).
+    assert calls[:6] == [(False, False)] * 4 + [(True, True)] * 2
+    assert not unet.is_gradient_checkpointing
     t.cfg = dataclasses.replace(t.cfg, decode_batch=3)
     whole = loss_and_grad()
     assert [len(p) for p in pieces[2:]] == [3]

@@ -58,3 +58,35 @@ def run_module(args: list[str], timeout: float = 600, nproc: int = 1, port: int 
     else:
         cmd = [sys.executable, "-m", "trainer.finetune", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+#: Runs each case through ``trainer.finetune.cli`` (what ``python -m trainer.finetune`` calls) in this one process,
+#: with its own stdout and stderr, and prints them as JSON.
+_CASES = r"""
+import contextlib, io, json, sys
+from trainer.finetune import cli
+out = {}
+for name, argv in json.loads(sys.stdin.read()).items():
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            rc = cli(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    out[name] = {"returncode": rc, "stdout": o.getvalue(), "stderr": e.getvalue()}
+print("CASES " + json.dumps(out))
+"""
+
+
+def run_cli_cases(cases: dict[str, list[str]], timeout: float = 600) -> dict:
+    """Several ``python -m trainer.finetune`` invocations that end early (user mistakes) in one fresh interpreter:
+    {name: object with returncode, stdout, stderr}. One start-up instead of one per case."""
+    import json
+    from types import SimpleNamespace
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _CASES], cwd=REPO, env=env, capture_output=True, text=True,
+                          input=json.dumps(cases), timeout=timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CASES ")), None)
+    assert proc.returncode == 0 and line, (proc.stdout + proc.stderr)[-3000:]
+    return {k: SimpleNamespace(**v) for k, v in json.loads(line[len("CASES "):]).items()}

@@ -151,9 +151,9 @@ class TrainConfig:
                                            "weights stay fp32; frozen parts are cast to this dtype")
     compile_unet: bool = _f(False, "torch.compile the UNet for the no-grad sampling steps (GPU; the first steps "
                                    "are slower while it compiles)")
-    gradient_checkpointing: bool = _f(True, "gradient checkpointing: the UNet's blocks (both stages), each "
-                                            "gradient step of the sampling chain as a whole (reward stage) and the "
-                                            "VAE decode")
+    gradient_checkpointing: bool = _f(True, "gradient checkpointing: each gradient step of the sampling chain "
+                                            "recomputed in the backward with the UNet's blocks checkpointed "
+                                            "(reward stage), the UNet's blocks (align stage), the VAE decode")
     # -- logging, validation, checkpoints ---------------------------------------------------------------------
     log_every: int = _f(1, "log loss/reward every N steps (CSV always; TensorBoard when installed)")
     validation_every: int = _f(500, "sample and score validation images every N steps (0 = only start/end)")

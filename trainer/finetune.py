@@ -139,8 +139,8 @@ class Trainer:
         set_seed(cfg.seed)  # right before the LoRA's initial weights; every later draw is seeded per step
         self.params = attach_lora(unet, self.targets, cfg.lora_rank, dtype)
         self.dropout_hooks = add_lora_output_dropout(unet, self.targets, cfg.lora_dropout) if cfg.lora_dropout else []
-        if cfg.gradient_checkpointing:  # per block: a backward holds one block's activations at a time
-            unet.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing and cfg.stage == "align":  # per block: a backward holds one block at a time
+            unet.enable_gradient_checkpointing()  # (reward stage: only while a gradient step is recomputed)
         if device.type == "cuda":  # NHWC convolutions: faster with cuDNN for the UNet and the VAE
             unet.to(memory_format=torch.channels_last)
             base.vae.to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from longalign_core.denscore import Decomposition, segment_score
 
-from .sampling import ddim_scheduler, decode, grad_step_indices, sample_truncated
+from .sampling import blocks_checkpointed, ddim_scheduler, decode, grad_step_indices, sample_truncated
 
 
 def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
@@ -41,7 +41,9 @@ def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None
     crop_seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # one crop position for the whole batch
     with run.acc.autocast():
         x0 = sample_truncated(run.unet_eps, scheduler, noise, cond, uncond, cfg.sample_guidance, grad_idx,
-                              use_checkpoint=cfg.gradient_checkpointing)
+                              use_checkpoint=cfg.gradient_checkpointing,
+                              recompute_context=lambda: blocks_checkpointed(run.acc.unwrap_model(run.unet)),
+                              params=run.params)
     # 3.–4. decode with gradients, score segment by segment, decompose along V, reweight the text-irrelevant part
     v = run.direction.for_prompts(prompts) if direction is None else direction
     loss, parts, features = decode_and_score(run, x0, prompts, v, crop_seed)

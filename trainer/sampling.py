@@ -9,6 +9,7 @@ predicted clean latent x̂0 is returned for decoding.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,13 +65,88 @@ def grad_step_indices(steps: int, grad_steps: int, offset: int) -> list[int]:
     return [offset + k * every for k in range(grad_steps)]
 
 
+def _autocast_states() -> list[tuple[str, bool, torch.dtype]]:
+    states = []
+    for device in ("cpu", "cuda"):
+        if hasattr(torch, "get_autocast_dtype"):
+            states.append((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
+        else:  # torch < 2.4
+            enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+            dtype = torch.get_autocast_cpu_dtype() if device == "cpu" else torch.get_autocast_gpu_dtype()
+            states.append((device, enabled, dtype))
+    return states
+
+
+class _Recomputed(torch.autograd.Function):
+    """``fn()`` run without keeping activations; in the backward it runs again — same RNG state, same autocast,
+    under ``recompute_context`` — and is backpropagated to ``params``. Unlike torch's non-reentrant checkpoint, the
+    recomputation may save other tensors than the first run (it can checkpoint its own blocks); unlike the
+    reentrant one, the gradient reaches the parameters through this node's inputs, once per backward (DDP's
+    bookkeeping stays intact)."""
+
+    @staticmethod
+    def forward(ctx, fn, recompute_context, *params):
+        ctx.fn, ctx.recompute_context, ctx.params = fn, recompute_context, params
+        ctx.autocast = _autocast_states()
+        ctx.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if ctx.cuda else None)
+        return fn()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        devices = [torch.cuda.current_device()] if ctx.cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), contextlib.ExitStack() as stack:
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.cuda:
+                torch.cuda.set_rng_state(ctx.rng[1])
+            for device, enabled, dtype in ctx.autocast:
+                if enabled:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+            if ctx.recompute_context is not None:
+                stack.enter_context(ctx.recompute_context())
+            out = ctx.fn()
+        wanted = [i for i, p in enumerate(ctx.params) if p.requires_grad]
+        grads = torch.autograd.grad(out, [ctx.params[i] for i in wanted], grad_out, allow_unused=True)
+        full = [None] * len(ctx.params)
+        for i, g in zip(wanted, grads):
+            full[i] = g
+        return (None, None, *full)
+
+
+def recomputed(fn: Callable[[], torch.Tensor], params, recompute_context=None) -> torch.Tensor:
+    """``fn()`` whose activations are not kept: the backward runs it again (see :class:`_Recomputed`); gradients
+    flow to ``params`` (the trainable parameters ``fn`` uses) only."""
+    return _Recomputed.apply(fn, recompute_context, *params)
+
+
+@contextlib.contextmanager
+def blocks_checkpointed(unet):
+    """Diffusers' per-block gradient checkpointing switched on for the duration (a backward then holds one block's
+    activations at a time)."""
+    was = unet.is_gradient_checkpointing
+    if not was:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if not was:
+            unet.disable_gradient_checkpointing()
+
+
 def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond, uncond, guidance: float,
                      grad_indices: list[int], use_checkpoint: bool = True,
-                     on_step: Callable[[int, bool], None] | None = None, detach_input: bool = True) -> torch.Tensor:
+                     on_step: Callable[[int, bool], None] | None = None, detach_input: bool = True,
+                     recompute_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     params=None) -> torch.Tensor:
     """Run the DDIM chain from ``noise`` and return x̂0 of the last step, ``(B, 4, h, w)``.
 
     ``unet(x, t, context) -> ε``; ``cond``/``uncond`` are ``(B, L, C)`` contexts or :class:`UNetConditioning`
     (SDXL), concatenated into one CFG batch. ``on_step(i, with_grad)`` is called once per step (progress, tests).
+    With ``params`` (the trainable parameters), a gradient step is run by :func:`recomputed`: between sampling and
+    backward it keeps only its inputs, and ``recompute_context()`` is entered while it is recomputed inside the
+    backward (the trainer: :func:`blocks_checkpointed`, so the recomputation holds one block's activations at a
+    time; block checkpoints active during the sampling would each keep their block's input until the backward,
+    for every gradient step at once). Without ``params``: torch's checkpoint around the call.
     ``detach_input=False`` with every index and no checkpointing is plain backpropagation through the whole chain
     (the benchmark's baseline).
     """
@@ -84,8 +160,12 @@ def sample_truncated(unet: Callable, scheduler, noise: torch.Tensor, cond, uncon
         if with_grad:
             x_in = torch.cat([latents, latents])
             x_in = x_in.detach() if detach_input else x_in
-            eps = checkpoint(unet, x_in, t_batch, context, use_reentrant=False) if use_checkpoint else \
-                unet(x_in, t_batch, context)
+            if use_checkpoint and params is not None:
+                eps = recomputed(lambda x=x_in, t=t_batch: unet(x, t, context), params, recompute_context)
+            elif use_checkpoint:
+                eps = checkpoint(unet, x_in, t_batch, context, use_reentrant=False)
+            else:
+                eps = unet(x_in, t_batch, context)
         else:
             with torch.no_grad():
                 eps = unet(torch.cat([latents, latents]), t_batch, context)
