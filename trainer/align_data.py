@@ -27,7 +27,7 @@ import torch
 
 from longalign_core.errors import BadConfigError, BadInputError
 
-from .data import check_captions
+from .data import check_captions, load_dataset_folder
 from .sampling import sdxl_time_ids
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -114,12 +114,7 @@ def _resolver(image_root: str | None, *candidates: Path):
 def _from_datasets(folder: Path, image_column: str, caption_column: str, image_root: str | None) -> PairSource:
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(folder))
-    except (FileNotFoundError, ValueError) as exc:
-        raise BadInputError(f"{folder} is not a `datasets` folder written by save_to_disk ({exc})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    ds = load_dataset_folder(folder)
     _columns_or_fail(folder, ds.column_names, image_column, caption_column)
     captions = ds[caption_column]
     check_captions(captions, folder, caption_column)

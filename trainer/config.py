@@ -174,10 +174,7 @@ class TrainConfig:
     dump_debug: bool = _f(False, "write per-process diagnostics (V, batch text means, LoRA checksum) each step")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name), flag(f.name)))
-        bad = [f"{flag(k)} {getattr(self, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items()
-               if getattr(self, k) is not None and getattr(self, k) not in v]
+        bad = coerce_fields(self, CHOICES)
         checks = [
             (self.lora_rank >= 1, f"--lora-rank must be >= 1, got {self.lora_rank}"),
             (0.0 <= self.lora_dropout < 1.0, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
@@ -261,19 +258,7 @@ class TrainConfig:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win; both win "
                                          "over the demo profile used when no --model, or an embedded one, is given)")
-        for f in dataclasses.fields(cls):
-            names = [flag(f.name), *f.metadata.get("aliases", [])]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f" [{' | '.join(CHOICES[f.name])}]" if f.name in CHOICES else ""
-            help_text = f"{f.metadata['help']}{choices} (default: {default})"
-            if f.type in ("bool", bool):
-                ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            elif f.metadata.get("nargs"):
-                ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], default=None, help=help_text)
-            else:
-                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-                ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
+        add_field_options(ap, cls, CHOICES)
         return ap
 
     @classmethod
@@ -286,6 +271,35 @@ class TrainConfig:
         given = {**from_file, **from_flags}
         profile = EMBEDDED_PROFILE if given.get("model") in (None, *EMBEDDED_MODELS) else {}
         return cls(**{**profile, **given})
+
+
+def coerce_fields(obj, choices: dict[str, tuple[str, ...]]) -> list[str]:
+    """Type-check every field of the dataclass ``obj`` in place (a wrong type raises :class:`BadConfigError`
+    naming the flag); returns the messages of the fields whose value is not one of its ``choices``."""
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(f, getattr(obj, f.name), flag(f.name)))
+    return [f"{flag(k)} {getattr(obj, k)!r} is not one of {', '.join(v)}" for k, v in choices.items()
+            if getattr(obj, k) is not None and getattr(obj, k) not in v]
+
+
+def add_field_options(ap: argparse.ArgumentParser, cls, choices: dict[str, tuple[str, ...]]) -> None:
+    """One ``--flag`` per field of the dataclass ``cls`` (help from its metadata, the allowed words and the
+    default appended); unset flags parse as None so that lower-precedence sources can fill them. A field's
+    ``metadata`` may give ``nargs``, ``aliases``, ``action`` and ``metavar``."""
+    for f in dataclasses.fields(cls):
+        names = [flag(f.name), *f.metadata.get("aliases", [])]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        allowed = f" [{' | '.join(choices[f.name])}]" if f.name in choices else ""
+        help_text = f"{f.metadata['help']}{allowed} (default: {default})".replace("%", "%%")
+        if f.type in ("bool", bool):
+            ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                            help=help_text)
+        elif f.metadata.get("nargs"):
+            extra = {k: f.metadata[k] for k in ("action", "metavar") if k in f.metadata}
+            ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], default=None, help=help_text, **extra)
+        else:
+            kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+            ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -11,6 +11,19 @@ from longalign_core.errors import BadConfigError, BadInputError
 from longalign_core.io_utils import read_jsonl_texts
 
 
+def load_dataset_folder(path: Path):
+    """The ``datasets`` folder at ``path`` (``save_to_disk``; of a DatasetDict, its "train" split or the first)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise BadInputError(f"{path} is not a `datasets` folder written by save_to_disk ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return ds
+
+
 def load_prompts(source: str | None, column: str = "caption") -> list[str]:
     """Prompts from a .txt (one per line), .jsonl (``prompt``/``caption``), a ``datasets`` folder, or the
     built-in long prompts. A bad file is a :class:`~longalign_core.errors.BadInputError` naming it (and the
@@ -21,14 +34,7 @@ def load_prompts(source: str | None, column: str = "caption") -> list[str]:
         return default_reference_prompts()
     path = Path(source)
     if path.is_dir():
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as exc:
-            raise BadInputError(f"{path} is not a `datasets` folder written by save_to_disk ({exc})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        ds = load_dataset_folder(path)
         if column not in ds.column_names:
             raise BadInputError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
         prompts = list(ds[column])

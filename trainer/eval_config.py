@@ -15,7 +15,8 @@ from longalign_core.errors import BadConfigError
 from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET
 
 from .config import CHOICES as TRAIN_CHOICES
-from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig, _coerce, _f, flag
+from .config import (EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig, _f, add_field_options,
+                     coerce_fields)
 from .eval_stats import DEFAULT_BOOTSTRAP
 
 #: The held-out long prompts shipped with the pack (not the reference set that defines V).
@@ -41,7 +42,8 @@ class EvalConfig:
                                  "models). Omit for the embedded SD1.5-shaped one (then the LoRA of ./dev run, "
                                  f"{DEMO_LORA}, is an arm when it exists)")
     lora: list[str] = _f(list, "a LoRA arm, FILE[:STRENGTH] (strength default 1): this trainer's .safetensors or a "
-                               "LongSD .pt; repeat for more arms. The base model is always an arm", nargs="+")
+                               "LongSD .pt; repeat for more arms. The base model is always an arm", nargs="+",
+                               action="extend", metavar="FILE[:STRENGTH]")
     reward_model: str | None = _f(None, "the judge: Denscore/PickScore/CLIP-H folder (HF CLIPModel) or HPSv2 "
                                         "open_clip checkpoint; 'embedded' for the built-in tiny one (the default "
                                         "with an embedded --model; with a real --model it must be given)")
@@ -78,10 +80,7 @@ class EvalConfig:
     bootstrap_seed: int = _f(0, "seed of the bootstrap resamples")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name), flag(f.name)))
-        bad = [f"{flag(k)} {getattr(self, k)!r} is not one of {', '.join(v)}" for k, v in CHOICES.items()
-               if getattr(self, k) is not None and getattr(self, k) not in v]
+        bad = coerce_fields(self, CHOICES)
         checks = [
             (self.seeds >= 1, f"--seeds must be >= 1 (images per prompt and arm), got {self.seeds}"),
             (self.num_prompts is None or self.num_prompts >= 1, f"--num-prompts must be >= 1, got {self.num_prompts}"),
@@ -115,20 +114,7 @@ class EvalConfig:
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
         ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-        for f in dataclasses.fields(cls):
-            names = [flag(f.name), *f.metadata.get("aliases", [])]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f" [{' | '.join(CHOICES[f.name])}]" if f.name in CHOICES else ""
-            help_text = f"{f.metadata['help']}{choices} (default: {default})".replace("%", "%%")
-            if f.type in ("bool", bool):
-                ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            elif f.metadata.get("nargs"):
-                ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], action="extend", default=None,
-                                metavar="FILE[:STRENGTH]", help=help_text)
-            else:
-                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-                ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
+        add_field_options(ap, cls, CHOICES)
         return ap
 
     @classmethod
