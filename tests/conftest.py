@@ -29,6 +29,14 @@ def tiny_clip_text_config(**overrides):
 
 
 @pytest.fixture(scope="session")
+def standin_checkpoints(tmp_path_factory):
+    """SD1.5/SDXL-shaped single-file checkpoints, written once per session and hard-linked where tests need them."""
+    from comfy_support import StandinCheckpoints
+
+    return StandinCheckpoints(tmp_path_factory.mktemp("standin_checkpoints"))
+
+
+@pytest.fixture(scope="session")
 def clip_tokenizer():
     from longalign_core.clip_vocab import load_clip_tokenizer
 

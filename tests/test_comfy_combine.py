@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from comfy_support import build_tiny_sd15_checkpoint, import_comfy, load_pack, requires_comfy
+from comfy_support import import_comfy, load_pack, requires_comfy
 
 pytestmark = requires_comfy
 
@@ -15,10 +15,10 @@ LONG = " ".join(f"Detail {i} shows a small brass lantern hanging beside a blue w
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(standin_checkpoints):
     pack = load_pack()
     comfy = import_comfy()
-    ckpt = build_tiny_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors")
+    ckpt = standin_checkpoints.path("sd15")
     model, clip, _ = comfy.sd.load_checkpoint_guess_config(
         str(ckpt), output_vae=False, output_clip=True, te_model_options={"dtype": torch.float32})[:3]
     node = sys.modules[pack.__name__ + ".nodes.text_encode"].LongAlignTextEncode

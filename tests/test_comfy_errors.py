@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from comfy_support import build_tiny_sd15_checkpoint, host_clip, import_comfy, load_pack, requires_comfy
+from comfy_support import host_clip, import_comfy, load_pack, requires_comfy
 
 pytestmark = requires_comfy
 
@@ -55,14 +55,14 @@ def test_no_clip_connected(mods):
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
+def sd15(tmp_path_factory, standin_checkpoints):
     comfy = import_comfy()
     import folder_paths
 
     root = tmp_path_factory.mktemp("models")
     (root / "loras").mkdir()
     folder_paths.folder_names_and_paths["loras"] = ([str(root / "loras")], {".pt", ".safetensors"})
-    ckpt = build_tiny_sd15_checkpoint(root / "tiny_sd15.safetensors")
+    ckpt = standin_checkpoints.place("sd15", root / "tiny_sd15.safetensors")
     model = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=False)[0]
     return model, root
 

@@ -4,7 +4,6 @@ Skips unless COMFYUI_PATH is set."""
 
 import sys
 
-import pytest
 import torch
 
 from comfy_support import CLIP_SHAPES, import_comfy, load_pack, random_clip_text_state_dict, requires_comfy

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from comfy_support import build_tiny_sd15_checkpoint, http, install_pack, requires_comfy, start_comfy, stop_comfy
+from comfy_support import http, install_pack, requires_comfy, start_comfy, stop_comfy
 from longalign_core.examples import EXAMPLE_NEGATIVE, EXAMPLE_PROMPT
 
 pytestmark = requires_comfy
@@ -19,9 +19,9 @@ LONG_300 = EXAMPLE_PROMPT + " " + EXAMPLE_PROMPT.replace("lighthouse", "windmill
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_clip_dir):
+def server(tmp_path_factory, tiny_clip_dir, standin_checkpoints):
     base = tmp_path_factory.mktemp("comfy_base")
-    build_tiny_sd15_checkpoint(base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    standin_checkpoints.place("sd15", base / "models" / "checkpoints" / "tiny_sd15.safetensors")
     shutil.copytree(tiny_clip_dir, base / "models" / "denscore" / "tiny-denscore")
     install_pack(base / "custom_nodes")
     proc, srv = start_comfy(base)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from comfy_support import build_tiny_sd15_checkpoint, host_clip, import_comfy, load_pack, requires_comfy
+from comfy_support import host_clip, import_comfy, load_pack, requires_comfy
 from longalign_core.lora import diffusers_config_from_ldm, lora_targets
 
 pytestmark = requires_comfy
@@ -21,7 +21,7 @@ SD15_LDM = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, standin_checkpoints):
     pack = load_pack()
     import folder_paths
 
@@ -29,7 +29,7 @@ def env(tmp_path_factory):
     for name in ("loras", "text_encoders", "longalign"):
         (root / name).mkdir()
         folder_paths.folder_names_and_paths[name] = ([str(root / name)], {".pt", ".safetensors", ".bin"})
-    ckpt = build_tiny_sd15_checkpoint(root / "tiny_sd15.safetensors")
+    ckpt = standin_checkpoints.place("sd15", root / "tiny_sd15.safetensors")
     comfy = import_comfy()
     model = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=False, output_clip=False)[0]
     return sys.modules[pack.__name__ + ".nodes.weights_nodes"], root, model

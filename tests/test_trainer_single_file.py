@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_support import build_tiny_sd15_checkpoint, import_comfy, requires_comfy
+from comfy_support import import_comfy, requires_comfy
 from trainer_support import one_thread, run_module  # noqa: F401  (one_thread: autouse fixture)
 
 # ------------------------------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def test_trainer_cli_refuses_an_unsupported_checkpoint_in_one_paragraph(tmp_path
 
 @requires_comfy
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_trainer_reads_the_unet_comfyui_reads(tmp_path, family):
+def test_trainer_reads_the_unet_comfyui_reads(standin_checkpoints, family):
     """ComfyUI's own detection and loader on the workflow tests' stand-in checkpoints (SDXL: the published
     layout, bigG in open_clip layout) against :func:`load_single_file`: the same UNet layout, and every UNet
     weight equal through ComfyUI's own diffusers -> LDM name map."""
@@ -490,12 +490,7 @@ def test_trainer_reads_the_unet_comfyui_reads(tmp_path, family):
     from trainer.checkpoint_configs import ldm_unet_config_from_shapes
     from trainer.single_file import load_single_file, read_checkpoint_shapes
 
-    if family == "sdxl":
-        from test_workflows_e2e import build_tiny_sdxl_checkpoint
-
-        path = build_tiny_sdxl_checkpoint(tmp_path / "sdxl_standin.safetensors")
-    else:
-        path = build_tiny_sd15_checkpoint(tmp_path / "sd15_standin.safetensors")
+    path = standin_checkpoints.path(family)
     patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
     detected = dict(patcher.model.model_config.unet_config)
     ours = ldm_unet_config_from_shapes(read_checkpoint_shapes(path))
