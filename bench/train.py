@@ -186,6 +186,8 @@ def one_run(args) -> dict:
         flags += ["--compile-unet"]
     if args.no_gradient_checkpointing:
         flags += ["--no-gradient-checkpointing"]
+    if args.cache_text_embeddings:
+        flags += ["--cache-text-embeddings"]
     if args.mode == "full":  # the baseline: backpropagate through every step of the chain
         flags += ["--sample-grad-steps", str(args.steps), "--no-gradient-checkpointing"]
         real = objective.sample_truncated
@@ -212,7 +214,8 @@ def spawn(args, mode, steps) -> dict:
            "--cache", args.cache, "--stage", args.stage] + (["--dtype", args.dtype] if args.dtype else []) + \
           (["--compile-unet"] if args.compile_unet else []) + \
           (["--no-gradient-checkpointing"] if args.no_gradient_checkpointing else []) + \
-          (["--whole-unet-checkpoint"] if args.whole_unet_checkpoint else [])
+          (["--whole-unet-checkpoint"] if args.whole_unet_checkpoint else []) + \
+          (["--cache-text-embeddings"] if args.cache_text_embeddings else [])
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         return {"mode": mode, "steps": steps, "error": (out.stderr or out.stdout).strip().splitlines()[-1]}
@@ -235,6 +238,8 @@ def main() -> None:
     ap.add_argument("--whole-unet-checkpoint", action="store_true",
                     help="the reward stage before per-block checkpointing: one checkpoint around each UNet call "
                          "at the gradient steps, no checkpoints inside it (to measure what per-block saves)")
+    ap.add_argument("--cache-text-embeddings", action="store_true",
+                    help="the trainer's --cache-text-embeddings (text encoders freed after encoding the prompts)")
     ap.add_argument("--stage", choices=["reward", "align"], default="reward", help="the step measured")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the sampling chain (the 'full' baseline "
                                                           "and the doubled-steps row use it too); fewer keep "

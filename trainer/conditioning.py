@@ -41,14 +41,12 @@ class StepEncoder:
 
     def __init__(self, cfg, encoder, t5, dtype: torch.dtype, device: torch.device, is_sdxl: bool):
         self.cfg, self.encoder, self.t5, self.dtype, self.device, self.is_sdxl = cfg, encoder, t5, dtype, device, is_sdxl
+        self.cache = None  # a TextEmbeddingCache once cache_prompts ran (--cache-text-embeddings)
 
-    def encode(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:
-        """Segment-level conditioning of ``prompts`` (+ the T5 branch) and, with ``with_uncond``, the empty
-        prompt's for CFG — encoded together, so every row has one common length: the budget (truncate, error)
-        or the step's longest prompt rounded up to a multiple of the budget (extend); the T5 part is always
-        ``T5_MAX_LENGTH`` tokens after it."""
-        cfg, n = self.cfg, len(prompts)
-        texts = list(prompts) + ([""] * n if with_uncond else [])
+    def encode_rows(self, texts: list[str]):
+        """The CLIP part of ``texts``: ``cond`` ``(B, L, C)``, SDXL's ``pooled`` (else None) and a report per
+        text (one encoder call, so every row has one common length)."""
+        cfg = self.cfg
         with torch.no_grad():
             try:
                 enc = self.encoder.encode(texts, budget=cfg.token_budget, overflow=cfg.overflow,
@@ -58,8 +56,34 @@ class StepEncoder:
                     f"a prompt needs {err.needed} tokens but --token-budget is {cfg.token_budget} and --overflow is "
                     f"error: use --overflow truncate (the release) or extend, raise --token-budget, or shorten it "
                     f"in {cfg.prompts or 'the prompts'}. The prompt: {texts[err.prompt_index][:120]!r}…") from None
+        return enc.cond, (enc.pooled if self.is_sdxl else None), enc.reports
+
+    def cache_prompts(self, prompts) -> None:
+        """Encode every one of ``prompts`` (and the empty prompt) now and drop the CLIP text encoders: later
+        steps read the cache (:mod:`trainer.text_cache`)."""
+        from .text_cache import TextEmbeddingCache
+
+        cfg = self.cfg
+        self.cache = TextEmbeddingCache.build(self.encode_rows, self.encoder, prompts, cfg.token_budget,
+                                              cfg.overflow)
+        self.encoder = None
+
+    def encode(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:
+        """Segment-level conditioning of ``prompts`` (+ the T5 branch) and, with ``with_uncond``, the empty
+        prompt's for CFG — encoded together, so every row has one common length: the budget (truncate, error)
+        or the step's longest prompt rounded up to a multiple of the budget (extend); the T5 part is always
+        ``T5_MAX_LENGTH`` tokens after it."""
+        cfg, n = self.cfg, len(prompts)
+        texts = list(prompts) + ([""] * n if with_uncond else [])
+        if self.cache is not None:
+            cond, pooled, rows = self.cache.lookup(texts, self.device)
+            prompts_cut, tokens_lost = sum(r.cut for r in rows[:n]), sum(r.lost for r in rows[:n])
+        else:
+            cond, pooled, reports = self.encode_rows(texts)
+            prompts_cut = sum(1 for r in reports[:n] if not r.lossless)
+            tokens_lost = sum(r.dropped + r.truncated for r in reports[:n])
+        with torch.no_grad():
             states = self.t5.t5_states(texts) if self.t5 is not None else None
-        cond = enc.cond
         t5_lost = 0
         if states is not None:  # the adapter keeps its graph when it is being trained
             from longalign_core.t5_branch import combine_conditioning
@@ -68,11 +92,9 @@ class StepEncoder:
                 cond = combine_conditioning(cond, self.t5.adapt(states))
             t5_lost = sum(max(0, self.t5.count_tokens(p) - self.t5.max_length) for p in prompts)
         cond = cond.to(self.dtype)
-        pooled = enc.pooled.to(self.dtype) if self.is_sdxl else None
-        reports = enc.reports[:n]
-        return StepConditioning(cond[:n], cond[n:] if with_uncond else None,
-                                prompts_cut=sum(1 for r in reports if not r.lossless),
-                                tokens_lost=sum(r.dropped + r.truncated for r in reports), t5_tokens_lost=t5_lost,
+        pooled = pooled.to(self.dtype) if pooled is not None else None
+        return StepConditioning(cond[:n], cond[n:] if with_uncond else None, prompts_cut=prompts_cut,
+                                tokens_lost=tokens_lost, t5_tokens_lost=t5_lost,
                                 pooled=None if pooled is None else pooled[:n],
                                 uncond_pooled=None if pooled is None or not with_uncond else pooled[n:])
 

@@ -154,6 +154,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "gradient checkpointing: each gradient step of the sampling chain "
                                             "recomputed in the backward with the UNet's blocks checkpointed "
                                             "(reward stage), the UNet's blocks (align stage), the VAE decode")
+    cache_text_embeddings: bool = _f(False, "encode every prompt (training, validation, empty) once at set-up and "
+                                            "free the CLIP text encoders before the preference model loads "
+                                            "(SDXL: 1.5 GiB less in bf16). The cache lives in CPU memory: at the "
+                                            "240-token budget in bf16, 0.94 MiB per SDXL prompt, 0.35 MiB per "
+                                            "SD1.5 prompt")
     # -- logging, validation, checkpoints ---------------------------------------------------------------------
     log_every: int = _f(1, "log loss/reward every N steps (CSV always; TensorBoard when installed)")
     validation_every: int = _f(500, "sample and score validation images every N steps (0 = only start/end)")

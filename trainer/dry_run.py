@@ -30,10 +30,15 @@ def model_parts(run) -> list[tuple[str, int, int, str]]:
     """(part, parameters, bytes, dtype) of what the run holds: frozen parts, the LoRA, its gradients and AdamW's
     moments (measured from the optimizer's state after a step)."""
     unet = run.acc.unwrap_model(run.unet)
-    rows = [("UNet (frozen)", *module_bytes(unet, trainable=False)), ("VAE", *module_bytes(run.vae)),
-            ("text encoder", *module_bytes(run.text_encoder))]
-    if getattr(run, "text_encoder_2", None) is not None:
-        rows.append(("text encoder 2 (bigG)", *module_bytes(run.text_encoder_2)))
+    rows = [("UNet (frozen)", *module_bytes(unet, trainable=False)), ("VAE", *module_bytes(run.vae))]
+    cache = run.text.cache
+    if cache is not None:  # --cache-text-embeddings: the encoders are gone, their outputs held on the CPU
+        rows.append((f"text embeddings of {len(cache)} prompts (cached on the CPU; text encoders freed)", 0,
+                     cache.nbytes, str(cache.pad.dtype).replace("torch.", "")))
+    else:
+        rows.append(("text encoder", *module_bytes(run.text_encoder)))
+        if getattr(run, "text_encoder_2", None) is not None:
+            rows.append(("text encoder 2 (bigG)", *module_bytes(run.text_encoder_2)))
     if run.t5 is not None:
         rows += [("T5 encoder", *module_bytes(run.t5.encoder)),
                  ("T5 adapter", *module_bytes(run.acc.unwrap_model(run.t5.adapter)))]
