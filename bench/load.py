@@ -3,7 +3,9 @@
 
     python bench/load.py                       # build (once) a 6.9 GB bf16 SDXL-base file, load it in bf16
     python bench/load.py --stored fp16         # the file as SDXL base is published (fp16), loaded in bf16
-    python bench/load.py --dtype fp32          # for comparison: the whole model in fp32 (what loading did before)
+    python bench/load.py --dtype fp32          # for comparison: the whole model in fp32
+    python bench/load.py --folder              # bench/train.py's SDXL diffusers folder (fp16 variant) in bf16,
+                                               # side by side with from_pretrained's own cast
 
 The checkpoint is SDXL base's published single-file layout (``model.diffusion_model.*``, CLIP-L under
 ``conditioner.embedders.0.transformer``, OpenCLIP-bigG in open_clip layout under ``conditioner.embedders.1.model``,
@@ -11,7 +13,8 @@ the VAE under ``first_stage_model``), random weights, built once under ``--cache
 architectures on the meta device with the key tables of ``tests/test_trainer_single_file.py``. Each load runs in a
 fresh process, and every loaded weight is then read once (safetensors maps the file: its pages count only once
 read, as the first training step reads them); the peak is that process's highest resident memory (``ru_maxrss``)
-minus what it held after its imports, compared with the bytes of the weights in the training dtype. Target: <= 1.3x (bf16 file, bf16 load).
+minus what it held after its imports, compared with the bytes of the weights in the training dtype. Target: <= 1.3x
+for a 16-bit file (bf16, or fp16 as SDXL base is published) loaded in bf16.
 """
 
 from __future__ import annotations
@@ -69,10 +72,17 @@ def build(path: Path, stored: torch.dtype) -> None:
     os.replace(tmp, path)
 
 
-def load_once(path: Path, dtype: str) -> dict:
-    """In this (fresh) process: load ``path`` with the trainer's loader; the peak above the baseline."""
+def load_once(path: Path, dtype: str, cast_after: bool = False) -> dict:
+    """In this (fresh) process: load ``path`` with the trainer's loader; the peak above the baseline.
+    ``cast_after``: each component through ``from_pretrained(torch_dtype=...)`` instead (its own cast after
+    reading), the baseline of ``--folder``."""
+    import trainer.models
     from trainer.memory import process_peak_bytes, rss_bytes
     from trainer.models import load_base_model
+
+    if cast_after:
+        trainer.models.from_pretrained_in_dtype = lambda cls, source, dtype, subfolder=None, **kw: \
+            cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, **kw)
 
     import diffusers  # noqa: F401  (imports counted in the baseline, not in the load)
     import transformers  # noqa: F401
@@ -96,11 +106,16 @@ def main() -> None:
     ap.add_argument("--stored", choices=["bf16", "fp16"], default="bf16", help="the checkpoint's dtype")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="the training dtype to load in")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "longalign" / "bench"))
+    ap.add_argument("--folder", action="store_true", help="the SDXL diffusers folder of bench/train.py (fp16 "
+                    "variant, as published) instead, side by side with from_pretrained's own cast")
     ap.add_argument("--single", help=argparse.SUPPRESS)
+    ap.add_argument("--cast-after", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.single:
-        print(json.dumps(load_once(Path(args.single), args.dtype)))
+        print(json.dumps(load_once(Path(args.single), args.dtype, args.cast_after)))
         return
+    if args.folder:
+        return compare_folder(args)
     path = Path(args.cache) / f"sdxl-base-random-{args.stored}.safetensors"
     if not path.is_file():
         print(f"building {path} (once)", flush=True)
@@ -116,7 +131,35 @@ def main() -> None:
           f"{args.stored}), loaded in {args.dtype}]")
     print(f"  {r['params'] / 1e9:.2f} B parameters, {r['weights_bytes'] / gib:.2f} GiB as loaded ({', '.join(r['dtypes'])})")
     print(f"  peak resident memory while loading, above the imports: {r['peak_increase'] / gib:.2f} GiB = "
-          f"{r['peak_increase'] / r['weights_bytes']:.2f}x the weights (target <= 1.3x for a bf16 file in bf16)")
+          f"{r['peak_increase'] / r['weights_bytes']:.2f}x the weights (target <= 1.3x for a 16-bit file loaded in "
+          f"bf16)")
+
+
+def compare_folder(args) -> None:
+    """The trainer's loader on bench/train.py's SDXL folder (built once) against the same components through
+    ``from_pretrained(torch_dtype=...)``, each in a fresh process."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from train import sdxl_folder
+
+    folder = sdxl_folder(Path(args.cache))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for how in ("shipped", "cast_after"):
+        cmd = [sys.executable, __file__, "--single", str(folder), "--dtype", args.dtype] + \
+            (["--cast-after"] if how == "cast_after" else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        if out.returncode:
+            sys.exit(out.stderr[-3000:])
+        rows[how] = json.loads(out.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    r = rows["shipped"]
+    print(f"[trainer.models.load_base_model, SDXL diffusers folder {folder} (fp16 variant), loaded in {args.dtype}]")
+    print(f"  {r['params'] / 1e9:.2f} B parameters, {r['weights_bytes'] / gib:.2f} GiB as loaded")
+    for how, label in (("shipped", "cast as read (shipped)"), ("cast_after", "from_pretrained's own cast")):
+        q = rows[how]
+        print(f"  {label:28s} peak above the imports {q['peak_increase'] / gib:.2f} GiB = "
+              f"{q['peak_increase'] / q['weights_bytes']:.2f}x the weights")
+    print(f"  shipped / from_pretrained: {r['peak_increase'] / rows['cast_after']['peak_increase']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -147,16 +147,39 @@ def _cache_of(model: PreferenceModel) -> "OrderedDict[tuple, PromptFeatures]":
     return cache
 
 
+def _pinned_of(model: PreferenceModel) -> dict[tuple, PromptFeatures]:
+    pinned = getattr(model, "_longalign_pinned_text", None)
+    if pinned is None:
+        pinned = {}
+        setattr(model, "_longalign_pinned_text", pinned)
+    return pinned
+
+
+def pin_prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: SplitMode = "sentence",
+                        long_segments: LongSegmentPolicy = "truncate", chunk: int = 64) -> int:
+    """Encode every distinct prompt of ``prompts`` now (``chunk`` prompts per text forward) and keep the results
+    for good: :func:`prompt_features` never evicts them, so the text tower can then be freed
+    (:meth:`~longalign_core.preference.PreferenceModel.drop_text_tower`). Returns the bytes the features hold."""
+    pinned = _pinned_of(model)
+    todo = [p for p in dict.fromkeys(prompts) if (p, split_mode, long_segments) not in pinned]
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        for p, feats in zip(part, prompt_features(model, part, split_mode, long_segments)):
+            pinned[(p, split_mode, long_segments)] = feats
+    return sum(f.features.numel() * f.features.element_size() for f in pinned.values())
+
+
 @torch.no_grad()
 def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: SplitMode = "sentence",
                     long_segments: LongSegmentPolicy = "truncate", cache_size: int = 256) -> list[PromptFeatures]:
     """Segment embeddings for each prompt: all uncached segments of all prompts in one text forward.
 
     Results are cached on the model per (prompt, split mode, long-segment policy): best-of-N and repeated runs
-    score many images against one prompt. ``long_segments="truncate"`` (the reference) cuts a segment at the
-    text window and reports it; ``"split"`` sub-splits it instead.
+    score many images against one prompt (and :func:`pin_prompt_features` keeps a run's prompts for good).
+    ``long_segments="truncate"`` (the reference) cuts a segment at the text window and reports it; ``"split"``
+    sub-splits it instead.
     """
-    cache = _cache_of(model)
+    cache, pinned = _cache_of(model), _pinned_of(model)
     window = model.context_length - 2
     count = functools.lru_cache(maxsize=None)(model.count_tokens)  # fitting and reporting count each segment
     todo: dict[tuple, list[Segment]] = {}
@@ -164,7 +187,7 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
         if not isinstance(p, str):
             raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         key = (p, split_mode, long_segments)
-        if key not in cache and key not in todo:
+        if key not in cache and key not in pinned and key not in todo:
             segs = split_segments(p, split_mode)
             todo[key] = fit_segments(segs, count, window, long_segments)
     if todo:
@@ -178,6 +201,9 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
     out = []
     for p in prompts:
         key = (p, split_mode, long_segments)
+        if key in pinned:
+            out.append(pinned[key])
+            continue
         cache.move_to_end(key)
         out.append(cache[key])
     while len(cache) > cache_size:

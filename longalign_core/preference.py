@@ -28,6 +28,10 @@ log = logging.getLogger("LongAlign")
 ModelKind = Literal["auto", "hf_clip", "open_clip"]
 MODEL_KINDS: tuple[str, ...] = ("auto", "hf_clip", "open_clip")
 
+#: The attributes that make up the text tower of each kind of model (what ``text_features`` runs).
+TEXT_TOWER = {"hf_clip": ("text_model", "text_projection"),
+              "open_clip": ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection")}
+
 #: OpenAI/LAION CLIP normalisation (docs/method.md §4).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,6 +55,7 @@ class PreferenceModel:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     context_length: int = 77
+    text_tower_dropped: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -66,11 +71,28 @@ class PreferenceModel:
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """``(N, D)`` projected text embeddings, each text truncated to ``context_length`` tokens."""
+        if self.text_tower_dropped:
+            raise RuntimeError(f"the text tower of preference model {self.name} was freed (--cache-text-embeddings) "
+                               f"and {len(texts)} text(s) are not among the pinned prompts, "
+                               f"e.g. {list(texts)[0]!r:.80}")
         ids = self.tokenize(list(texts)).to(self.device)
         if self.kind == "open_clip":
             return self.model.encode_text(ids)
         out = self.model.get_text_features(input_ids=ids)
         return out if torch.is_tensor(out) else out.pooler_output
+
+    def drop_text_tower(self) -> int:
+        """Free the text tower (once every text the run scores against is pinned:
+        :func:`~longalign_core.denscore.pin_prompt_features`); the image tower stays. Returns the bytes freed."""
+        names = TEXT_TOWER[self.kind]
+        tower = [getattr(self.model, n) for n in names if getattr(self.model, n, None) is not None]
+        freed = sum(t.numel() * t.element_size() for part in tower
+                    for t in (part.parameters() if isinstance(part, torch.nn.Module) else [part]))
+        for n in names:
+            if getattr(self.model, n, None) is not None:
+                setattr(self.model, n, None)
+        self.text_tower_dropped = True
+        return freed
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, D)`` projected image embeddings of preprocessed ``(B, 3, S, S)`` pixels."""
@@ -128,9 +150,11 @@ def _hf_image_preprocessing(source: str | Path | None, model_dir: str | Path, de
 def load_hf_clip(path: str | Path, processor: str | Path | None = None,
                  dtype: torch.dtype | None = None) -> PreferenceModel:
     """A Hugging Face ``CLIPModel`` folder (Denscore, PickScore, CLIP-H), or a Hub id when online; read directly in
-    ``dtype`` when given (no fp32 copy of a 16-bit file first)."""
+    ``dtype`` when given, with one copy of the weights in memory (:mod:`.dtype_loading`)."""
     from safetensors import SafetensorError
     from transformers import CLIPModel
+
+    from .dtype_loading import from_pretrained_in_dtype
 
     local = Path(path)
     if local.exists() or looks_local(path):
@@ -140,8 +164,8 @@ def load_hf_clip(path: str | Path, processor: str | Path | None = None,
         raise PreferenceModelError(f"processor folder {processor} not found (it should hold the CLIP-H tokenizer "
                                    f"and preprocessor_config.json); check the path")
     try:
-        model = CLIPModel.from_pretrained(str(path), use_safetensors=None,
-                                          **({"torch_dtype": dtype} if dtype is not None else {}))
+        model = CLIPModel.from_pretrained(str(path), use_safetensors=None) if dtype is None else \
+            from_pretrained_in_dtype(CLIPModel, path, dtype, use_safetensors=None)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not local.exists():

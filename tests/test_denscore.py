@@ -11,6 +11,7 @@ from longalign_core.denscore import (
     batch_common_direction,
     common_direction,
     direction_from_prompts,
+    pin_prompt_features,
     preprocess_images,
     prompt_features,
     reweight_text,
@@ -270,3 +271,34 @@ def test_pickle_carrying_code_is_refused_not_run(tmp_path):
     with pytest.raises(PreferenceModelError, match="pickled Python objects"):
         load_preference_model(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["hf_clip", "open_clip"])
+def test_pinned_prompts_score_the_same_after_the_text_tower_is_freed(kind, tiny_clip_dir, tiny_open_clip, images):
+    if kind == "hf_clip":
+        model, towers = load_preference_model(tiny_clip_dir), ("text_model", "text_projection")
+    else:
+        ckpt, cfg = tiny_open_clip
+        model = load_preference_model(ckpt, arch=str(cfg))
+        towers = ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection")
+    other = "A cat. A dog."
+    v = torch.ones(16) / 4
+    before = [segment_score(model, images, p, direction=v) for p in (PROMPT, other)]
+    tower = sum(t.numel() * t.element_size() for n in towers for t in
+                (getattr(model.model, n).parameters() if isinstance(getattr(model.model, n), torch.nn.Module)
+                 else [getattr(model.model, n)]))
+    everything = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    fresh = load_preference_model(tiny_clip_dir) if kind == "hf_clip" else load_preference_model(ckpt, arch=str(cfg))
+    held = pin_prompt_features(fresh, [PROMPT, PROMPT, other])  # a fresh model: nothing cached by the scoring above
+    assert held == 4 * 16 * 5  # fp32 features of 3 + 2 segments, 16 wide
+    prompt_features(fresh, [f"A house number {i}." for i in range(300)])  # more than the LRU cache keeps
+    assert fresh.drop_text_tower() == tower
+    assert sum(p.numel() * p.element_size() for p in fresh.model.parameters()) == everything - tower
+    for n in towers:
+        assert getattr(fresh.model, n) is None
+    for p, want in zip((PROMPT, other), before):  # pinned, never evicted: the same numbers without the tower
+        got = segment_score(fresh, images, p, direction=v)
+        torch.testing.assert_close(got.score, want.score, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.parts.relevant, want.parts.relevant, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="text tower of preference model .* was freed.*'A horse"):
+        segment_score(fresh, images, "A horse. A barn.", direction=v)

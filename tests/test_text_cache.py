@@ -93,6 +93,14 @@ def test_a_run_frees_the_text_encoders_and_trains_the_same_lora(tmp_path, monkey
     assert refs[1]() is None and cached.text.encoder is None and cached.text_encoder is None
     # every training and validation prompt and the empty prompt are cached
     assert set(cached.text.cache.rows) == set(cached.prompts) | set(cached.validation_prompts) | {""}
+    # the preference model scores against pinned features: its text tower is gone, its image tower stays
+    assert cached.reward.text_tower_dropped and cached.reward.model.text_model is None
+    assert not plain.reward.text_tower_dropped and plain.reward.model.text_model is not None
+    assert {k[0] for k in cached.reward._longalign_pinned_text} == set(cached.prompts) | set(cached.validation_prompts)
+    tower = sum(p.numel() for m in (plain.reward.model.text_model, plain.reward.model.text_projection)
+                for p in m.parameters())
+    assert sum(p.numel() for p in cached.reward.model.parameters()) == \
+        sum(p.numel() for p in plain.reward.model.parameters()) - tower
     a, b = load_file(str(plain.train())), load_file(str(cached.train()))
     assert a.keys() == b.keys()
     for key in a:
@@ -111,6 +119,7 @@ def test_dry_run_lists_the_cache_instead_of_the_encoders(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "| text embeddings of " in report and "(cached on the CPU; text encoders freed)" in report
     assert "| text encoder |" not in report
+    assert "image tower only, text features cached)" in report
 
 
 def test_a_cache_that_cannot_fit_is_refused_in_one_paragraph(tmp_path, monkeypatch, capsys):

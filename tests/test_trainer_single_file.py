@@ -504,3 +504,25 @@ def test_trainer_reads_the_unet_comfyui_reads(standin_checkpoints, family):
     assert {to_ldm[k] for k in loaded} == set(theirs)
     for key, value in loaded.items():
         torch.testing.assert_close(value.float(), theirs[to_ldm[key]].float(), msg=key)
+
+
+def test_sdxl_fp16_file_in_a_bf16_run_is_cast_as_it_is_read(tmp_path, offline, monkeypatch):
+    """SDXL base is published in fp16 and trained in bf16: the UNet and both text encoders are read through
+    read_cast (one copy in memory; bench/load.py measures it) and hold exactly the stored values cast once."""
+    from longalign_core import dtype_loading
+    from trainer.single_file import load_single_file
+
+    path, unet, vae, clip_l, clip_g = build_tiny_sdxl(tmp_path)
+    read = []
+    real = dtype_loading.read_cast
+    monkeypatch.setattr(dtype_loading, "read_cast", lambda p, dtype, names=None, *a: (
+        read.append((dtype, sorted({n.split(".")[0] for n in names}))), real(p, dtype, names, *a))[1])
+    base = load_single_file(path, torch.bfloat16)
+    assert read == [(torch.bfloat16, ["model"]), (torch.bfloat16, ["conditioner"])]
+    for ours, original in ((base.unet, unet), (base.text_encoder, clip_l), (base.text_encoder_2, clip_g)):
+        got = ours.state_dict()
+        for k, v in original.state_dict().items():  # fp16-exact originals: one rounding to bf16, bit for bit
+            assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)), k
+    got = base.vae.state_dict()
+    for k, v in vae.state_dict().items():  # the VAE: read as stored (fp16), then cast
+        assert torch.equal(got[k].reshape(v.shape), v.half().to(torch.bfloat16)), k

@@ -42,7 +42,8 @@ def model_parts(run) -> list[tuple[str, int, int, str]]:
     if run.t5 is not None:
         rows += [("T5 encoder", *module_bytes(run.t5.encoder)),
                  ("T5 adapter", *module_bytes(run.acc.unwrap_model(run.t5.adapter)))]
-    rows.append((f"preference model ({Path(run.reward_source).name})", *module_bytes(run.reward.model)))
+    dropped = "; image tower only, text features cached" if run.reward.text_tower_dropped else ""
+    rows.append((f"preference model ({Path(run.reward_source).name}{dropped})", *module_bytes(run.reward.model)))
     n_lora = sum(p.numel() for p in run.params)
     lora_bytes = sum(p.numel() * p.element_size() for p in run.params)
     rows.append((f"LoRA, rank {run.cfg.lora_rank} on {len(run.targets)} layers (trained)", n_lora, lora_bytes,

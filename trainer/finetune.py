@@ -22,7 +22,6 @@ keeps the traceback).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.util
 import logging
 import sys
@@ -51,6 +50,7 @@ from .outputs import export_run_lora, save_outputs
 from .models import check_model_sources, load_base_model, reward_model_source
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
 from .sampling import UNetConditioning
+from .text_cache import cache_text_embeddings, pin_reward_texts
 from .seeding import seed_global_rng, step_generator
 from .validation import Validation
 
@@ -190,7 +190,7 @@ class Trainer:
         self.text = StepEncoder(cfg, encoder, self.t5, dtype, device, self.is_sdxl)
         del encoder  # self.text holds it (and drops it with --cache-text-embeddings)
         if cfg.cache_text_embeddings:  # before the preference model loads: the encoders' memory is free for it
-            self._cache_text_embeddings(base)
+            cache_text_embeddings(self, base)
         self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
         self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
@@ -207,18 +207,8 @@ class Trainer:
             with self.acc.main_process_first():  # the main process computes and caches a training V first
                 self.direction = RewardDirection.build(mode, self.reward, cfg, self.prompts, self.acc.num_processes,
                                                        self.reference_direction, self.out, device)
-
-    def _cache_text_embeddings(self, base) -> None:
-        """Every text the run will encode (training prompts or captions, validation prompts, the empty prompt)
-        into the text cache, then the CLIP text encoders out of memory (:mod:`trainer.text_cache`)."""
-        train = self.prompts if self.cfg.stage == "reward" else [self.align_data.captions[i] for i in self.align_rows]
-        self.text.cache_prompts(list(train) + list(self.validation_prompts))
-        self.text_encoder = self.text_encoder_2 = base.text_encoder = base.text_encoder_2 = None
-        gc.collect()
-        cache = self.text.cache
-        if self.acc.is_main_process:
-            print(f"text embeddings cached: {len(cache)} prompts, {cache.nbytes / 2**20:.1f} MiB on the CPU; the "
-                  f"text encoders are freed", flush=True)
+        if cfg.cache_text_embeddings:  # V is built: the preference model's text tower is needed no more
+            pin_reward_texts(self)
 
     # -- the pieces of a step (objective.py composes them) ----------------------------------------------------
     def encode_step(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from longalign_core.dtype_loading import from_pretrained_in_dtype
 from longalign_core.errors import BadModelFileError, check_input_file, check_model_source
 
 from .base_model import BaseModel
@@ -45,7 +46,8 @@ def half_variant(source: str, subfolder: str, dtype: torch.dtype) -> dict:
 
 def load_base_model(model: str | None, seed: int = 0, dtype: torch.dtype = torch.float32) -> BaseModel:
     """SD1.x or SDXL components from a diffusers folder or Hub id, a single-file checkpoint, or an embedded
-    default (``None``/``embedded``, ``embedded-sdxl``), read directly in ``dtype`` (no full fp32 copy first);
+    default (``None``/``embedded``, ``embedded-sdxl``), read directly in ``dtype`` with one copy of the weights in
+    memory (:func:`~longalign_core.dtype_loading.from_pretrained_in_dtype`);
     the VAE in :func:`~trainer.sampling.vae_dtype` (fp32 for SDXL's in an fp16 run). SDXL is recognised by its
     UNet's ``text_time`` extra conditioning (folders) or by its weights (single files)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -59,19 +61,19 @@ def load_base_model(model: str | None, seed: int = 0, dtype: torch.dtype = torch
         return load_single_file(model, dtype)
     else:
         source = model
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype,
-                                                **half_variant(source, "unet", dtype))
+    unet = from_pretrained_in_dtype(UNet2DConditionModel, source, dtype, subfolder="unet",
+                                    **half_variant(source, "unet", dtype))
     vae_config = AutoencoderKL.load_config(source, subfolder="vae")
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype(dtype, vae_config),
-                                        **half_variant(source, "vae", vae_dtype(dtype, vae_config)))
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype,
-                                                 **half_variant(source, "text_encoder", dtype))
+    vae = from_pretrained_in_dtype(AutoencoderKL, source, vae_dtype(dtype, vae_config), subfolder="vae",
+                                   **half_variant(source, "vae", vae_dtype(dtype, vae_config)))
+    text_encoder = from_pretrained_in_dtype(CLIPTextModel, source, dtype, subfolder="text_encoder",
+                                            **half_variant(source, "text_encoder", dtype))
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     extra = {}
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL: the second text encoder
-        extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                         source, subfolder="text_encoder_2", torch_dtype=dtype,
+        extra = dict(text_encoder_2=from_pretrained_in_dtype(
+                         CLIPTextModelWithProjection, source, dtype, subfolder="text_encoder_2",
                          **half_variant(source, "text_encoder_2", dtype)),
                      tokenizer_2=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"))
     elif unet.config.get("addition_embed_type") is not None:

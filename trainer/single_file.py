@@ -186,11 +186,33 @@ def checkpoint_family(shapes: Shapes, path: str | os.PathLike = "checkpoint") ->
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _parts_cast_as_read(path, shapes: Shapes, family: Family, config, dtype) -> dict:
+    """The UNet and the text encoder(s) of a safetensors checkpoint, read a chunk at a time in ``dtype``
+    (:func:`longalign_core.dtype_loading.read_cast`) and converted by diffusers' single-file code, as pipeline
+    components for ``from_single_file``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from longalign_core.dtype_loading import read_cast
+
+    where = dict(config=str(config), local_files_only=True, torch_dtype=dtype)
+    weights = dict(read_cast(path, dtype, [k for k in shapes if k.startswith(UNET)]))
+    parts = {"unet": UNet2DConditionModel.from_single_file(weights, subfolder="unet", **where)}
+    weights = dict(read_cast(path, dtype, [k for k in shapes if k.startswith(("cond_stage_model.", "conditioner."))]))
+    parts["text_encoder"] = create_diffusers_clip_model_from_ldm(CLIPTextModel, weights, "text_encoder", **where)
+    if family == "sdxl":
+        parts["text_encoder_2"] = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, weights,
+                                                                       "text_encoder_2", **where)
+    return parts
+
+
 def load_single_file(path: str | os.PathLike, dtype=None) -> BaseModel:
     """A single-file SD1.x or SDXL-family checkpoint (what ComfyUI users have), family and configs from its own
     tensor names and shapes, loaded through diffusers' single-file loader offline, directly in ``dtype`` (default
-    fp32); the VAE in :func:`~trainer.sampling.vae_dtype` (fp32 for SDXL's in an fp16 run, read again from the
-    file in fp32). SDXL gives a :class:`BaseModel` with ``text_encoder_2``/``tokenizer_2`` set. The noise
+    fp32; the UNet and text encoders of a safetensors file stored in another dtype are cast as they are read,
+    never held twice); the VAE in :func:`~trainer.sampling.vae_dtype` (fp32 for SDXL's in an fp16 run, read again
+    from the file in fp32). SDXL gives a :class:`BaseModel` with ``text_encoder_2``/``tokenizer_2`` set. The noise
     scheduler is DDPM with the family's betas (what training samples noise with); a v-prediction SDXL file
     (``v_pred`` marker) gives ``prediction_type="v_prediction"`` (and zero terminal SNR with ``ztsnr``) in its
     config."""
@@ -205,12 +227,15 @@ def load_single_file(path: str | os.PathLike, dtype=None) -> BaseModel:
     config = config_dir_for(shapes, family, path)
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    # A 16-bit file trained in the other 16-bit dtype is read as stored (no converted copy beside the file's
-    # tensors) and cast one parameter at a time afterwards: the peak stays near the size of the weights.
+    # A safetensors file stored in another dtype: the UNet and the text encoders are read a chunk at a time and
+    # cast as they are read, so the stored and the cast copy are never both in memory; the VAE (2 % of the
+    # weights) of a 16-bit file is read as stored and cast afterwards.
     stored = checkpoint_weight_dtype(path)
     half = (torch.float16, torch.bfloat16)
     read_as = stored if stored in half and dtype in half else dtype
     try:
+        if stored is not None and stored != dtype and Path(path).suffix.lower() in (".safetensors", ".sft"):
+            extra.update(_parts_cast_as_read(path, shapes, family, config, dtype))
         pipe = pipeline_cls.from_single_file(str(path), config=str(config), local_files_only=True,
                                              torch_dtype=read_as, **extra)
         vae = pipe.vae
