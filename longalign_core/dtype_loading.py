@@ -55,14 +55,15 @@ def stored_dtype(files: Iterable[str | os.PathLike]) -> torch.dtype | None:
 
 def read_cast(path: str | os.PathLike, dtype: torch.dtype, names: Iterable[str] | None = None,
               chunk_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for ``names`` (default: all) of a safetensors file, floating tensors cast to ``dtype``,
-    every tensor a copy of its own (none keeps the file mapped). At most ``chunk_bytes`` (default
-    :data:`CHUNK_BYTES`) of the file, or one tensor, are mapped and read at a time."""
+    """``(name, tensor)`` for ``names`` (default: all) of a safetensors file in the file's order, floating tensors
+    cast to ``dtype``, every tensor a copy of its own (none keeps the file mapped). At most ``chunk_bytes``
+    (default :data:`CHUNK_BYTES`) of the file, or one tensor, are mapped and read at a time."""
     from safetensors import safe_open
 
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     header = _header(Path(path))
-    wanted = list(header) if names is None else [n for n in names if n in header]
+    keep = None if names is None else set(names)
+    wanted = [n for n in header if keep is None or n in keep]
     chunks, chunk, size = [], [], 0
     for name in wanted:
         if chunk and size + header[name][1] > chunk_bytes:
@@ -115,7 +116,7 @@ def recast_from_files(model: torch.nn.Module, files: Iterable[str | os.PathLike]
     tensors.update(model.named_buffers(remove_duplicate=False))
     replaced: set[str] = set()
     for path in files:
-        for name, value in read_cast(path, dtype, [n for n in _header(Path(path)) if n in tensors], chunk_bytes):
+        for name, value in read_cast(path, dtype, tensors, chunk_bytes):  # the names the file holds, in its order
             target = tensors[name]
             if target.shape == value.shape and target.is_floating_point() == value.is_floating_point():
                 target.data = value

@@ -84,13 +84,11 @@ class PreferenceModel:
     def drop_text_tower(self) -> int:
         """Free the text tower (once every text the run scores against is pinned:
         :func:`~longalign_core.denscore.pin_prompt_features`); the image tower stays. Returns the bytes freed."""
-        names = TEXT_TOWER[self.kind]
-        tower = [getattr(self.model, n) for n in names if getattr(self.model, n, None) is not None]
-        freed = sum(t.numel() * t.element_size() for part in tower
+        tower = {n: part for n in TEXT_TOWER[self.kind] if (part := getattr(self.model, n, None)) is not None}
+        freed = sum(t.numel() * t.element_size() for part in tower.values()
                     for t in (part.parameters() if isinstance(part, torch.nn.Module) else [part]))
-        for n in names:
-            if getattr(self.model, n, None) is not None:
-                setattr(self.model, n, None)
+        for n in tower:
+            setattr(self.model, n, None)
         self.text_tower_dropped = True
         return freed
 

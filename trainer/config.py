@@ -157,8 +157,8 @@ class TrainConfig:
     cache_text_embeddings: bool = _f(False, "encode every prompt (training, validation, empty) once at set-up and "
                                             "free the CLIP text encoders before the preference model loads "
                                             "(SDXL: 1.5 GiB less in bf16), and the preference model's text tower "
-                                            "once V is built (Denscore: 0.66 GiB). The cache lives in CPU memory: at the "
-                                            "240-token budget in bf16, 0.94 MiB per SDXL prompt, 0.35 MiB per "
+                                            "once V is built (Denscore: 0.66 GiB). The cache lives in CPU memory: "
+                                            "at the 240-token budget in bf16, 0.94 MiB per SDXL prompt, 0.35 MiB per "
                                             "SD1.5 prompt")
     # -- logging, validation, checkpoints ---------------------------------------------------------------------
     log_every: int = _f(1, "log loss/reward every N steps (CSV always; TensorBoard when installed)")

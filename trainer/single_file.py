@@ -48,7 +48,8 @@ def checkpoint_weight_dtype(path: str | os.PathLike):
 
     import torch
 
-    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    from longalign_core.dtype_loading import SAFETENSORS_DTYPES
+
     counts: Counter = Counter()
     try:
         if Path(path).suffix.lower() in (".safetensors", ".sft"):
@@ -57,7 +58,7 @@ def checkpoint_weight_dtype(path: str | os.PathLike):
             with safe_open(str(path), "pt") as handle:
                 for k in handle.keys():
                     if k.startswith(UNET):
-                        counts[names.get(handle.get_slice(k).get_dtype())] += 1
+                        counts[SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype())] += 1
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
