@@ -169,17 +169,37 @@ def pin_prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mo
     return sum(f.features.numel() * f.features.element_size() for f in pinned.values())
 
 
+def segment_text_features(model: PreferenceModel, texts: Sequence[str],
+                          texts_per_forward: int | None = 1) -> torch.Tensor:
+    """Normalised text embeddings ``(N, D)`` of segment texts, by default each text in a forward of its own.
+
+    One forward per text makes a segment's embedding a function of its text alone: batched, the padding length
+    and the matrix shapes depend on the other texts of the batch, and on some CPUs (GEMM and attention kernels
+    chosen by shape) so do the last bits of every row. A score must not change with the prompts scored beside
+    it, with the order a resumed or multi-process run meets them in, or with the cache's state.
+    ``texts_per_forward=None`` puts all texts in one forward (V from a fixed prompt set, where the batches are
+    fixed by the set itself).
+    """
+    step = len(texts) if texts_per_forward is None else texts_per_forward
+    return torch.cat([F.normalize(model.text_features(list(texts[i:i + step])).float(), dim=-1)
+                      for i in range(0, len(texts), max(step, 1))])
+
+
 @torch.no_grad()
 def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: SplitMode = "sentence",
-                    long_segments: LongSegmentPolicy = "truncate", cache_size: int = 256) -> list[PromptFeatures]:
-    """Segment embeddings for each prompt: all uncached segments of all prompts in one text forward.
+                    long_segments: LongSegmentPolicy = "truncate", cache_size: int = 256,
+                    texts_per_forward: int | None = 1) -> list[PromptFeatures]:
+    """Segment embeddings for each prompt; each distinct uncached segment text is encoded once, on its own
+    (:func:`segment_text_features`), so the result does not depend on the other prompts of the call.
+    ``texts_per_forward`` other than 1 batches the segments (faster, but then a result depends on the call's
+    other prompts): such a call neither reads nor fills the model's cache.
 
     Results are cached on the model per (prompt, split mode, long-segment policy): best-of-N and repeated runs
     score many images against one prompt (and :func:`pin_prompt_features` keeps a run's prompts for good).
     ``long_segments="truncate"`` (the reference) cuts a segment at the text window and reports it; ``"split"``
     sub-splits it instead.
     """
-    cache, pinned = _cache_of(model), _pinned_of(model)
+    cache, pinned = (_cache_of(model), _pinned_of(model)) if texts_per_forward == 1 else (OrderedDict(), {})
     window = model.context_length - 2
     count = functools.lru_cache(maxsize=None)(model.count_tokens)  # fitting and reporting count each segment
     todo: dict[tuple, list[Segment]] = {}
@@ -191,13 +211,12 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
             segs = split_segments(p, split_mode)
             todo[key] = fit_segments(segs, count, window, long_segments)
     if todo:
-        texts = [s.text for segs in todo.values() for s in segs]
-        feats = F.normalize(model.text_features(texts).float(), dim=-1)
-        start = 0
+        distinct = list(dict.fromkeys(s.text for segs in todo.values() for s in segs))
+        by_text = dict(zip(distinct, segment_text_features(model, distinct, texts_per_forward)))
         for key, segs in todo.items():
             counts = [count(s.text) for s in segs]
-            cache[key] = PromptFeatures(segs, feats[start:start + len(segs)], [max(0, n - window) for n in counts])
-            start += len(segs)
+            feats = torch.stack([by_text[s.text] for s in segs])
+            cache[key] = PromptFeatures(segs, feats, [max(0, n - window) for n in counts])
     out = []
     for p in prompts:
         key = (p, split_mode, long_segments)
@@ -248,9 +267,10 @@ def decompose(t_bar: torch.Tensor, x_hat: torch.Tensor, direction: torch.Tensor,
     """Split ``S = t̄ · x̂`` into the text-relevant part ``x̂·t⊥`` and text-irrelevant part ``η x̂·V`` (paper
     Eq. 6–7), and the reweighted score ``S_ω = x̂·(t⊥ + ω η V)``. Shapes: t̄, x̂ ``(B, D)``, V ``(D,)``."""
     v = direction.to(t_bar)
-    eta = t_bar @ v
+    # row-wise products summed, not ``t_bar @ v``: a matrix-vector kernel's rows depend on how many rows it has
+    eta = (t_bar * v).sum(-1)
     t_perp = t_bar - eta[:, None] * v
-    x_v = x_hat @ v
+    x_v = (x_hat * v).sum(-1)
     relevant = (x_hat * t_perp).sum(-1)
     irrelevant = eta * x_v
     return Decomposition(relevant + irrelevant, relevant, irrelevant, eta, relevant + omega * irrelevant)
@@ -259,7 +279,7 @@ def decompose(t_bar: torch.Tensor, x_hat: torch.Tensor, direction: torch.Tensor,
 def reweight_text(t_bar: torch.Tensor, direction: torch.Tensor, omega: float = DEFAULT_REWEIGHT) -> torch.Tensor:
     """The reference's reweighted text embedding ``t̃ = t̄ − (1 − ω)(t̄·V)V``; ``t̃ · x̂ = S_ω``."""
     v = direction.to(t_bar)
-    return t_bar - (1 - omega) * (t_bar @ v)[:, None] * v
+    return t_bar - (1 - omega) * (t_bar * v).sum(-1)[:, None] * v
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -301,7 +321,10 @@ def image_embeddings(model: PreferenceModel, images: torch.Tensor, crop: CropMod
     if validate:
         validate_images(images)
     pixels = preprocess_images(images, model.image_size, model.mean, model.std, crop, generator=generator)
-    return F.normalize(model.image_features(pixels).float(), dim=-1)
+    # one image a forward: an image's embedding must not depend on the images scored beside it (see
+    # segment_text_features); the crop (one draw for the batch) and the resize are per-image operations already
+    feats = torch.cat([model.image_features(pixels[b:b + 1]) for b in range(pixels.shape[0])])
+    return F.normalize(feats.float(), dim=-1)
 
 
 def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | Sequence[str],
@@ -312,8 +335,8 @@ def segment_score(model: PreferenceModel, images: torch.Tensor, prompts: str | S
                   gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScoreResult:
     """Segment-level score of each image against its prompt (one prompt for all, or one per image), decomposed
     along ``direction`` (V; default: the batch's own prompts, which collapses for a single prompt — pass V
-    from a prompt set, see :func:`direction_from_prompts`). All images go through one image forward, all
-    uncached segments through one text forward. Differentiable with respect to ``images``. ``gather``
+    from a prompt set, see :func:`direction_from_prompts`). Each image and each uncached segment goes through a
+    forward of its own, so a score depends on its image and prompt alone, not on the batch. Differentiable with respect to ``images``. ``gather``
     (e.g. ``accelerator.gather``) makes the per-batch V the mean over all processes, as in the reference trainer.
     """
     if not 0.0 <= omega <= 1.0:
@@ -421,7 +444,8 @@ def direction_from_prompts(model: PreferenceModel, prompts: Sequence[str] | None
     steps = math.ceil(len(prompts) / batch_size)
     for i in range(steps):
         chunk = prompts[i * batch_size:(i + 1) * batch_size]
-        means += [f.mean for f in prompt_features(model, chunk, split_mode, "truncate", cache_size=0)]
+        means += [f.mean for f in prompt_features(model, chunk, split_mode, "truncate", cache_size=0,
+                                                  texts_per_forward=None)]  # V: batches fixed by the set
         if progress is not None:
             progress(i + 1, steps)
     v = common_direction(torch.stack(means))

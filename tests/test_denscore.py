@@ -158,16 +158,20 @@ def test_preprocessing_matches_torchvision_and_random_crop_is_seeded(images):
     torch.testing.assert_close(a, b)
 
 
-def test_one_text_and_one_image_forward_and_text_cache(tiny_clip_dir, images):
+def test_one_forward_per_distinct_segment_and_image_and_text_cache(tiny_clip_dir, images):
+    """Each distinct segment text and each image goes through a forward of its own (a score must not depend on
+    what is scored beside it: tests/test_score_invariance.py); a prompt seen before costs no text forward."""
     model = load_preference_model(tiny_clip_dir)
     calls = {"text": 0, "image": 0}
     h1 = model.model.text_model.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
     h2 = model.model.vision_model.register_forward_hook(lambda *a: calls.__setitem__("image", calls["image"] + 1))
     try:
         segment_score(model, images, [PROMPT, "A cat. A dog.", PROMPT], direction=torch.ones(16) / 4)
-        assert calls == {"text": 1, "image": 1}
-        segment_score(model, images, PROMPT, direction=torch.ones(16) / 4)
-        assert calls == {"text": 1, "image": 2}  # the prompt's segment features came from the cache
+        assert calls == {"text": 3 + 2, "image": 3}
+        segment_score(model, images[:1], PROMPT, direction=torch.ones(16) / 4)
+        assert calls == {"text": 5, "image": 4}  # the prompt's segment features came from the cache
+        segment_score(model, images[:1], "A cat. A bird.", direction=torch.ones(16) / 4)
+        assert calls == {"text": 7, "image": 5}  # a new prompt: both its segments (the cache is per prompt)
     finally:
         h1.remove()
         h2.remove()
