@@ -15,14 +15,12 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from longalign_core.denscore import DEFAULT_REWEIGHT
 from longalign_core.errors import BadConfigError
 from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
 from longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
-
-Stage = Literal["reward", "align"]
 
 #: Allowed words of the options that take one (the same words as ``longalign_core`` and the node).
 CHOICES: dict[str, tuple[str, ...]] = {
