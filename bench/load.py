@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from longalign_core.dtypes import DTYPES  # noqa: E402
 
 
 def build(path: Path, stored: torch.dtype) -> None:
