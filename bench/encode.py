@@ -34,7 +34,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from longalign_core import CLIPSegmentEncoder  # noqa: E402
 from longalign_core.clip_vocab import load_clip_tokenizer  # noqa: E402
@@ -96,7 +95,7 @@ COMFY_MODELS = {"sd15": ("SD1.5 CLIP-L", "l", (1.3, 0.15)), "sdxl": ("SDXL CLIP-
 
 
 def bench_comfy(repeats: int, model: str) -> dict[str, float]:
-    from comfy_support import comfy_version, host_clip, load_pack
+    from standins.comfy_host import comfy_version, host_clip, load_pack
 
     label, kinds, (cold_target, edit_target) = COMFY_MODELS[model]
     pack = load_pack()

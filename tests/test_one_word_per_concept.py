@@ -164,3 +164,26 @@ def test_clip_skip_out_of_range_is_the_same_mistake_for_sd_and_sdxl(clip_tokeniz
     for skip in (layers - 1, -1):
         with pytest.raises(BadConfigError, match=f"clip_skip must be in 0..{layers - 2} for this {layers}-layer"):
             SDXLSegmentEncoder(clip_tokenizer, tiny_text_encoder, clip_tokenizer, bigg, clip_skip=skip)
+
+
+# -- bench/ stands on importable code -----------------------------------------------------------------------------
+
+
+def test_the_benchmarks_import_nothing_from_the_tests():
+    """bench/ builds its stand-in models with standins/ (as the tests do), never by putting tests/ on the path."""
+    test_modules = {p.stem for p in (REPO / "tests").glob("*.py")}
+    found = {}
+    for path in sorted((REPO / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module.split(".")[0]]
+            elif isinstance(node, ast.Constant) and node.value == "tests":  # REPO / "tests" on sys.path
+                names = ["tests/"]
+            hits = [n for n in names if n in test_modules or n in ("tests", "tests/")]
+            if hits:
+                found.setdefault(path.name, []).extend(hits)
+    assert not found, f"bench/ files that import from tests/ (move the helper to standins/): {found}"
