@@ -10,7 +10,7 @@
 The checkpoint is SDXL base's published single-file layout (``model.diffusion_model.*``, CLIP-L under
 ``conditioner.embedders.0.transformer``, OpenCLIP-bigG in open_clip layout under ``conditioner.embedders.1.model``,
 the VAE under ``first_stage_model``), random weights, built once under ``--cache`` from the full-size
-architectures on the meta device with the key tables of ``tests/test_trainer_single_file.py``. Each load runs in a
+architectures on the meta device with the key tables of ``standins/single_file.py``. Each load runs in a
 fresh process, and every loaded weight is then read once (safetensors maps the file: its pages count only once
 read, as the first training step reads them); the peak is that process's highest resident memory (``ru_maxrss``)
 minus what it held after its imports, compared with the bytes of the weights in the training dtype. Target: <= 1.3x
@@ -30,19 +30,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from longalign_core.dtypes import DTYPES  # noqa: E402
 
 
 def build(path: Path, stored: torch.dtype) -> None:
     """SDXL base in the single-file layout, random weights (~N(0, 0.02), norms at 1), written with safetensors."""
-    sys.path.insert(0, str(REPO / "tests"))
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
-    from test_trainer_single_file import (VAE_CONFIG, clip_hf_layout, clip_open_clip_layout, unet_ldm_shapes,
-                                          vae_to_ldm)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from longalign_core.lora import load_unet_config
+    from standins.single_file import VAE_CONFIG, clip_hf_layout, clip_open_clip_layout, unet_ldm_shapes, vae_to_ldm
 
     shapes = unet_ldm_shapes(load_unet_config("sdxl"))
     with torch.device("meta"):

@@ -34,6 +34,17 @@ class LongPromptEncoding:
     reports: list[PromptReport]
 
 
+def check_clip_skip(clip_skip: int, deepest: int, layers: int) -> int:
+    """``clip_skip`` if it is in ``0..deepest`` (the deepest skip that still reads the output of a layer of this
+    ``layers``-layer text encoder, under the caller's convention), else :class:`BadConfigError` naming the value,
+    the range and the encoder's depth. One check for the SD1.x (:class:`CLIPSegmentEncoder`) and SDXL
+    (:mod:`longalign_core.sdxl_text`) readouts."""
+    if not 0 <= clip_skip <= deepest:
+        raise BadConfigError(f"clip_skip must be in 0..{deepest} for this {layers}-layer text encoder, got "
+                             f"{clip_skip}")
+    return clip_skip
+
+
 class CLIPSegmentEncoder:
     """Encode long prompts segment by segment with a transformers CLIP text encoder.
 
@@ -43,9 +54,8 @@ class CLIPSegmentEncoder:
     """
 
     def __init__(self, tokenizer, text_encoder, clip_skip: int = 0, batch_size: int | None = None):
-        if not 0 <= clip_skip < text_encoder.config.num_hidden_layers:
-            raise BadConfigError(f"clip_skip must be in 0..{text_encoder.config.num_hidden_layers - 1}, got "
-                                 f"{clip_skip}")
+        layers = text_encoder.config.num_hidden_layers
+        check_clip_skip(clip_skip, layers - 1, layers)
         if batch_size is not None and batch_size < 1:
             raise BadConfigError(f"batch_size must be >= 1 (or None for one forward), got {batch_size}")
         self.tokenizer = tokenizer

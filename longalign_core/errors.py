@@ -37,6 +37,11 @@ class BadConfigError(LongAlignError):
     """An option, a config file entry or a combination of options is invalid."""
 
 
+class UnsupportedClipError(BadModelFileError):
+    """The text encoder connected to a LongAlign node is not a CLIP one it can encode segment by segment (SD3,
+    Flux, T5-based models): the message names what was found and says to use the model's own text-encode node."""
+
+
 # OS / format errors that come from the user's files rather than from our code.
 EXPECTED_OS_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, IsADirectoryError,
                                                          NotADirectoryError, PermissionError)

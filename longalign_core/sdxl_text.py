@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from .clip_text import check_clip_skip
 from .segment_encoding import (
     DEFAULT_TOKEN_BUDGET,
     PAD_EMBEDDING_POSITIONS,
@@ -51,9 +52,7 @@ class _HiddenLayerCLIP:
 
     def __init__(self, tokenizer, text_encoder, clip_skip: int):
         layers = text_encoder.config.num_hidden_layers
-        if not 0 <= clip_skip <= layers - 2:
-            raise ValueError(f"clip_skip must be in 0..{layers - 2} for this {layers}-layer text encoder, "
-                             f"got {clip_skip}")
+        check_clip_skip(clip_skip, layers - 2, layers)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.layer = -(clip_skip + 2)

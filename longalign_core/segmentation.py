@@ -34,7 +34,6 @@ SPLIT_MODES: tuple[str, ...] = ("sentence", "reference")
 LONG_SEGMENT_POLICIES: tuple[str, ...] = ("split", "truncate")
 
 #: ``BREAK`` as its own upper-case word (not ``BREAKFAST``, ``break``, ``xBREAK``).
-BREAK_WORD = "BREAK"
 _BREAK_RE = re.compile(r"(?<![\w])BREAK(?![\w])")
 #: Emoticons whose parenthesis is not ComfyUI weight syntax.
 _EMOTICON_RE = re.compile(r"[:;=][-'^]?[()]")

@@ -38,12 +38,6 @@ CHECK_RTOL = 1e-4
 STREAM_ORDER = ("l", "h", "g")  # channel order of the host's concatenation (SDXL: cat(l, g))
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A transient out-of-memory error (CUDA, MPS, XPU or CPU allocator), not a sign the model is unsupported."""
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
-
-
 def states_match(trimmed: torch.Tensor, host: torch.Tensor) -> bool:
     """The trimmed forward's states equal the host's up to float rounding."""
     host = host.to(trimmed.device, trimmed.dtype)

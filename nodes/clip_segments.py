@@ -16,21 +16,19 @@ The ``clip`` argument is duck-typed (``tokenize``, ``encode_from_tokens_schedule
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
 import numbers
 import threading
-import time
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from ..longalign_core.errors import BadInputError
+from ..longalign_core.errors import BadInputError, UnsupportedClipError
 from ..longalign_core.segment_encoding import (
     DEFAULT_TOKEN_BUDGET,
     PAD_EMBEDDING_POSITIONS,
@@ -43,7 +41,9 @@ from ..longalign_core.segment_encoding import (
 )
 from ..longalign_core.clip_vocab import END_ID, START_ID
 from ..longalign_core.segmentation import LongSegmentPolicy, SplitMode
-from .clip_fastpath import STRUCTURAL_ERRORS, TrimmedClipForward, is_out_of_memory, states_match
+from ..longalign_core.out_of_memory import is_out_of_memory
+from ..longalign_core.phase_timer import PhaseTimer
+from .clip_fastpath import STRUCTURAL_ERRORS, TrimmedClipForward, states_match
 
 log = logging.getLogger("LongAlign")
 
@@ -69,10 +69,6 @@ def _check_weights(tokens: dict[str, list[Chunk]], text: str) -> None:
                     raise BadInputError(
                         f"LongAlign Text Encode: a prompt weight of {w:g} in {text.strip()[:80]!r} is not a finite "
                         f"number within ±{MAX_PROMPT_WEIGHT:g}; write weights like (word:1.2) (0.5–1.5 is usual)")
-
-
-class UnsupportedClipError(ValueError):
-    pass
 
 
 def _first_end(chunk: Chunk) -> int:
@@ -101,31 +97,6 @@ def _chunk_key(chunks_by_key: dict[str, Chunk]) -> tuple:
     neither the kept states nor the pooled output at the end token."""
     return tuple((k, tuple(_token_key(e) for e in c[: _first_end(c) + 1]))
                  for k, c in sorted(chunks_by_key.items()))
-
-
-class PhaseTimes:
-    """Wall time per phase of :meth:`HostClipSegments.encode`, each phase net of the phases inside it (for the
-    profile split of bench/encode.py). ``seconds["total"]`` is the whole call."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._inner: list[float] = []
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        self._inner.append(0.0)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            spent = time.perf_counter() - t0
-            inner = self._inner.pop()
-            self.seconds[name] += spent - inner
-            if self._inner:
-                self._inner[-1] += spent
-
-
-_NO_PHASE = contextlib.nullcontext()
 
 
 @dataclass
@@ -268,16 +239,17 @@ class HostClipSegments:
 
     def __init__(self, clip, cache: SegmentCache | None = None,
                  check_interrupt: Callable[[], None] | None = None, fast: bool = True,
-                 phases: PhaseTimes | None = None):
+                 phases: PhaseTimer | None = None):
         self.clip = clip
         self.cache = cache if cache is not None else SegmentCache()  # None: nothing reused between calls
         self.fast = fast
         self.check_interrupt = check_interrupt or (lambda: None)
-        self.phases = phases
-        with self._phase("tokenize"):
+        self.phases = phases if phases is not None else PhaseTimer(enabled=False)  # bench/encode.py's profile
+        with self.phases("tokenize"):
             empty = self.cache.tokens(clip, "", clip.tokenize)
         if not isinstance(empty, dict) or not empty:
-            raise UnsupportedClipError("this CLIP's tokenizer did not return ComfyUI token chunks")
+            raise UnsupportedClipError("LongAlign Text Encode: this CLIP's tokenizer did not return ComfyUI token "
+                                       "chunks. Use the model's own text-encode node.")
         unknown = [k for k in empty if k not in SUPPORTED_KEYS]
         if unknown:
             raise UnsupportedClipError(
@@ -285,16 +257,14 @@ class HostClipSegments:
                 f"this model's text encoder has streams {sorted(empty)}. Use the model's own text-encode node.")
         for k, chunks in empty.items():
             if len(chunks) != 1 or len(chunks[0]) != CHUNK or chunks[0][0][0] != START_ID:
-                raise UnsupportedClipError(f"unexpected token layout for stream {k!r}: expected 77-token chunks "
-                                           f"starting with the start token")
+                raise UnsupportedClipError(f"LongAlign Text Encode: unexpected token layout for stream {k!r} "
+                                           f"(expected 77-token chunks starting with the start token). Use the "
+                                           f"model's own text-encode node.")
         self.keys = sorted(empty)
         self.primary = "l" if "l" in empty else self.keys[0]
         self._empty = empty
         self._tokens: dict[str, dict[str, list[Chunk]]] = {}
         self._counts: dict[str, int] = {}
-
-    def _phase(self, name: str):
-        return _NO_PHASE if self.phases is None else self.phases.phase(name)
 
     # -- tokens -------------------------------------------------------------------------------------------------
     def _tokenize_checked(self, text: str) -> dict[str, list[Chunk]]:
@@ -308,7 +278,7 @@ class HostClipSegments:
     def tokenize(self, text: str) -> dict[str, list[Chunk]]:
         tokens = self._tokens.get(text)
         if tokens is None:
-            with self._phase("tokenize"):
+            with self.phases("tokenize"):
                 tokens = self.cache.tokens(self.clip, text, self._tokenize_checked)
             self._tokens[text] = tokens
         return tokens
@@ -344,43 +314,42 @@ class HostClipSegments:
 
         The pooled output is the first segment's (the host likewise pools the first chunk of a long prompt).
         """
-        with self._phase("total"):  # net of the phases inside: Python overhead of the node itself
-            with self._phase("plan"):
-                plan = plan_segments(prompt, self.count_tokens, CHUNK - 2, split_mode, long_segments)
-                seg_chunks = [{k: self.tokenize(s.text)[k][0] for k in self.keys} for s in plan]  # truncate: 1st
-                counts = [self.count_tokens(s.text) for s in plan]
-                kept_len = [_first_end(c[self.primary]) for c in seg_chunks]
-            self.check_interrupt()
+        with self.phases("plan"):
+            plan = plan_segments(prompt, self.count_tokens, CHUNK - 2, split_mode, long_segments)
+            seg_chunks = [{k: self.tokenize(s.text)[k][0] for k in self.keys} for s in plan]  # truncate: 1st
+            counts = [self.count_tokens(s.text) for s in plan]
+            kept_len = [_first_end(c[self.primary]) for c in seg_chunks]
+        self.check_interrupt()
 
-            if _uses_clip_hooks(self.clip):
-                entries = self._encode_all(seg_chunks)
-            else:
-                entries = [self._encode_cached(seg_chunks)]
+        if _uses_clip_hooks(self.clip):
+            entries = self._encode_all(seg_chunks)
+        else:
+            entries = [self._encode_cached(seg_chunks)]
 
-            with self._phase("merge"):
-                conditioning = []
-                report = None
-                width = max(kept_len)
-                for seg_states, pad, extra in entries:
-                    channels = pad.shape[-1]
-                    states = torch.zeros(len(plan), width, channels, dtype=pad.dtype, device=pad.device)
-                    keep = torch.zeros(len(plan), width, dtype=torch.bool)
-                    for i, (kept, n) in enumerate(zip(seg_states, kept_len)):
-                        states[i, :n] = kept[:n]
-                        keep[i, :n] = True
-                    result = merge_segment_states(states, keep, [0] * len(plan), pad, budget, overflow,
-                                                  num_prompts=1)
-                    conditioning.append([result.cond, extra])
-                    if report is None:
-                        report = build_report(plan, counts, result.merged[0], result.dropped[0],
-                                              result.padding[0], budget, overflow, CHUNK - 2)
+        with self.phases("merge"):
+            conditioning = []
+            report = None
+            width = max(kept_len)
+            for seg_states, pad, extra in entries:
+                channels = pad.shape[-1]
+                states = torch.zeros(len(plan), width, channels, dtype=pad.dtype, device=pad.device)
+                keep = torch.zeros(len(plan), width, dtype=torch.bool)
+                for i, (kept, n) in enumerate(zip(seg_states, kept_len)):
+                    states[i, :n] = kept[:n]
+                    keep[i, :n] = True
+                result = merge_segment_states(states, keep, [0] * len(plan), pad, budget, overflow,
+                                              num_prompts=1)
+                conditioning.append([result.cond, extra])
+                if report is None:
+                    report = build_report(plan, counts, result.merged[0], result.dropped[0],
+                                          result.padding[0], budget, overflow, CHUNK - 2)
         return conditioning, report
 
     def _encode_all(self, seg_chunks):
         """CLIP hooks present: the host schedules them, so segments + the empty prompt go in one host call."""
         empty = {k: self._empty[k][0] for k in self.keys}
         out = []
-        with self._phase("host encode"):
+        with self.phases("host encode"):
             host_out = self._encode_chunks(seg_chunks + [empty])
         for states, extra in host_out:
             pad = padding_embedding(states[-1], PAD_EMBEDDING_POSITIONS)
@@ -393,7 +362,7 @@ class HostClipSegments:
         key = state + ("<empty>",)
         entry = self.cache.get(self.clip, key, count=False)
         if entry is None:
-            with self._phase("host encode (empty prompt, once per model state)"):
+            with self.phases("host encode (empty prompt, once per model state)"):
                 (states, _), = self._encode_chunks([{k: self._empty[k][0] for k in self.keys}])
             entry = _Entry(states[0].clone(), None)
             self.cache.put(self.clip, key, entry)
@@ -421,7 +390,7 @@ class HostClipSegments:
             if reason is not None:
                 verdict.usable, verdict.reason = False, reason
                 log.info("LongAlign: trimmed CLIP forward not used (%s); encoding through the CLIP object", reason)
-        with self._phase("host encode"):
+        with self.phases("host encode"):
             (states, extra), = self._encode_chunks(rows)
         return states, extra.get("pooled_output")
 
@@ -450,9 +419,9 @@ class HostClipSegments:
         if check_width:
             rows = rows + [{k: self._empty[k][0] for k in self.keys}]
             widths.append(check_width)
-        with self._phase("trimmed forward"):
+        with self.phases("trimmed forward"):
             states, pooled = trimmed.encode(rows, widths, empty, want_pooled)
-        with self._phase("checks against the host (once per model state)"):
+        with self.phases("checks against the host (once per model state)"):
             if check_width:
                 if not states_match(states[-1, :check_width], empty[:check_width]):
                     verdict.reason = "its result differs from the host's encode of the empty prompt"
@@ -472,10 +441,10 @@ class HostClipSegments:
 
     def _encode_cached(self, seg_chunks):
         cache, clip = self.cache, self.clip
-        with self._phase("cache look-ups"):
+        with self.phases("cache look-ups"):
             state = SegmentCache.state_key(clip)
         empty = self._empty_states(state)
-        with self._phase("cache look-ups"):
+        with self.phases("cache look-ups"):
             keys = [state + _chunk_key(c) for c in seg_chunks]
             found = [cache.get(clip, k) for k in keys]
         # Pooled output comes from the first row of a call: the first segment goes first when its pooled is missing.
@@ -483,7 +452,7 @@ class HostClipSegments:
         todo = [i for i, e in enumerate(found) if e is None or (i == 0 and need_first)]
         if todo:
             states, pooled = self._encode_rows(state, [seg_chunks[i] for i in todo], empty, todo[0] == 0)
-            with self._phase("cache look-ups"):
+            with self.phases("cache look-ups"):
                 for j, i in enumerate(todo):
                     n = _first_end(seg_chunks[i][self.primary])
                     entry = _Entry(states[j, :n].clone(), pooled if j == 0 and i == 0 else None)
@@ -496,5 +465,5 @@ class HostClipSegments:
         return [e.kept for e in found], padding_embedding(empty, PAD_EMBEDDING_POSITIONS), extra
 
 
-__all__ = ["FastPathVerdict", "HostClipSegments", "PhaseTimes", "SegmentCache", "UnsupportedClipError",
+__all__ = ["FastPathVerdict", "HostClipSegments", "SegmentCache", "UnsupportedClipError",
            "SUPPORTED_KEYS"]

@@ -121,12 +121,6 @@ def resolve_preference_model(name: str) -> str:
                             f"(config.json + model.safetensors) or an HPSv2 .pt there")
 
 
-def torch_device():
-    import comfy.model_management
-
-    return comfy.model_management.get_torch_device()
-
-
 def user_cache_dir() -> str:
     import folder_paths
 

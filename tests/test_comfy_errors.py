@@ -54,6 +54,24 @@ def test_no_clip_connected(mods):
         encode(mods, None, "A cat.")
 
 
+class _T5OnlyClip:
+    """A text encoder whose tokenizer gives a T5 stream (SD3 / Flux style), not CLIP's l/g/h."""
+
+    def tokenize(self, text):
+        return {"t5xxl": [[(1, 1.0)] * 77]}
+
+
+def test_a_text_encoder_that_is_not_clip_is_refused_in_the_error_family(mods):
+    pack = load_pack()
+    errors = sys.modules[f"{pack.__name__}.longalign_core.errors"]
+    with pytest.raises(errors.UnsupportedClipError,
+                       match=r"streams \['t5xxl'\]\. Use the model's own text-encode") as e:
+        encode(mods, _T5OnlyClip(), "A cat.")
+    assert isinstance(e.value, errors.LongAlignError) and isinstance(e.value, ValueError)
+    clip_segments = sys.modules[f"{pack.__name__}.nodes.clip_segments"]
+    assert clip_segments.UnsupportedClipError is errors.UnsupportedClipError  # what callers import still works
+
+
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory, standin_checkpoints):
     comfy = import_comfy()

@@ -32,8 +32,8 @@ NODE_IDS = ["LongAlignDenscoreBestOfN", "LongAlignDenscoreScore", "LongAlignLoad
 REQUIRED_FILES = ["__init__.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE"]
 REQUIRED_DIRS = ["nodes", "longalign_core", "workflows", "web"]  # web/: help pages + frontend extension
 #: What must not ship: test code and artefacts, benchmarks, environments, caches.
-FORBIDDEN_PREFIXES = ["tests/", "bench/", "test_out/", ".venv/", ".pytest_cache/", ".git/"]
-COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, scripts/, docs/workflows/, .ci/, /dev)"
+FORBIDDEN_PREFIXES = ["tests/", "bench/", "standins/", "test_out/", ".venv/", ".pytest_cache/", ".git/"]
+COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, standins/, scripts/, docs/workflows/, .ci/, /dev)"
 
 
 def comfy_cli() -> list[str] | None:

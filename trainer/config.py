@@ -1,28 +1,29 @@
 """``TrainConfig``: every hyper-parameter of the trainer, with the paper's values as defaults (docs/method.md §5).
 
 One dataclass doubles as the command line (each field is a ``--flag``) and the config file (``--config
-run.toml`` or ``.json``). Precedence, highest first: flags on the command line > the config file > the CPU demo
-profile (only when no ``--model`` is given by either) > the defaults here. Every value is type-checked and
-validated on creation (a mistake is a :class:`~longalign_core.errors.BadConfigError` naming the option or the
-file and key), and the resolved config is written to ``<output_dir>/config.json`` for every run.
+run.toml`` or ``.json``), through :mod:`trainer.options`. Precedence, highest first: flags on the command line >
+the config file > the CPU demo profile (only when no ``--model`` is given by either) > the defaults here. Every
+value is type-checked and validated on creation (a mistake is a :class:`~longalign_core.errors.BadConfigError`
+naming the option or the file and key), and the resolved config is written to ``<output_dir>/config.json`` for
+every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from longalign_core.denscore import DEFAULT_REWEIGHT
 from longalign_core.errors import BadConfigError
 from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET, OVERFLOW_POLICIES
 from longalign_core.segmentation import LONG_SEGMENT_POLICIES, SPLIT_MODES
 
-Stage = Literal["reward", "align"]
+from .options import add_field_options, coerce_fields, read_config_file
+from .options import option as _f  # a field that is also a --flag (its help text, aliases, nargs)
 
 #: Allowed words of the options that take one (the same words as ``longalign_core`` and the node).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -40,6 +41,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 #: that a typo cannot ask for gigabytes of padding.
 MAX_TOKEN_BUDGET = 4096
 
+#: The trainer's command (in --help, and in the hint of an unknown config-file key).
+PROG = "python -m trainer.finetune"
+
 #: ``--model`` names of the built-in tiny random-weight pipelines (trainer.models builds them).
 EMBEDDED_MODELS = ("embedded", "embedded-sdxl")
 
@@ -48,17 +52,6 @@ EMBEDDED_PROFILE = dict(train_steps=30, train_batch_size=2, resolution=64, sampl
                         sample_grad_steps=5, learning_rate=2e-3, lr_warmup_steps=0, lora_rank=4,
                         validation_every=15, validation_steps=10, checkpoint_every=15,
                         max_grad_norm=1.0, output_dir="outputs/longalign-demo")
-
-
-def _f(default, help: str, **kw):
-    if isinstance(default, type):  # a mutable default (list): give its factory
-        return field(default_factory=default, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a field: ``train_steps`` -> ``--train-steps``."""
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -260,7 +253,7 @@ class TrainConfig:
     @classmethod
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
         """The command line (``description``: the text ``--help`` prints above the options)."""
-        ap = argparse.ArgumentParser(prog="python -m trainer.finetune", description=description,
+        ap = argparse.ArgumentParser(prog=PROG, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win; both win "
                                          "over the demo profile used when no --model, or an embedded one, is given)")
@@ -272,114 +265,8 @@ class TrainConfig:
         """Resolve flags > ``--config`` file > demo profile (no ``--model`` anywhere) > defaults."""
         args = vars(cls.parser(description).parse_args(argv))
         config_file = args.pop("config")
-        from_file = read_config_file(config_file) if config_file else {}
+        from_file = read_config_file(config_file, cls, PROG) if config_file else {}
         from_flags = {k: v for k, v in args.items() if v is not None}
         given = {**from_file, **from_flags}
         profile = EMBEDDED_PROFILE if given.get("model") in (None, *EMBEDDED_MODELS) else {}
         return cls(**{**profile, **given})
-
-
-def coerce_fields(obj, choices: dict[str, tuple[str, ...]]) -> list[str]:
-    """Type-check every field of the dataclass ``obj`` in place (a wrong type raises :class:`BadConfigError`
-    naming the flag); returns the messages of the fields whose value is not one of its ``choices``."""
-    for f in dataclasses.fields(obj):
-        setattr(obj, f.name, _coerce(f, getattr(obj, f.name), flag(f.name)))
-    return [f"{flag(k)} {getattr(obj, k)!r} is not one of {', '.join(v)}" for k, v in choices.items()
-            if getattr(obj, k) is not None and getattr(obj, k) not in v]
-
-
-def add_field_options(ap: argparse.ArgumentParser, cls, choices: dict[str, tuple[str, ...]]) -> None:
-    """One ``--flag`` per field of the dataclass ``cls`` (help from its metadata, the allowed words and the
-    default appended); unset flags parse as None so that lower-precedence sources can fill them. A field's
-    ``metadata`` may give ``nargs``, ``aliases``, ``action`` and ``metavar``."""
-    for f in dataclasses.fields(cls):
-        names = [flag(f.name), *f.metadata.get("aliases", [])]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        allowed = f" [{' | '.join(choices[f.name])}]" if f.name in choices else ""
-        help_text = f"{f.metadata['help']}{allowed} (default: {default})".replace("%", "%%")
-        if f.type in ("bool", bool):
-            ap.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                            help=help_text)
-        elif f.metadata.get("nargs"):
-            extra = {k: f.metadata[k] for k in ("action", "metavar") if k in f.metadata}
-            ap.add_argument(*names, dest=f.name, nargs=f.metadata["nargs"], default=None, help=help_text, **extra)
-        else:
-            kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-            ap.add_argument(*names, dest=f.name, type=kind, default=None, help=help_text)
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The options of a ``.toml`` or ``.json`` config file, each type-checked (errors name the file and key)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadConfigError(f"--config {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadConfigError(f"--config {path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    if path.suffix.lower() == ".toml":
-        import tomllib
-
-        try:
-            values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise BadConfigError(f"{path}: TOML syntax error: {exc}. Fix the file (strings need quotes, e.g. "
-                                 f'split_mode = "reference")') from None
-    else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadConfigError(f"{path}: JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg} "
-                                 f"(use a .toml file for TOML)") from None
-    if not isinstance(values, dict):
-        raise BadConfigError(f"{path}: expected a table of options (key = value), got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see python -m trainer.finetune --help"
-            raise BadConfigError(f"{path}: unknown option {key!r}{hint}")
-        out[name] = _coerce(fields[name], value, f"{path}: {key}")
-    return out
-
-
-def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """``value`` checked against the field's type (ints are accepted for floats, digit strings for counts)."""
-    kind = str(f.type)
-
-    def fail(expected: str):
-        raise BadConfigError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
-
-    if value is None:
-        if "None" not in kind:
-            fail(_describe(kind))
-        return None
-    if kind == "bool":
-        return value if isinstance(value, bool) else fail("true or false")
-    if kind == "int":
-        return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
-    if kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        fail("a number")
-    if kind == "list[str]":
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        fail("a list of strings")
-    if kind == "int | None":
-        return value if isinstance(value, int) and not isinstance(value, bool) else fail("an integer")
-    if kind in ("int | str", "int | str | None"):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            return int(value) if value.strip().isdigit() else value
-        fail("a count or a file name")
-    return value if isinstance(value, str) else fail(_describe(kind))
-
-
-def _describe(kind: str) -> str:
-    return {"str | None": "a string"}.get(kind, f"a {kind}")

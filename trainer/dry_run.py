@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from longalign_core.errors import BadConfigError
+from longalign_core.out_of_memory import is_out_of_memory
 
-from .memory import (GiB, PeakMemory, is_out_of_memory, module_bytes, out_of_memory_advice, process_peak_bytes,
-                     total_memory)
+from .memory import GiB, PeakMemory, module_bytes, out_of_memory_advice, process_peak_bytes, total_memory
 from .run_log import CSVLog
 from .validation import validate
 

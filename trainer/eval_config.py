@@ -1,5 +1,5 @@
 """``EvalConfig``: the options of ``python -m trainer.evaluate``. One dataclass doubles as the command line (each
-field is a ``--flag``, the trainer's pattern and its type checks); the sampler and text defaults are the
+field is a ``--flag``, through :mod:`trainer.options` as the trainer's); the sampler and text defaults are the
 trainer's own (its validation sampler), read from :class:`~trainer.config.TrainConfig`."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from longalign_core.errors import BadConfigError
 from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET
 
 from .config import CHOICES as TRAIN_CHOICES
-from .config import (EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig, _f, add_field_options,
-                     coerce_fields)
+from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig
 from .eval_stats import DEFAULT_BOOTSTRAP
+from .options import add_field_options, coerce_fields
+from .options import option as _f  # a field that is also a --flag (its help text, aliases, nargs)
 
 #: The held-out long prompts shipped with the pack (not the reference set that defines V).
 EVALUATION_PROMPTS = Path(denscore.__file__).with_name("data") / "evaluation_prompts.txt"

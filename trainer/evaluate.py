@@ -51,7 +51,7 @@ class Evaluation:
     """Checks everything the user gave, loads the models, and runs the arms (:meth:`run`)."""
 
     def __init__(self, cfg: EvalConfig, announce=print):
-        from .memory import PhaseTimer
+        from longalign_core.phase_timer import PhaseTimer
 
         self.cfg, self.say = cfg, announce
         self.out = Path(cfg.output_dir)
@@ -63,7 +63,6 @@ class Evaluation:
 
         self.precision, self.dtype = precision, DTYPES.get(precision, torch.float32)
         self.timer = PhaseTimer(self.device)
-        self.timer.enabled = True
         self.t0 = time.perf_counter()
         # everything the user named is checked before anything is loaded or written
         self.settings_file, self.scores_file = self.out / SETTINGS_FILE, self.out / SCORES_FILE

@@ -35,6 +35,8 @@ from longalign_core.denscore import default_reference_prompts, direction_from_pr
 from longalign_core.dtypes import DTYPES
 from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora
+from longalign_core.out_of_memory import is_out_of_memory
+from longalign_core.phase_timer import PhaseTimer
 from longalign_core.preference import load_preference_model
 
 from . import checkpoints as ckpt
@@ -44,7 +46,7 @@ from .config import EMBEDDED_MODELS, TrainConfig
 from .data import batch_prompts, load_prompts, split_validation
 from .conditioning import StepConditioning, StepEncoder
 from .direction import RewardDirection, resolve_direction
-from .memory import PhaseTimer, is_out_of_memory, out_of_memory_advice
+from .memory import out_of_memory_advice
 from .lora_layers import add_lora_output_dropout, attach_lora
 from .outputs import export_run_lora, save_outputs
 from .models import check_model_sources, load_base_model, reward_model_source
@@ -92,7 +94,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
-        self.phases = PhaseTimer(self.acc.device)  # off unless a dry run or a benchmark measures a step
+        self.phases = PhaseTimer(self.acc.device, enabled=False)  # off unless a dry run or a benchmark measures a step
         self.totals = {"prompts_cut": 0, "tokens_lost": 0}
         self._load_models()
         if self.acc.is_main_process:  # after loading: the resolution default comes from the model

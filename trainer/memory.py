@@ -1,5 +1,6 @@
-"""Memory and time of a run's parts: the peak of a step on its device, the wall clock per phase of a step, what each
-model part holds in its dtype, and the advice a user needs when a step does not fit."""
+"""Memory of a run's parts: the peak of a step on its device, what each model part holds in its dtype, and the
+advice a user needs when a step does not fit (the test for a failed allocation is
+:func:`longalign_core.out_of_memory.is_out_of_memory`; the phase timer :mod:`longalign_core.phase_timer`)."""
 
 from __future__ import annotations
 
@@ -7,42 +8,10 @@ import contextlib
 import os
 import threading
 import time
-from collections import defaultdict
 
 import torch
 
 GiB = 2**30
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase of a step (``with run.phases("reward"): …``). Off by default (then a
-    no-op). A phase inside another is not counted again: the UNet recomputed inside the backward is backward.
-    On a GPU each phase boundary synchronises, so a phase holds its own kernels."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.enabled, self.active = False, False
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def reset(self) -> None:
-        self.seconds.clear()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if not self.enabled or self.active:
-            yield
-            return
-        self.active = True
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - t0
-            self.active = False
 
 
 def rss_bytes() -> int:
@@ -129,14 +98,6 @@ def module_bytes(module: torch.nn.Module | None, trainable: bool | None = None) 
     params = [p for p in module.parameters() if trainable is None or p.requires_grad == trainable]
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), "/".join(dtypes)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A GPU or CPU allocation failure (as opposed to a bug)."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def out_of_memory_advice(cfg, where: str) -> str:
