@@ -78,9 +78,15 @@ def fmt(e: Estimate, signed: bool = False, scale: float = 100.0) -> str:
 
 
 def overhead(timings: dict) -> tuple[float, float, float]:
-    """(total, generation, rest) seconds of an evaluation's timings."""
+    """(total, generation, rest) seconds of an evaluation's timings; under several processes, the main
+    process's, its ``waiting`` for the others counted in neither part."""
     generation = sum(timings.get(k, 0.0) for k in GENERATION_PHASES)
-    return timings["total"], generation, timings["total"] - generation
+    return timings["total"], generation, timings["total"] - generation - timings.get("waiting", 0.0)
+
+
+def _waited(timings: dict) -> str:
+    waited = timings.get("waiting")
+    return f"; the main process of several, waiting for the others {waited:.1f} s" if waited is not None else ""
 
 
 def verdict(arm) -> str:
@@ -144,7 +150,7 @@ def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timing
     if timings is not None:
         total, gen, rest = overhead(timings)
         lines.append(f"  time {total:.1f} s: generating the images {gen:.1f} s, scoring and writing {rest:.1f} s "
-                     f"({rest / total:.1%})")
+                     f"({rest / total:.1%})" + _waited(timings))
     lines.append(f"wrote {out / 'report.md'}, {out / 'report.png'}, {out / 'scores.csv'} and {len(grids)} grids "
                  f"in {out / 'grids'}")
     return "\n".join(lines)
@@ -203,7 +209,7 @@ def _markdown(summary: Summary, settings: dict, names: list[str], timings, token
         lines += ["## Time", "", f"{total:.1f} s in the last run (a resumed evaluation counts only its own part): "
                   f"generating the images (loading the base model and LoRAs, text encoding, sampling, decoding) "
                   f"{gen:.1f} s; loading the judge, scoring, writing the images and scores and this report "
-                  f"{rest:.1f} s ({rest / total:.1%}).", ""]
+                  f"{rest:.1f} s ({rest / total:.1%}){_waited(timings)}.", ""]
     lines += ["## Pictures", "", "![means and differences](report.png)", "",
               f"`grids/`: {len(grids)} grids, one per prompt: the arms side by side (columns), one row per seed, "
               "the Denscore and its two parts (×100) under each image. `images/<arm>/pNNN-sSEED.png`: every "

@@ -207,15 +207,21 @@ class Evaluation:
                 self.say(f"--resume: {self.out} holds no evaluation yet; starting one")
             if procs.is_main:
                 start_files(self.out, self.prompts, self.settings, self.prompt_names, tokens)
-            procs.wait()
+            self._wait()
             return []
         check_settings(self.out, self.settings)
         kept, self.done_units = self._complete_units()
-        procs.wait()  # every process has read the files
+        self._wait()  # every process has read the files
         if procs.is_main:
             write_scores(self.out, kept)
-        procs.wait()
+        self._wait()
         return kept
+
+    def _wait(self) -> None:
+        """Wait for the other processes (the time is the ``waiting`` phase of the main process's timings)."""
+        if self.procs.world > 1:
+            with self.timer("waiting"):
+                self.procs.wait()
 
     def _complete_units(self) -> tuple[list[dict], set]:
         """The complete units of ``scores.csv`` and the part files (:func:`~trainer.eval_io.complete_units`)."""
@@ -256,7 +262,7 @@ class Evaluation:
         finally:
             bar.close()
             self.swap.restore()
-        procs.wait()  # every process has written its rows
+        self._wait()  # every process has written its rows
         if not procs.is_main:
             return self.timings()
         with self.timer("writing"):
@@ -373,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = Evaluation(cfg)
     if cfg.model is None and evaluation.procs.is_main:
         lora = (f"the LoRA ./dev run trained ({evaluation.demo_lora}) against the base" if evaluation.demo_lora
+                else "the --lora arm(s) against the base" if cfg.lora
                 else f"the base alone (no LoRA at {DEMO_LORA}: run ./dev run first, or pass --lora)")
         print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
               f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
