@@ -19,7 +19,7 @@ from conftest import REPO
 
 pytest.importorskip("diffusers")
 
-from test_evaluate import FAST, PROMPTS, evaluate, files, pixels, quiet  # noqa: E402,F401  (files: fixture)
+from test_evaluate import FAST, PROMPTS, evaluate, files, pixels  # noqa: E402,F401  (files: fixture)
 from trainer_support import merged_tokens, one_thread  # noqa: E402,F401  (autouse: one intra-op thread)
 
 HEADER = "arm,lora,strength,prompt,seed,sentence,text,score,text_relevant,text_irrelevant,reweighted\n"

@@ -18,8 +18,9 @@ reference prompt set. ``<output-dir>`` gets the images, ``scores.csv`` (one row 
 sentence), ``report.md`` / ``report.png`` (means and differences with 95 % bootstrap intervals over prompts,
 win rates, the sentences that gained and lost most, a reward-hacking flag) and ``grids/`` (per prompt, the arms
 side by side with their scores). ``--resume`` continues an interrupted evaluation; ``--report-only`` rebuilds
-the report from ``scores.csv``. User mistakes print one paragraph and exit with code 2 (``--debug`` keeps the
-traceback). docs/evaluate.md says what each number means.
+the report from ``scores.csv``. ``accelerate launch --num_processes N -m trainer.evaluate …`` (or torchrun) deals
+the prompt groups out to N processes; the scores are byte for byte one process's. User mistakes print one paragraph
+and exit with code 2 (``--debug`` keeps the traceback). docs/evaluate.md says what each number means.
 """
 
 from __future__ import annotations
