@@ -67,16 +67,20 @@ def read_jsonl_records(path: str | os.PathLike, what: str = "JSONL file", option
 
 
 def read_jsonl_texts(path: str | os.PathLike, fallback_key: str = "caption", option: str | None = None,
-                     allow_empty: bool = True) -> list[str]:
-    """The ``prompt`` (else ``fallback_key``) string of every record of a JSONL file; a bad line, or a prompt
-    that is not a string (or, without ``allow_empty``, is empty or only spaces), is an error naming the file and
-    line."""
+                     allow_empty: bool = True, field: str | None = None) -> list[str]:
+    """The ``field`` string of every record of a JSONL file (by default ``prompt``, else ``fallback_key``); a bad
+    line, a record without the field, or a prompt that is not a string (or, without ``allow_empty``, is empty
+    or only spaces), is an error naming the file and line."""
     from .errors import BadInputError, kind_of
 
     texts = []
     for n, record in read_jsonl_records(path, "prompts file", option):
-        key = "prompt" if "prompt" in record else fallback_key
+        key = field or ("prompt" if "prompt" in record else fallback_key)
         if key not in record:
+            present = ", ".join(repr(k) for k in list(record)[:12]) + (", …" if len(record) > 12 else "")
+            if field:
+                raise BadInputError(f"{path}:{n}: no {field!r} field (--prompt-field {field}); the fields on this "
+                                    f"line: {present or 'none'}. Name the prompt's field with --prompt-field")
             raise BadInputError(f"{path}:{n}: expected an object with a 'prompt' (or '{fallback_key}') string, "
                                 f"found keys {sorted(record)[:5]}")
         text = record[key]

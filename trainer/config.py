@@ -80,9 +80,10 @@ class TrainConfig:
     init_lora: list[str] = _f(list, "LoRA files merged into the UNet before training (e.g. the stage-1 "
                                     "s28750_lora_vis.pt for the reward stage)", nargs="*")
     # -- data -------------------------------------------------------------------------------------------------
-    prompts: str | None = _f(None, "prompts: .txt (one per line), .jsonl ('prompt' or 'caption' field) or a "
-                                   "local `datasets` folder (save_to_disk) with a 'caption' column. Omit only "
-                                   "with an embedded --model (the built-in long prompts)")
+    prompts: str | None = _f(None, "prompts: .txt (one per line), .jsonl ('prompt' or 'caption' field), a folder "
+                                   "of .txt files (one prompt each) or a local `datasets` folder (save_to_disk) "
+                                   "with a 'caption' column. Omit only with an embedded --model (the built-in long "
+                                   "prompts)")
     image_column: str = _f("image", "align stage: the column with the images (a datasets.Image column) or their "
                                     "paths (e.g. 'path' in the released LongAlign data); not used by an image "
                                     "folder with .txt captions")

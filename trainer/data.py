@@ -24,23 +24,40 @@ def load_dataset_folder(path: Path):
     return ds
 
 
-def load_prompts(source: str | None, column: str = "caption") -> list[str]:
-    """Prompts from a .txt (one per line), .jsonl (``prompt``/``caption``), a ``datasets`` folder, or the
-    built-in long prompts. A bad file is a :class:`~longalign_core.errors.BadInputError` naming it (and the
-    line or row)."""
+def load_prompts(source: str | None, column: str = "caption", field: str | None = None) -> list[str]:
+    """Prompts from a .txt (one per line), a folder of .txt files (one prompt per file), a .jsonl (``field``, or
+    ``prompt``/``column``), a ``datasets`` folder, or the built-in long prompts. A bad file is a
+    :class:`~longalign_core.errors.BadInputError` naming it (and the line or row)."""
+    return read_prompts(source, column, field)[0]
+
+
+#: Files ``save_to_disk`` writes: a folder holding one of them is a ``datasets`` folder, not a prompts folder.
+DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def read_prompts(source: str | None, column: str = "caption", field: str | None = None
+                 ) -> tuple[list[str], list[str] | None]:
+    """:func:`load_prompts` with each prompt's name: its file's name for a folder of .txt files (None for the
+    other sources, whose prompts are numbered by line or row)."""
     if source is None:
         from longalign_core.denscore import default_reference_prompts
 
-        return default_reference_prompts()
+        return default_reference_prompts(), None
     path = Path(source)
-    if path.is_dir():
+    if field is not None and path.suffix != ".jsonl":
+        raise BadConfigError(f"--prompt-field {field}: it names the prompt's field in a .jsonl file, and --prompts "
+                             f"{path} is not one; drop --prompt-field or give the .jsonl")
+    names = None
+    if path.is_dir() and not any((path / m).is_file() for m in DATASET_MARKERS):
+        prompts, names = read_prompt_folder(path)
+    elif path.is_dir():
         ds = load_dataset_folder(path)
         if column not in ds.column_names:
             raise BadInputError(f"{path} has no column {column!r} (columns: {ds.column_names}); set --caption-column")
         prompts = list(ds[column])
         check_captions(prompts, path, column)
     elif path.suffix == ".jsonl":
-        prompts = read_jsonl_texts(path, column, option="--prompts", allow_empty=False)
+        prompts = read_jsonl_texts(path, column, option="--prompts", allow_empty=False, field=field)
     elif path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
@@ -53,7 +70,32 @@ def load_prompts(source: str | None, column: str = "caption") -> list[str]:
         raise BadConfigError(f"prompts file or folder {path} not found (--prompts or --validation-prompts)")
     if not prompts:
         raise BadInputError(f"no prompts found in {path}")
-    return prompts
+    return prompts, names
+
+
+def read_prompt_folder(folder: Path) -> tuple[list[str], list[str]]:
+    """(prompts, file names) of a folder of .txt files, one prompt per file (DPG-Bench's ``prompts/``), in the
+    order of the file names. A file's lines are one prompt, joined with spaces; other files are not read."""
+    from longalign_core.errors import read_text_file
+
+    files = sorted((f for f in folder.iterdir() if f.suffix.lower() == ".txt" and f.is_file()),
+                   key=lambda f: f.name)
+    if not files:
+        others = sorted(f.name for f in folder.iterdir())
+        found = (f"it holds {len(others)} other entries ({', '.join(others[:5])}{', …' if len(others) > 5 else ''})"
+                 if others else "it is empty")
+        raise BadInputError(f"--prompts {folder}: a folder of prompts needs .txt files, one prompt per file "
+                            f"(DPG-Bench's prompts/ layout), and {found}. Give that folder, a .txt file with one "
+                            f"prompt per line, a .jsonl file, or a `datasets` folder written by save_to_disk")
+    prompts = []
+    for f in files:
+        text = " ".join(line.strip() for line in read_text_file(f, "prompt file", "--prompts").splitlines()
+                        if line.strip())
+        if not text:
+            raise BadInputError(f"{f}: empty prompt file (--prompts {folder}: each .txt file in the folder is one "
+                                f"prompt); write the prompt into it or remove the file")
+        prompts.append(text)
+    return prompts, [f.name for f in files]
 
 
 def check_captions(captions: list, folder, column: str) -> None:

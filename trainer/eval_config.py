@@ -49,9 +49,13 @@ class EvalConfig:
                                         "open_clip checkpoint; 'embedded' for the built-in tiny one (the default "
                                         "with an embedded --model; with a real --model it must be given)")
     reward_model_kind: str = _f("auto", "auto | hf_clip | open_clip")
-    prompts: str | None = _f(None, "held-out prompts: .txt (one per line) or .jsonl ('prompt' or 'caption'); "
-                                   "default: the pack's 64 evaluation prompts (longalign_core/data/"
-                                   "evaluation_prompts.txt, not the reference set that defines V)")
+    prompts: str | None = _f(None, "held-out prompts: a .txt (one per line), a folder of .txt files (one prompt "
+                                   "per file, DPG-Bench's prompts/; in the order of the file names) or a .jsonl "
+                                   "(see --prompt-field); default: the pack's 64 evaluation prompts "
+                                   "(longalign_core/data/evaluation_prompts.txt, not the reference set that "
+                                   "defines V)")
+    prompt_field: str | None = _f(None, "the field of a --prompts .jsonl that holds the prompt (default: 'prompt', "
+                                        "else 'caption')")
     num_prompts: int | None = _f(None, "evaluate only the first N prompts (default: all)")
     seeds: int = _f(2, "images per prompt and arm (seeds seed, seed+1, …); the same noise for every arm")
     seed: int = _f(0, "first seed (the embedded models are also made with it, as in the trainer)")

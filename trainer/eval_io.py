@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -18,6 +19,10 @@ from .eval_stats import SCORE_COLUMNS
 
 SETTINGS_FILE = "evaluation.json"
 SCORES_FILE = "scores.csv"
+#: The file names of the prompts of a folder of .txt files, by number (as prompts.txt).
+PROMPT_NAMES_FILE = "prompt_files.txt"
+#: What the token budget did to the prompts (:class:`~trainer.eval_report.PromptTokens`).
+TOKENS_FILE = "prompt_tokens.json"
 
 
 def image_seed(seed: int, prompt: str) -> int:
@@ -77,15 +82,54 @@ def arm_folder(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)
 
 
-def start_files(out: Path, prompts: list[str], settings: dict) -> None:
-    """A fresh evaluation's folder: the prompts by number, an empty scores.csv and the settings."""
+def start_files(out: Path, prompts: list[str], settings: dict, names: list[str] | None = None,
+                tokens=None) -> None:
+    """A fresh evaluation's folder: the prompts by number (and their files' names), an empty scores.csv, the
+    settings, and what the token budget did to the prompts (:class:`~trainer.eval_report.PromptTokens`)."""
     from longalign_core.io_utils import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("prompts.txt", "".join(p + "\n" for p in prompts)), (SCORES_FILE, csv_text([], True)),
-                       (SETTINGS_FILE, json.dumps(settings, indent=2))):
+    files = [("prompts.txt", "".join(p + "\n" for p in prompts)), (SCORES_FILE, csv_text([], True)),
+             (SETTINGS_FILE, json.dumps(settings, indent=2))]
+    if names:
+        files.append((PROMPT_NAMES_FILE, "".join(n + "\n" for n in names)))
+    if tokens is not None:
+        files.append((TOKENS_FILE, json.dumps(tokens.to_json(), indent=2)))
+    for name, text in files:
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")
+
+
+def read_evaluation_prompts(cfg) -> tuple[list[str], list[str] | None, str]:
+    """(prompts, their files' names or None, source) of an evaluation's ``--prompts`` (the pack's evaluation
+    prompts by default), the first ``--num-prompts``; a prompt given twice is refused."""
+    from longalign_core.errors import BadInputError, check_input_file
+
+    from .data import read_prompts
+    from .eval_config import EVALUATION_PROMPTS
+
+    source = cfg.prompts or str(EVALUATION_PROMPTS)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BadInputError(f"--prompts {source}: no such prompts file or folder (a typo in the path?); give a "
+                            f".txt with one prompt per line, a folder of .txt files with one prompt each, or a "
+                            f".jsonl (its prompt field named by --prompt-field)")
+    if path.is_file():
+        check_input_file(path, "prompts file", "--prompts")
+    prompts, names = read_prompts(str(path), field=cfg.prompt_field)
+    if cfg.num_prompts is not None:
+        if cfg.num_prompts > len(prompts):
+            raise BadConfigError(f"--num-prompts {cfg.num_prompts}: {source} has only {len(prompts)} prompts")
+        prompts, names = prompts[:cfg.num_prompts], names and names[:cfg.num_prompts]
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        if p in first:
+            which = (f"{names[i]} repeats {names[first[p]]}" if names else
+                     f"prompt {i + 1} repeats prompt {first[p] + 1}")
+            raise BadInputError(f"{source}: {which} ({p[:60]!r}…): a prompt counted twice weighs twice in every "
+                                f"mean; remove the copy")
+        first[p] = i
+    return prompts, names, source
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -97,29 +141,70 @@ def check_settings(out: Path, settings: dict) -> None:
                              f"with the same ones, or choose another --output-dir")
 
 
-def keep_complete_units(scores_file: Path, arms: list[str], units: list[list[int]], seeds: list[int],
-                        sentences: list[int]) -> tuple[list[dict], set[tuple[str, int]]]:
-    """The rows of ``scores_file`` whose unit (arm × prompt group: every seed, every one of the prompt's
-    ``sentences``) is complete, and those units as (arm, unit index); the file is rewritten with only those rows
-    (a kill may have cut it anywhere, even mid-line)."""
-    from longalign_core.io_utils import atomic_path
+def sentence_counts(reward, prompts: list[str], split_mode: str, long_segments: str) -> list[int]:
+    """The rows each image of each prompt has in ``scores.csv``: its segments as the judge scores them (the
+    splitter and the text window alone; no text features are computed, so nothing the scores use is touched)."""
+    from longalign_core.segmentation import fit_segments, split_segments
 
-    text = scores_file.read_text(encoding="utf-8") if scores_file.exists() else ""
+    count = functools.lru_cache(maxsize=None)(reward.count_tokens)
+    return [len(fit_segments(split_segments(p, split_mode), count, reward.context_length - 2, long_segments))
+            for p in prompts]
+
+
+def part_file(out: Path, rank: int, world: int) -> Path:
+    """Where a process appends the rows of its prompt groups: ``scores.csv`` itself when it is the only one,
+    else ``scores.partR.csv`` beside it (the main process merges them into ``scores.csv`` at the end)."""
+    return out / SCORES_FILE if world == 1 else out / f"scores.part{rank}.csv"
+
+
+def score_files(out: Path) -> list[Path]:
+    """``scores.csv`` and the part files an interrupted run of any number of processes left."""
+    return [out / SCORES_FILE, *sorted(out.glob("scores.part*.csv"))]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
-    rows = list(csv.DictReader(io.StringIO(text))) if text else []
+    if not text:
+        return []
+    header = csv_text([], header=True)
+    if not text.startswith(header):  # a part file is written without one
+        text = header + text
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def complete_units(files: list[Path], arms: list[str], units: list[list[int]], seeds: list[int],
+                   sentences: list[int]) -> tuple[list[dict], set[tuple[str, int]]]:
+    """The rows of ``files`` whose unit (arm × prompt group: every seed, every one of the prompt's ``sentences``)
+    is complete, in the canonical order (arm as in ``arms``, prompt, seed, sentence; a row written twice counted
+    once), and those units as (arm, unit index). Which process wrote a row, and in which file, does not matter."""
+    rows: dict[tuple[str, int, int, int], dict] = {}
+    for path in files:
+        for r in _read_rows(path):
+            try:
+                key = (r["arm"], int(r["prompt"]), int(r["seed"]), int(r["sentence"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if None not in r and None not in r.values() and 0 <= key[1] < len(sentences) and 1 <= key[3] <= sentences[key[1]]:
+                rows.setdefault(key, r)
     count: dict[tuple, int] = {}
-    for r in rows:
-        try:
-            key = (r["arm"], int(r["prompt"]), int(r["seed"]))
-        except (KeyError, TypeError, ValueError):
-            continue
-        count[key] = count.get(key, 0) + 1
+    for arm, p, s, _ in rows:
+        count[arm, p, s] = count.get((arm, p, s), 0) + 1
     done = {(arm, u) for arm in arms for u, unit in enumerate(units)
             if all(count.get((arm, p, s)) == sentences[p] for p in unit for s in seeds)}
     unit_of = {p: u for u, unit in enumerate(units) for p in unit}
-    kept = [r for r in rows if (r.get("prompt") or "").isdigit() and int(r["prompt"]) in unit_of
-            and (r["arm"], unit_of[int(r["prompt"])]) in done]
-    with atomic_path(scores_file) as tmp:
-        Path(tmp).write_text(csv_text(kept, header=True), encoding="utf-8")
-    return kept, done
+    order = {arm: k for k, arm in enumerate(arms)}
+    kept = sorted((key for key in rows if (key[0], unit_of[key[1]]) in done), key=lambda k: (order[k[0]], *k[1:]))
+    return [rows[key] for key in kept], done
+
+
+def write_scores(out: Path, rows: list[dict]) -> None:
+    """``scores.csv`` holding ``rows`` (written whole, atomically), then the part files are removed: their rows
+    are in it or were not complete."""
+    from longalign_core.io_utils import atomic_path
+
+    with atomic_path(out / SCORES_FILE) as tmp:
+        Path(tmp).write_text(csv_text(rows, header=True), encoding="utf-8")
+    for part in score_files(out)[1:]:
+        part.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,53 @@ TIMINGS_FILE = "timings.json"
 GRID_CELL = (192, 256)
 
 
+@dataclass
+class PromptTokens:
+    """What the token budget did to an evaluation's prompts, from the segment encoder's report of each: how many
+    exceed the budget, which were cut (``--overflow truncate``, or a sentence past the encoder's window with
+    ``--long-segments truncate``) and by how many tokens."""
+
+    prompts: int
+    budget: int
+    overflow: str
+    over_budget: int  # prompts with more merged tokens than the budget
+    longest: int  # the most merged tokens of one prompt
+    longest_label: str
+    lost: list[int]  # tokens lost by each cut prompt
+    tokens_of_cut: int  # the cut prompts' tokens before cutting
+    most_lost_label: str = ""
+
+    @classmethod
+    def of(cls, reports, budget: int, overflow: str, names: list[str] | None = None) -> "PromptTokens":
+        label = lambda i: f"prompt {i}" + (f", {names[i]}" if names else "")  # noqa: E731
+        longest = max(range(len(reports)), key=lambda i: reports[i].merged)
+        cut = [i for i, r in enumerate(reports) if not r.lossless]
+        lost = [reports[i].dropped + reports[i].truncated for i in cut]
+        most = cut[max(range(len(cut)), key=lambda k: lost[k])] if cut else None
+        return cls(len(reports), budget, overflow, sum(r.merged > budget for r in reports), reports[longest].merged,
+                   label(longest), lost, sum(reports[i].merged + reports[i].truncated for i in cut),
+                   label(most) if most is not None else "")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One sentence for the console and report.md."""
+        n, lost = self.prompts, self.lost
+        if lost:
+            text = (f"{len(lost)} of {n} prompts were cut (token budget {self.budget}, --overflow {self.overflow}): "
+                    f"{sum(lost)} tokens lost, {sum(lost) / len(lost):.1f} per cut prompt on average and at most "
+                    f"{max(lost)} ({self.most_lost_label}), {sum(lost) / self.tokens_of_cut:.0%} of those prompts' "
+                    f"tokens")
+            return text + (f"; {self.over_budget} exceed the budget and were encoded whole up to "
+                           f"{self.longest} tokens" if self.overflow == "extend" and self.over_budget else "")
+        if self.over_budget:
+            return (f"{self.over_budget} of {n} prompts exceed the token budget {self.budget}; --overflow "
+                    f"{self.overflow} encoded them whole (the longest {self.longest} tokens, {self.longest_label}); "
+                    f"no prompt was cut")
+        return f"all {n} prompts fit the token budget {self.budget} (the longest {self.longest} tokens); none was cut"
+
+
 def fmt(e: Estimate, signed: bool = False, scale: float = 100.0) -> str:
     """``mean [lo, hi]`` ×``scale`` to two decimals (a rounding error never shows as "-0.00")."""
     sign = "+" if signed else ""
@@ -30,9 +78,15 @@ def fmt(e: Estimate, signed: bool = False, scale: float = 100.0) -> str:
 
 
 def overhead(timings: dict) -> tuple[float, float, float]:
-    """(total, generation, rest) seconds of an evaluation's timings."""
+    """(total, generation, rest) seconds of an evaluation's timings; under several processes, the main
+    process's, its ``waiting`` for the others counted in neither part."""
     generation = sum(timings.get(k, 0.0) for k in GENERATION_PHASES)
-    return timings["total"], generation, timings["total"] - generation
+    return timings["total"], generation, timings["total"] - generation - timings.get("waiting", 0.0)
+
+
+def _waited(timings: dict) -> str:
+    waited = timings.get("waiting")
+    return f"; the main process of several, waiting for the others {waited:.1f} s" if waited is not None else ""
 
 
 def verdict(arm) -> str:
@@ -52,12 +106,18 @@ def verdict(arm) -> str:
 
 
 def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timings: dict | None = None,
-                            tokens: tuple[int, int] | None = None) -> str:
+                            tokens: PromptTokens | None = None) -> str:
     """report.md, report.png and grids/ in ``out``; returns a short text summary for the console."""
     import time
 
+    from .eval_io import PROMPT_NAMES_FILE, TOKENS_FILE
+
     started = time.perf_counter()
     out = Path(out)
+    if tokens is None and (out / TOKENS_FILE).is_file():
+        tokens = PromptTokens(**json.loads((out / TOKENS_FILE).read_text(encoding="utf-8")))
+    names = (out / PROMPT_NAMES_FILE).read_text(encoding="utf-8").splitlines() \
+        if (out / PROMPT_NAMES_FILE).is_file() else []
     rows = read_scores(out / "scores.csv")
     summary = summarize(rows, n_boot, boot_seed)
     settings = json.loads((out / "evaluation.json").read_text(encoding="utf-8")) \
@@ -65,7 +125,7 @@ def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timing
     prompts = [p for p in (out / "prompts.txt").read_text(encoding="utf-8").splitlines() if p] \
         if (out / "prompts.txt").is_file() else []
     _plot(summary, out / "report.png")
-    grids = _grids(out, rows, prompts, [a.name for a in summary.arms])
+    grids = _grids(out, rows, prompts, [a.name for a in summary.arms], names)
     if timings is not None:  # the run's phases so far, plus this report's own time
         from longalign_core.io_utils import atomic_path
 
@@ -75,7 +135,7 @@ def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timing
             Path(tmp).write_text(json.dumps(timings, indent=2), encoding="utf-8")
     elif (out / TIMINGS_FILE).is_file():
         timings = json.loads((out / TIMINGS_FILE).read_text(encoding="utf-8"))
-    (out / "report.md").write_text(_markdown(summary, settings, prompts, timings, tokens, grids), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(summary, settings, names, timings, tokens, grids), encoding="utf-8")
     lines = [f"evaluated {len(summary.arms)} arm(s) on {summary.prompts} prompts × {summary.seeds} seed(s) "
              f"(×100, 95 % bootstrap interval over prompts):"]
     for arm in summary.arms:
@@ -85,16 +145,18 @@ def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timing
             lines.append(f"    vs base: Denscore {fmt(arm.diffs['score'], True)}, text-relevant "
                          f"{fmt(arm.diffs['text_relevant'], True)}, wins {arm.wins['score'].mean:.0%}; "
                          + verdict(arm).replace("**", ""))
+    if tokens is not None:
+        lines.append(f"  text: {tokens.summary()}")
     if timings is not None:
         total, gen, rest = overhead(timings)
         lines.append(f"  time {total:.1f} s: generating the images {gen:.1f} s, scoring and writing {rest:.1f} s "
-                     f"({rest / total:.1%})")
+                     f"({rest / total:.1%})" + _waited(timings))
     lines.append(f"wrote {out / 'report.md'}, {out / 'report.png'}, {out / 'scores.csv'} and {len(grids)} grids "
                  f"in {out / 'grids'}")
     return "\n".join(lines)
 
 
-def _markdown(summary: Summary, settings: dict, prompts: list[str], timings, tokens, grids) -> str:
+def _markdown(summary: Summary, settings: dict, names: list[str], timings, tokens, grids) -> str:
     lines = ["# LongAlign evaluation: did the LoRA help?", ""]
     if settings:
         lines += [f"Base model `{settings['model']}`; judge `{settings['reward_model']}` (V from the shipped "
@@ -103,8 +165,8 @@ def _markdown(summary: Summary, settings: dict, prompts: list[str], timings, tok
                   f"steps, CFG {settings['guidance']:g}, {settings['resolution']} px, {settings['precision']}; "
                   f"text budget {settings['token_budget']}, overflow {settings['overflow']}, split "
                   f"{settings['split_mode']}; ω = {settings['omega']:g}.", ""]
-    if tokens and tokens[0]:
-        lines += [f"{tokens[0]} prompts exceed the token budget and were cut ({tokens[1]} tokens).", ""]
+    if tokens is not None:
+        lines += [f"Text: {tokens.summary()}.", ""]
     lines += ["Values ×100 (cosines, as the paper reports them), each with its 95 % bootstrap interval over "
               f"prompts ({summary.n_boot} resamples, seed {summary.boot_seed}). An image's value is the mean of its "
               "sentences' values.", "", "## Means", "",
@@ -139,18 +201,20 @@ def _markdown(summary: Summary, settings: dict, prompts: list[str], timings, tok
             lines += [f"**{arm.name}**", "", "| | Δ ×100 | prompt | sentence |", "|---|---|---|---|"]
             for kind, changes in (("gained", arm.gained), ("lost", arm.lost)):
                 for c in changes:
-                    lines.append(f"| {kind} | {c.delta * 100:+.2f} | {c.prompt} | {c.text.replace('|', '/')} |")
+                    prompt = f"{c.prompt} ({names[c.prompt]})" if c.prompt < len(names) else c.prompt
+                    lines.append(f"| {kind} | {c.delta * 100:+.2f} | {prompt} | {c.text.replace('|', '/')} |")
             lines.append("")
     if timings:
         total, gen, rest = overhead(timings)
         lines += ["## Time", "", f"{total:.1f} s in the last run (a resumed evaluation counts only its own part): "
                   f"generating the images (loading the base model and LoRAs, text encoding, sampling, decoding) "
                   f"{gen:.1f} s; loading the judge, scoring, writing the images and scores and this report "
-                  f"{rest:.1f} s ({rest / total:.1%}).", ""]
+                  f"{rest:.1f} s ({rest / total:.1%}){_waited(timings)}.", ""]
     lines += ["## Pictures", "", "![means and differences](report.png)", "",
               f"`grids/`: {len(grids)} grids, one per prompt: the arms side by side (columns), one row per seed, "
               "the Denscore and its two parts (×100) under each image. `images/<arm>/pNNN-sSEED.png`: every "
-              "image. `prompts.txt`: the prompts by number (0 = first line).", ""]
+              "image. `prompts.txt`: the prompts by number (0 = first line)"
+              + ("; `prompt_files.txt`: their files' names." if names else "."), ""]
     if grids:
         lines += [f"![prompt 0]({grids[0].relative_to(grids[0].parents[1])})", ""]
     return "\n".join(lines)
@@ -220,7 +284,7 @@ def latin1(text: str) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str]) -> list[Path]:
+def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str], names: list[str]) -> list[Path]:
     """grids/pNNN.jpg: per prompt, one column per arm and one row per seed, the Denscore and its parts under each
     image (JPEG: a grid is for looking; the images themselves are PNGs in images/)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -240,7 +304,8 @@ def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str]) -> 
     paths = []
     for p in sorted(by_prompt):
         seeds = sorted(by_prompt[p])
-        title = textwrap.wrap(f"prompt {p}: {prompts[p] if p < len(prompts) else ''}", max(30, width // 7))
+        name = f" ({names[p]})" if p < len(names) else ""
+        title = textwrap.wrap(f"prompt {p}{name}: {prompts[p] if p < len(prompts) else ''}", max(30, width // 7))
         title = title[:3] + [title[3] + (" ..." if len(title) > 4 else "")] if len(title) > 3 else title
         head = 8 + 13 * len(title)
         grid = Image.new("RGB", (width, head + len(seeds) * (cell + caption)), "white")

@@ -18,8 +18,9 @@ reference prompt set. ``<output-dir>`` gets the images, ``scores.csv`` (one row 
 sentence), ``report.md`` / ``report.png`` (means and differences with 95 % bootstrap intervals over prompts,
 win rates, the sentences that gained and lost most, a reward-hacking flag) and ``grids/`` (per prompt, the arms
 side by side with their scores). ``--resume`` continues an interrupted evaluation; ``--report-only`` rebuilds
-the report from ``scores.csv``. User mistakes print one paragraph and exit with code 2 (``--debug`` keeps the
-traceback). docs/evaluate.md says what each number means.
+the report from ``scores.csv``. ``accelerate launch --num_processes N -m trainer.evaluate …`` (or torchrun) deals
+the prompt groups out to N processes; the scores are byte for byte one process's. User mistakes print one paragraph
+and exit with code 2 (``--debug`` keeps the traceback). docs/evaluate.md says what each number means.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ import numpy as np
 import torch
 
 from longalign_core.denscore import default_reference_prompts, prompts_digest
-from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_input_file, \
-    check_model_source, run_cli
+from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_model_source, run_cli
 
 from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE
 from .eval_arms import Arm, WeightSwap, file_sha256, lora_metadata, plan_arms
 from .eval_config import DEMO_LORA, EVALUATION_PROMPTS, EvalConfig, _train_default
-from .eval_io import SCORES_FILE, SETTINGS_FILE, arm_folder, check_settings, csv_text, format_rows, image_noise, \
-    keep_complete_units, plan_units, save_png, start_files
+from .eval_report import PromptTokens
+from .eval_io import SCORES_FILE, SETTINGS_FILE, arm_folder, check_settings, complete_units, csv_text, format_rows, \
+    image_noise, part_file, plan_units, read_evaluation_prompts, save_png, score_files, sentence_counts, start_files, \
+    write_scores
+from .eval_processes import Processes
 
 __all__ = ["EVALUATION_PROMPTS", "EvalConfig", "Evaluation", "cli", "main"]
 
@@ -53,9 +56,10 @@ class Evaluation:
     def __init__(self, cfg: EvalConfig, announce=print):
         from longalign_core.phase_timer import PhaseTimer
 
-        self.cfg, self.say = cfg, announce
+        self.procs = Processes()  # one, or several under accelerate launch / torchrun
+        self.cfg, self.say = cfg, announce if self.procs.is_main else (lambda *_a, **_k: None)
         self.out = Path(cfg.output_dir)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.procs.device
         precision = cfg.mixed_precision or ("bf16" if self.device.type == "cuda" else "no")
         if precision == "fp16" and self.device.type != "cuda":
             raise BadConfigError("--mixed-precision fp16 needs a CUDA GPU; use no (the CPU default) or bf16")
@@ -66,7 +70,8 @@ class Evaluation:
         self.t0 = time.perf_counter()
         # everything the user named is checked before anything is loaded or written
         self.settings_file, self.scores_file = self.out / SETTINGS_FILE, self.out / SCORES_FILE
-        if self.settings_file.exists() and not cfg.resume:
+        self.resuming = self.settings_file.exists()  # read by every process before the main one writes
+        if self.resuming and not cfg.resume:
             raise BadConfigError(f"--output-dir {self.out} already holds an evaluation ({SETTINGS_FILE}): pass "
                                  f"--resume to continue it, --report-only to rebuild its report, or choose "
                                  f"another --output-dir")
@@ -74,46 +79,22 @@ class Evaluation:
                                     ("--reward-model", cfg.reward_model, "preference model folder or file")):
             if value is not None and value not in EMBEDDED_MODELS:
                 check_model_source(value, option, what)
-        self.prompts = self._load_prompts()
+        self.prompts, self.prompt_names, self.prompts_source = read_evaluation_prompts(cfg)
         specs = list(cfg.lora)
         self.demo_lora = None
         if cfg.model is None and not specs and DEMO_LORA.is_file():
             specs, self.demo_lora = [str(DEMO_LORA)], DEMO_LORA
         self.arms = plan_arms(specs)
-        with self.timer("base model"):
-            self._load_base()
-        with self.timer("LoRA files"):
-            self._load_loras()
-        with self.timer("preference model"):
-            self._load_judge()
+        with self.procs.main_first():  # the main process may write the built-in models' files
+            with self.timer("base model"):
+                self._load_base()
+            with self.timer("LoRA files"):
+                self._load_loras()
+            with self.timer("preference model"):
+                self._load_judge()
         self.settings = self._settings()
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _load_prompts(self) -> list[str]:
-        from .data import load_prompts
-
-        cfg = self.cfg
-        source = cfg.prompts or str(EVALUATION_PROMPTS)
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise BadInputError(f"--prompts {source}: no such prompts file (a typo in the path?); give a .txt with "
-                                f"one prompt per line or a .jsonl with a 'prompt' field")
-        if path.is_file():
-            check_input_file(path, "prompts file", "--prompts")
-        prompts = load_prompts(str(path))
-        if cfg.num_prompts is not None:
-            if cfg.num_prompts > len(prompts):
-                raise BadConfigError(f"--num-prompts {cfg.num_prompts}: {source} has only {len(prompts)} prompts")
-            prompts = prompts[:cfg.num_prompts]
-        first: dict[str, int] = {}
-        for i, p in enumerate(prompts):
-            if p in first:
-                raise BadInputError(f"{source}: prompt {i + 1} repeats prompt {first[p] + 1} ({p[:60]!r}…): a prompt "
-                                    f"counted twice weighs twice in every mean; remove the copy")
-            first[p] = i
-        self.prompts_source = source
-        return prompts
-
     def _load_base(self) -> None:
         import dataclasses as dc
 
@@ -205,35 +186,50 @@ class Evaluation:
                 "overflow": cfg.overflow, "split_mode": cfg.split_mode, "long_segments": cfg.long_segments,
                 "omega": cfg.omega}
 
-    def check_prompts_encode(self) -> tuple[int, int]:
+    def check_prompts_encode(self) -> PromptTokens:
         """Encode every prompt once before anything is written: ``--overflow error`` stops now, not at the
-        prompt hours in. Returns (prompts cut, conditioning tokens lost)."""
-        cut = lost = 0
+        prompt hours in. Returns what the token budget did to the prompts (the report states it)."""
+        reports = []
         with self.timer("text encoding"):
             for unit in plan_units(len(self.prompts), 1, 32):
-                enc = self.text.encode([self.prompts[i] for i in unit], with_uncond=False)
-                cut, lost = cut + enc.prompts_cut, lost + enc.tokens_lost
-        return cut, lost
+                reports += self.text.encode_rows([self.prompts[i] for i in unit])[2]
+        cfg = self.cfg
+        return PromptTokens.of(reports, cfg.token_budget, cfg.overflow, self.prompt_names)
 
     # -- resume ---------------------------------------------------------------------------------------------
-    def _start_files(self) -> list[dict]:
-        """Write the settings (fresh run), or check them and keep the complete units of ``scores.csv``
-        (resume). Returns the kept rows."""
-        from longalign_core.denscore import prompt_features
-
-        if not self.settings_file.exists():
+    def _start_files(self, tokens: PromptTokens) -> list[dict]:
+        """Write the settings (fresh run), or check them and keep the complete units of ``scores.csv`` and of
+        the part files of any number of processes (resume). Returns the kept rows; every process knows the
+        units done (``self.done_units``)."""
+        procs = self.procs
+        if not self.resuming:
             if self.cfg.resume:
                 self.say(f"--resume: {self.out} holds no evaluation yet; starting one")
-            start_files(self.out, self.prompts, self.settings)
+            if procs.is_main:
+                start_files(self.out, self.prompts, self.settings, self.prompt_names, tokens)
+            self._wait()
             return []
         check_settings(self.out, self.settings)
-        cfg = self.cfg
-        sentences = [len(f.segments) for f in prompt_features(self.reward, self.prompts, cfg.split_mode,
-                                                                cfg.long_segments, cache_size=len(self.prompts))]
-        kept, self.done_units = keep_complete_units(
-            self.scores_file, [a.name for a in self.arms], plan_units(len(self.prompts), cfg.seeds, cfg.batch_size),
-            [cfg.seed + k for k in range(cfg.seeds)], sentences)
+        kept, self.done_units = self._complete_units()
+        self._wait()  # every process has read the files
+        if procs.is_main:
+            write_scores(self.out, kept)
+        self._wait()
         return kept
+
+    def _wait(self) -> None:
+        """Wait for the other processes (the time is the ``waiting`` phase of the main process's timings)."""
+        if self.procs.world > 1:
+            with self.timer("waiting"):
+                self.procs.wait()
+
+    def _complete_units(self) -> tuple[list[dict], set]:
+        """The complete units of ``scores.csv`` and the part files (:func:`~trainer.eval_io.complete_units`)."""
+        cfg = self.cfg
+        sentences = sentence_counts(self.reward, self.prompts, cfg.split_mode, cfg.long_segments)
+        return complete_units(score_files(self.out), [a.name for a in self.arms],
+                              plan_units(len(self.prompts), cfg.seeds, cfg.batch_size),
+                              [cfg.seed + k for k in range(cfg.seeds)], sentences)
 
     # -- the run --------------------------------------------------------------------------------------------
     def run(self, on_unit=None) -> dict:
@@ -241,14 +237,17 @@ class Evaluation:
         called after each group is written (tests interrupt the run there). Returns the phase timings."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        cut, lost = self.check_prompts_encode()
+        cfg, procs = self.cfg, self.procs
+        tokens = self.check_prompts_encode()
         self.done_units = set()
-        kept = self._start_files()
+        kept = self._start_files(tokens)
         units = plan_units(len(self.prompts), cfg.seeds, cfg.batch_size)
         todo = [(arm, u) for arm in self.arms for u in range(len(units)) if (arm.name, u) not in self.done_units]
-        self._banner(cut, lost, len(kept), len(todo), len(self.arms) * len(units))
-        bar = tqdm(total=len(todo), desc="evaluating", unit="group", disable=not todo)
+        self._banner(tokens, len(kept), len(todo), len(self.arms) * len(units))
+        self.part = part_file(self.out, procs.rank, procs.world)
+        todo = procs.share(todo)
+        bar = tqdm(total=len(todo), desc="evaluating" if procs.world == 1 else f"evaluating (process 0 of "
+                   f"{procs.world})", unit="group", disable=not todo or not procs.is_main)
         current = None
         try:
             for n, (arm, u) in enumerate(todo, 1):
@@ -263,19 +262,32 @@ class Evaluation:
         finally:
             bar.close()
             self.swap.restore()
+        self._wait()  # every process has written its rows
+        if not procs.is_main:
+            return self.timings()
+        with self.timer("writing"):
+            self._merge_scores(len(self.arms) * len(units))
         with self.timer("report"):
             from .eval_report import write_evaluation_report
 
             summary = write_evaluation_report(self.out, cfg.bootstrap, cfg.bootstrap_seed,
-                                              timings=self.timings(), tokens=(cut, lost))
+                                              timings=self.timings(), tokens=tokens)
         self.say(summary)
         return self.timings()
+
+    def _merge_scores(self, total: int) -> None:
+        """``scores.csv``: every process's rows in one order (arm, prompt, seed, sentence), whoever made them."""
+        rows, done = self._complete_units()
+        if len(done) != total:
+            raise RuntimeError(f"{total - len(done)} of {total} prompt groups have no complete rows in "
+                               f"{self.out} after every process finished; run again with --resume")
+        write_scores(self.out, rows)
 
     def timings(self) -> dict:
         """Seconds per phase so far and in all (``total``: since the evaluation was set up)."""
         return {**dict(self.timer.seconds), "total": time.perf_counter() - self.t0}
 
-    def _banner(self, cut: int, lost: int, kept: int, todo: int, total: int) -> None:
+    def _banner(self, tokens: PromptTokens, kept: int, todo: int, total: int) -> None:
         cfg = self.cfg
         lines = [f"***** LongAlign evaluation: {len(self.arms)} arm(s) × {len(self.prompts)} prompts × {cfg.seeds} "
                  f"seed(s) *****",
@@ -287,11 +299,12 @@ class Evaluation:
                  f"  DDIM {cfg.steps} steps, CFG {cfg.guidance:g}, {cfg.resolution}px, seeds {cfg.seed}.."
                  f"{cfg.seed + cfg.seeds - 1}; text: budget {cfg.token_budget}, overflow {cfg.overflow}, split "
                  f"{cfg.split_mode}"]
-        if cut:
-            lines.append(f"  {cut} prompts exceed --token-budget {cfg.token_budget} and are cut ({lost} tokens; "
-                         f"--overflow {cfg.overflow})")
+        lines.append(f"  {tokens.summary()}")
         if kept:
             lines.append(f"  resuming: {total - todo} of {total} prompt groups already scored ({kept} rows kept)")
+        if self.procs.world > 1:
+            lines.append(f"  {todo} prompt groups dealt out to {self.procs.world} processes, about "
+                         f"{-(-todo // self.procs.world)} each")
         self.say("\n".join(lines))
 
     @torch.no_grad()
@@ -334,7 +347,7 @@ class Evaluation:
             folder = self.out / "images" / arm_folder(arm.name)
             for b, (p, s) in enumerate(items):
                 save_png(pixels[b], folder / f"p{p:03d}-s{s}.png")
-            with self.scores_file.open("a", encoding="utf-8", newline="") as f:
+            with self.part.open("a", encoding="utf-8", newline="") as f:
                 f.write(csv_text(rows))  # one write per group: a kill leaves whole groups or a cut tail
 
 
@@ -360,11 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()
     cfg = EvalConfig.from_args(argv, description=__doc__)
     if cfg.report_only:
-        print(rebuild_report(cfg), flush=True)
+        if Processes().is_main:
+            print(rebuild_report(cfg), flush=True)
         return 0
     evaluation = Evaluation(cfg)
-    if cfg.model is None:
+    if cfg.model is None and evaluation.procs.is_main:
         lora = (f"the LoRA ./dev run trained ({evaluation.demo_lora}) against the base" if evaluation.demo_lora
+                else "the --lora arm(s) against the base" if cfg.lora
                 else f"the base alone (no LoRA at {DEMO_LORA}: run ./dev run first, or pass --lora)")
         print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
               f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
