@@ -105,6 +105,61 @@ def test_builder_refuses_wrong_widgets_and_unknown_inputs():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# node types: read from the nodes' schemas (the snapshot of /object_info), not restated
+# ----------------------------------------------------------------------------------------------------------------
+
+node_types = sys.modules["workflow_gen.node_types"]
+
+
+def test_schema_entry_reduces_an_object_info_entry():
+    """Both kinds of combo (a V1 option list, a V3 "COMBO"), required before optional whatever the dict order,
+    the flags the frontend acts on, outputs paired with their names."""
+    info = {"display_name": "Thing", "output": ["IMAGE", "STRING"], "output_name": ["picture", "text"],
+            "input": {"optional": {"extra": ["STRING", {"forceInput": True}]},
+                      "required": {"seed": ["INT", {"control_after_generate": True, "min": 0}],
+                                   "model": ["MODEL"], "mode": [["a", "b"], {"tooltip": "x"}],
+                                   "kind": ["COMBO", {"options": ["x"]}]}},
+            "input_order": {"required": ["model", "seed", "mode", "kind"], "optional": ["extra"]}}
+    assert node_types.schema_entry(info) == {
+        "display_name": "Thing",
+        "inputs": [["model", "MODEL"], ["seed", "INT", "control_after_generate"], ["mode", "COMBO"],
+                   ["kind", "COMBO"], ["extra", "STRING", "forceInput"]],
+        "outputs": [["picture", "IMAGE"], ["text", "STRING"]]}
+
+
+def test_widgets_and_sockets_follow_the_frontends_rules():
+    """KSampler as frontend 1.35.9 builds it (tests/test_browser.py checks every type in the real frontend)."""
+    ks = gen.NODE_TYPES["KSampler"]
+    assert ks.widgets == ("seed", gen.CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise")
+    assert ks.inputs == (("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                         ("latent_image", "LATENT"))
+    forced = node_types.node_type("VAEDecode", {"display_name": "x", "outputs": [],
+                                                "inputs": [["text", "STRING", "forceInput"], ["n", "INT"]]})
+    assert forced.inputs == (("text", "STRING"),) and forced.widgets == ("n",)
+    assert gen.NODE_TYPES["MarkdownNote"].virtual and not gen.NODE_TYPES["PreviewAny"].virtual
+
+
+def test_a_new_input_in_the_schema_reaches_the_builder(tmp_path):
+    """One input added to a node's schema (the snapshot) is a new widget the builder asks for: no table to edit."""
+    schemas = node_types.load_schemas()
+    schemas["EmptyLatentImage"]["inputs"].insert(1, ["depth", "INT"])
+    path = tmp_path / "node_schemas.json"
+    path.write_text(node_types.dumps_schemas(schemas))
+    assert json.loads(path.read_text()) == schemas  # the writer round-trips
+    types = node_types.load_node_types(path)
+    assert types["EmptyLatentImage"].widgets == ("width", "depth", "height", "batch_size")
+    del schemas["KSampler"]
+    path.write_text(node_types.dumps_schemas(schemas))
+    with pytest.raises(SystemExit, match="no schema for KSampler.*--refresh-schemas"):
+        node_types.load_node_types(path)
+
+
+def test_snapshot_file_is_written_by_the_refresh_writer():
+    text = node_types.SCHEMAS_FILE.read_text(encoding="utf-8")
+    assert node_types.dumps_schemas(json.loads(text)) == text
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # UI files: well-formed LiteGraph graphs
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -192,7 +247,7 @@ def test_ui_and_api_twins_describe_the_same_graph(name):
     for n in real:
         entry = prompt[str(n["id"])]
         assert entry["class_type"] == n["type"]
-        assert entry["_meta"]["title"] == n.get("title", gen.DISPLAY_NAMES[n["type"]])
+        assert entry["_meta"]["title"] == n.get("title", gen.NODE_TYPES[n["type"]].display_name)
         linked = {i["name"]: i["link"] for i in n["inputs"] if i["link"] is not None}
         for input_name, link_id in linked.items():
             src, slot = source(wf, n, input_name)

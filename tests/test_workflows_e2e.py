@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "workflows" / "api"
 PACK_NODES = {"LongAlignTextEncode", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
               "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SIZE, STEPS = 64, 2
 
 
@@ -54,6 +53,7 @@ def _generator():
 
 
 gen = _generator()
+node_types = sys.modules["workflow_gen.node_types"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,29 +215,23 @@ def test_pack_loads_and_lists_its_example_workflows(server):
             assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
 
-def test_widget_table_matches_the_server_schemas(server):
-    """scripts/make_workflows.py's WIDGETS (frontend widget order) against /object_info: every widget input of
-    every node type the workflows use, in schema order (required, then optional), and no socket among them."""
+def test_node_schema_snapshot_is_the_servers(server):
+    """scripts/workflow_gen/node_schemas.json (what the generator reads each node's sockets and widgets from) is
+    the real server's /object_info, reduced the same way, for every node type the workflows use: a node that gains,
+    loses or reorders an input fails here until the snapshot is refreshed and the workflows regenerated."""
     _, info = http("GET", server.url + "/object_info")
+    snapshot = node_types.load_schemas()
     used = {n["class_type"] for name in gen.build_all() for n in shipped(name).values()}
-    for type_ in sorted(used):
-        schema = info[type_]
-        declared = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
-        ordered = schema["input_order"].get("required", []) + schema["input_order"].get("optional", [])
-
-        def is_widget(spec):
-            return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
-
-        widgets = [n for n in ordered if is_widget(declared[n])]
-        sockets = [n for n in ordered if not is_widget(declared[n])]
-        expected = [w for w in gen.WIDGETS[type_] if w != gen.CONTROL]
-        assert widgets == expected, (type_, widgets, expected)
-        assert sorted(sockets) == sorted(n for n, _ in gen.NODE_TYPES[type_].inputs), type_
-        if gen.CONTROL in gen.WIDGETS[type_]:  # the frontend adds it right after a seed-like widget
-            before = gen.WIDGETS[type_][gen.WIDGETS[type_].index(gen.CONTROL) - 1]
-            assert declared[before][1].get("control_after_generate"), (type_, before)
-        out_names = schema["output_name"]
-        assert out_names == [n for n, _ in gen.NODE_TYPES[type_].outputs], type_
+    assert used <= set(snapshot), sorted(used - set(snapshot))
+    for type_, schema in snapshot.items():
+        assert node_types.schema_entry(info[type_]) == schema, (
+            f"{type_}: the schema snapshot is stale: python scripts/make_workflows.py --refresh-schemas URL")
+    for type_ in used:  # the frontend adds control_after_generate right after a seed-like widget
+        widgets = gen.NODE_TYPES[type_].widgets
+        for k, name in enumerate(widgets):
+            if name == gen.CONTROL:
+                declared = {**info[type_]["input"].get("required", {}), **info[type_]["input"].get("optional", {})}
+                assert declared[widgets[k - 1]][1].get("control_after_generate"), (type_, widgets[k - 1])
 
 
 def test_rejections_fail_with_the_servers_message(server):

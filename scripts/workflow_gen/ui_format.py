@@ -1,0 +1,63 @@
+"""The UI ("Save") format a user drags into ComfyUI: a LiteGraph graph, version 0.4, as frontend 1.35.9 saves it.
+
+Widget values are stored in the order the frontend builds a node's widgets (``NodeType.widgets``: a node's
+widget inputs in schema order, KSampler's seed followed by the frontend-only ``control_after_generate``
+value), then the widgets the frontend adds on its own.
+"""
+
+from __future__ import annotations
+
+from .graph import Node, Workflow
+
+
+def _slot(target: Node, name: str) -> int:
+    """The index of input ``name`` in the node's saved inputs: sockets, then the widgets a link drives."""
+    names = [n for n, _ in target.spec.inputs] + [w for w in target.spec.widgets if w in target.links_in]
+    return names.index(name)
+
+
+def _node_entry(wf: Workflow, n: Node, links, order: dict[int, int]) -> dict:
+    spec = n.spec
+    inputs = [{"name": name, "type": t, "link": None} for name, t in spec.inputs]
+    for name in spec.widgets:  # widget inputs appear as inputs only while connected
+        if name in n.links_in:
+            src, slot = n.links_in[name]
+            inputs.append({"name": name, "type": wf.out_type(src, slot), "widget": {"name": name}, "link": None})
+    slot_of = {i["name"]: k for k, i in enumerate(inputs)}
+    for link_id, src, slot, target, name in links:
+        if target is n:
+            inputs[slot_of[name]]["link"] = link_id
+    outputs = []
+    for k, (name, t) in enumerate(spec.outputs):
+        ids = [lid for lid, src, slot, _, _ in links if src is n and slot == k]
+        if n.type == "Reroute":  # the frontend types a reroute's output by what it carries
+            t = wf.out_type(n, k)
+        outputs.append({"name": name, "type": t, "links": ids, "slot_index": k})
+    entry = {"id": n.id, "type": n.type}
+    if n.title:
+        entry["title"] = n.title
+    entry.update({"pos": list(n.pos), "size": list(n.size), "flags": {}, "order": order[n.id], "mode": 0,
+                  "inputs": inputs, "outputs": outputs,
+                  "properties": {"showOutputText": False, "horizontal": False} if n.type == "Reroute"
+                  else {"Node name for S&R": n.type},
+                  "widgets_values": [n.values[w] for w in spec.widgets] + [v for _, v in spec.frontend_widgets]})
+    entry.update(n.colors)
+    return entry
+
+
+def ui_graph(wf: Workflow) -> dict:
+    """The workflow as the frontend saves it."""
+    links = wf.links()
+    order = {n.id: i for i, n in enumerate(wf.execution_order())}
+    return {
+        "last_node_id": max(n.id for n in wf.nodes),
+        "last_link_id": len(links),
+        "nodes": [_node_entry(wf, n, links, order) for n in wf.nodes],
+        "links": [[lid, src.id, slot, target.id, _slot(target, name), wf.out_type(src, slot)]
+                  for lid, src, slot, target, name in links],
+        "groups": [{"title": g.title, "bounding": list(g.bounding), "color": g.color, "font_size": 24,
+                    "flags": {}} for g in wf.groups],
+        "config": {},
+        "extra": {"ds": wf.initial_view()},
+        "version": 0.4,
+    }
