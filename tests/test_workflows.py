@@ -202,7 +202,10 @@ def test_ui_file_is_a_consistent_litegraph_graph(name):
     assert sorted(order.values()) == list(range(len(order)))
     assert all(order[src] < order[dst] for _, src, _, dst, _, _ in wf["links"])
     ds = wf["extra"]["ds"]
-    assert 0.3 <= ds["scale"] <= 1.0 and len(ds["offset"]) == 2
+    assert len(ds["offset"]) == 2
+    # opens readable: above the zoom where frontend 1.35.9 draws nodes without titles and widgets (its setting
+    # LiteGraph.Canvas.MinFontSizeForLOD, 8 px, over the 14 px node font; tests/test_browser.py asks the canvas)
+    assert 8 / 14 < ds["scale"] <= 1.0, ds
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -385,8 +388,17 @@ def test_comparison_differs_only_in_the_text_encoder():
         encoders = [source(wf, k, slot)[0] for k in samplers]
         assert source(wf, encoders[0], "text") == source(wf, encoders[1], "text") is not None  # one prompt node
     assert len(by_type(wf, "SaveImage")) == 2
-    saves = sorted(by_type(wf, "SaveImage"), key=lambda n: n["pos"][0])
-    assert saves[0]["pos"][1] == saves[1]["pos"][1]  # side by side
+    # one row per encoder, read left to right (encoders, sampler, image); CLIP Text Encode's row above LongAlign's
+    rows = {}
+    for k in samplers:
+        encoder = source(wf, k, "positive")[0]
+        save = next(s for s in by_type(wf, "SaveImage") if source(wf, s, "images")[0]["id"] ==
+                    next(d for d in by_type(wf, "VAEDecode") if source(wf, d, "samples")[0] is k)["id"])
+        assert encoder["pos"][0] < k["pos"][0] < save["pos"][0]
+        assert k["pos"][1] <= save["pos"][1] < k["pos"][1] + k["size"][1]  # the image in its sampler's row
+        rows[encoder["type"]] = (k["pos"][1], save["pos"])
+    (clip_y, clip_save), (longalign_y, longalign_save) = rows["CLIPTextEncode"], rows["LongAlignTextEncode"]
+    assert clip_y < longalign_y and clip_save[0] == longalign_save[0]  # the two images one above the other
 
 
 def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
@@ -425,10 +437,12 @@ def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
         image = saved[f"Save Image ({arm})"]
         assert source(wf, chart, "images") == (score, 5) and source(wf, numbers, "source") == (score, 4)
         assert source(wf, image, "images") == (decode, 0)
-        columns[arm] = [chart["pos"], numbers["pos"], image["pos"]]
-    # side by side: the same heights, the LoRA's column left of the base's
-    assert [p[1] for p in columns["LoRA"]] == [p[1] for p in columns["base"]]
-    assert all(a[0] < b[0] for a, b in zip(columns["LoRA"], columns["base"]))
+        columns[arm] = [score["pos"], chart["pos"], numbers["pos"], image["pos"]]
+        assert sampler["pos"][0] < score["pos"][0] < chart["pos"][0]  # each row reads left to right
+    # one row per model: the same columns, the base's row above the LoRA's
+    assert [p[0] for p in columns["LoRA"]] == [p[0] for p in columns["base"]]
+    assert all(a[1] > b[1] for a, b in zip(columns["LoRA"], columns["base"]))
+    assert base_ks["pos"][1] < lora_ks["pos"][1]
     note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
     assert "`python -m trainer.evaluate --model /path/to/v1-5-pruned-emaonly-fp16.safetensors " in note
     assert "models/loras/`: `longalign_sd15_lora.safetensors`" in note

@@ -37,14 +37,6 @@ class Node:
 
 
 @dataclass
-class Group:
-    """A titled frame the frontend draws behind nodes (LiteGraph group): ``bounding`` = x, y, width, height."""
-    title: str
-    bounding: tuple[float, float, float, float]
-    color: str = "#3f789e"
-
-
-@dataclass
 class Workflow:
     name: str  # short id: the API file's name (workflows/api/<name>.json)
     #: the UI file's name (workflows/<title>.json): ComfyUI 0.8.0's Templates dialog shows a custom node
@@ -55,7 +47,6 @@ class Workflow:
     #: the main path through the workflow's nodes, drawn on its template card as a chain of boxes
     card_path: tuple[str, ...] = ()
     nodes: list[Node] = field(default_factory=list)
-    groups: list[Group] = field(default_factory=list)
 
     def add(self, type_: str, pos, size, title: str | None = None, colors: dict | None = None, **values) -> Node:
         spec = NODE_TYPES[type_]
@@ -67,17 +58,6 @@ class Workflow:
         node = Node(len(self.nodes) + 1, type_, tuple(pos), tuple(size), values, title, dict(colors or {}))
         self.nodes.append(node)
         return node
-
-    def group(self, title: str, nodes: list[Node], pad: float = 20, color: str = "#3f789e") -> Group:
-        """A group framing ``nodes`` (their title bars included) with ``pad`` px around and room for its own
-        title above them."""
-        x0 = min(n.pos[0] for n in nodes) - pad
-        y0 = min(n.pos[1] for n in nodes) - TITLE_HEIGHT - pad - 34
-        x1 = max(n.pos[0] + n.size[0] for n in nodes) + pad
-        y1 = max(n.pos[1] + n.size[1] for n in nodes) + pad
-        group = Group(title, (x0, y0, x1 - x0, y1 - y0), color)
-        self.groups.append(group)
-        return group
 
     def reroute(self, source: tuple[Node, int], pos) -> Node:
         """A Reroute node at ``pos`` fed by ``source``; link onwards from ``node.out("")``."""
@@ -134,10 +114,9 @@ class Workflow:
         return out
 
     def bounds(self) -> tuple[float, float, float, float]:
-        """x0, y0, x1, y1 of everything drawn: nodes with their title bars, and groups."""
+        """x0, y0, x1, y1 of everything drawn: the nodes with their title bars."""
         boxes = [(n.pos[0], n.pos[1] - TITLE_HEIGHT, n.pos[0] + n.size[0], n.pos[1] + n.size[1])
                  for n in self.nodes]
-        boxes += [(x, y, x + w, y + h) for x, y, w, h in (g.bounding for g in self.groups)]
         return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
                 max(b[3] for b in boxes))
 

@@ -65,90 +65,75 @@ def denscore_best_of_n() -> Workflow:
 
 
 def lora_vs_base() -> Workflow:
-    """One prompt, one seed, one latent: the checkpoint with the LoRA (upper row) and without (lower row), each
-    image scored by its own Denscore Score; the LoRA's chart, numbers and image (``lora_outputs_x``) beside the
-    base's (``base_outputs_x``). The encoders' column is moved right to widen the gap the lower row's MODEL and
-    VAE links drop through (as in comparison). The prompt's text reaches the upper Denscore node level above the
-    graph and the lower one through a Reroute above the samplers; the lower row's outputs reach the base's
-    column through Reroutes below the LoRA's."""
+    """One prompt, one seed, one latent: the checkpoint alone (upper row) and with the LoRA (lower row). Each
+    row reads left to right: sampler, its own Denscore Score with the image below it, the chart with the
+    numbers below it, so the base's results sit right above the LoRA's. The shared pieces (prompt, latent,
+    checkpoint, encoders, LoRA loader) are on the left; the latent's, MODEL's and VAE's links cross the
+    encoders' column through one corridor to three Reroutes that feed both rows; both decoders sit in the band
+    between the samplers, where the VAE reaches them without crossing a sampler; the prompt's text runs above
+    everything to a Reroute that feeds both Denscore nodes."""
     wf = Workflow("lora_vs_base", "LongAlign LoRA vs base by Denscore",
                   "Same seed with and without the LoRA, scored by sentence",
-                  ("one prompt, one seed", "with the LoRA | without", "Denscore Score x2", "charts side by side"))
-    y0 = 240  # the generation graph starts below the prompt's links
-    ck = y0 + 340  # checkpoint: MODEL / CLIP / VAE outputs at ck + 14 / 34 / 54
+                  ("one prompt, one seed", "without the LoRA | with", "Denscore Score x2", "one row per model"))
+    upper_y = 140  # the rows start below the prompt's text link (y = TOP + 14)
+    corridor_y = 400  # the latent's output leaves at corridor_y + 14, the checkpoint's below it
     encoders_x = ENCODERS_X + 100
-    samplers_x = encoders_x + ENCODER_W + 160
-    decoders_x = samplers_x + 320 + 180
-    scores_x = decoders_x + 320 + 200  # Denscore nodes: a wide gap before them for the links to them
+    reroutes_x = encoders_x + ENCODER_W + 40
+    samplers_x = reroutes_x + 75 + 180
+    decoders_x = samplers_x + 320 + 80
+    scores_x = decoders_x + 273 + 140
+    results_x = scores_x + 320 + 80
     prompt = wf.add("PrimitiveStringMultiline", (LOADERS_X, TOP), (360, 280), title="Prompt", value=LONG_PROMPT)
+    latent = wf.add("EmptyLatentImage", (LOADERS_X, corridor_y), (360, 106), width=512, height=512, batch_size=1)
+    ck = corridor_y + 106 + 60  # MODEL / CLIP / VAE leave at ck + 14 / 34 / 54
     ckpt = wf.add("CheckpointLoaderSimple", (LOADERS_X, ck), (360, 98), ckpt_name=SD15_CHECKPOINT)
-    pos = wf.add("LongAlignTextEncode", (encoders_x, y0), (ENCODER_W, 300), title="LongAlign Text Encode (positive)",
-                 colors=GREEN, text="", **LONGALIGN_WIDGETS)
-    lora = wf.add("LoraLoaderModelOnly", (encoders_x, ck + 140), (360, 82), title="Load LoRA (LongAlign SD1.5 LoRA)",
+    pos = wf.add("LongAlignTextEncode", (encoders_x, upper_y), (ENCODER_W, 244),
+                 title="LongAlign Text Encode (positive)", colors=GREEN, text="", **LONGALIGN_WIDGETS)
+    lower_y = ck + 54 + 70  # the lower row, below the corridor
+    lora = wf.add("LoraLoaderModelOnly", (encoders_x, lower_y), (360, 82), title="Load LoRA (LongAlign SD1.5 LoRA)",
                   lora_name=SD15_LORA, strength_model=1.0)
-    neg_y = ck + 140 + 82 + 70
-    neg = wf.add("LongAlignTextEncode", (encoders_x, neg_y), (ENCODER_W, 244), title="LongAlign Text Encode (negative)",
-                 colors=RED, text=NEGATIVE_PROMPT, **LONGALIGN_WIDGETS)
+    neg = wf.add("LongAlignTextEncode", (encoders_x, lower_y + 82 + 70), (ENCODER_W, 244),
+                 title="LongAlign Text Encode (negative)", colors=RED, text=NEGATIVE_PROMPT, **LONGALIGN_WIDGETS)
     for node in (pos, neg):
         wf.link(ckpt.out("CLIP"), node, "clip")
     wf.link(prompt.out("STRING"), pos, "text")
-    latent = wf.add("EmptyLatentImage", (encoders_x, neg_y + 244 + 60), (ENCODER_W, 106), width=512, height=512,
-                    batch_size=1)
-    settings = dict(seed=1234, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
-    # upper row: the LoRA on the checkpoint's MODEL; the VAE link passes above its sampler
     wf.link(ckpt.out("MODEL"), lora, "model")
-    ks_lora = sample(wf, lora.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"),
-                      latent.out("LATENT"), samplers_x, ck + 140, title="KSampler (LoRA)", **settings)
-    dec_lora = decode(wf, ks_lora, ckpt.out("VAE"), decoders_x, ck + 20)
-    # lower row: the checkpoint alone, its MODEL and VAE through Reroutes in the corridor below the latent
-    low = latent.pos[1] + 106 + 40
-    model = wf.reroute(ckpt.out("MODEL"), (encoders_x + 20, low))
-    vae = wf.reroute(ckpt.out("VAE"), (encoders_x + 20, low + 40))
-    ks_base = sample(wf, model.out(""), pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent.out("LATENT"),
-                      samplers_x, low + 140, title="KSampler (base)", **settings)
-    dec_base = decode(wf, ks_base, vae.out(""), decoders_x, low + 20)
+    latent_hop = wf.reroute(latent.out("LATENT"), (reroutes_x, corridor_y))
+    model_hop = wf.reroute(ckpt.out("MODEL"), (reroutes_x, ck))
+    vae_hop = wf.reroute(ckpt.out("VAE"), (reroutes_x, ck + 40))
+    settings = dict(seed=1234, steps=25, cfg=7.5, sampler="dpmpp_2m", scheduler="karras")
+    ks_base = sample(wf, model_hop.out(""), pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent_hop.out(""),
+                     samplers_x, upper_y, title="KSampler (base)", **settings)
+    ks_lora = sample(wf, lora.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), latent_hop.out(""),
+                     samplers_x, lower_y, title="KSampler (LoRA)", **settings)
+    dec_base = decode(wf, ks_base, vae_hop.out(""), decoders_x, lower_y - 200)
+    dec_lora = decode(wf, ks_lora, vae_hop.out(""), decoders_x, lower_y - 100)
     # the judge: one preference model, one Denscore Score per image
-    loader = wf.add("LongAlignPreferenceModelLoader", (decoders_x, 800), (320, 106),
+    loader = wf.add("LongAlignPreferenceModelLoader", (decoders_x, upper_y), (273, 106),
                     model_name=DENSCORE_FOLDER, kind="auto", precision="auto")
-    score_lora = wf.add("LongAlignDenscoreScore", (scores_x, TOP + 14 - 136), (420, 420), title="Denscore Score (LoRA)",
-                        text="", omega=0.3, reference_prompts="", split_mode="sentence")
-    score_base = wf.add("LongAlignDenscoreScore", (scores_x, 1180), (420, 420), title="Denscore Score (base)",
-                        text="", omega=0.3, reference_prompts="", split_mode="sentence")
-    text_hop = wf.reroute(prompt.out("STRING"), (scores_x - 90, 450))
-    for node, image, text in ((score_lora, dec_lora, prompt.out("STRING")), (score_base, dec_base, text_hop.out(""))):
-        wf.link(loader.out("DENSCORE_MODEL"), node, "denscore_model")
-        wf.link(image.out("IMAGE"), node, "images")
-        wf.link(text, node, "text")
-    # outputs: the LoRA's column, then the base's, in the same order
-    lora_outputs_x = scores_x + 420 + 100
-    base_outputs_x = lora_outputs_x + 420 + 260  # room for the links rising to it
-    nodes = {}
-    for x, name in ((lora_outputs_x, "LoRA"), (base_outputs_x, "base")):
-        chart = wf.add("SaveImage", (x, TOP - 8), (420, 300), title=f"Save Image (Denscore chart, {name})",
-                       filename_prefix=f"lora_vs_base_chart_{name.lower()}")
-        numbers = wf.add("PreviewAny", (x, TOP - 8 + 300 + 70), (420, 190),
-                         title=f"Preview as Text (Denscore numbers, {name})")
-        image = wf.add("SaveImage", (x, TOP - 8 + 300 + 70 + 190 + 70), (420, 460), title=f"Save Image ({name})",
+    text_hop = wf.reroute(prompt.out("STRING"), (scores_x - 160, TOP))
+    score_h, image_h, gap = 290, 320, 50
+    for name, row_y, dec in (("base", upper_y, dec_base), ("LoRA", upper_y + score_h + gap + image_h + 60, dec_lora)):
+        score = wf.add("LongAlignDenscoreScore", (scores_x, row_y), (320, score_h), title=f"Denscore Score ({name})",
+                       text="", omega=0.3, reference_prompts="", split_mode="sentence")
+        wf.link(loader.out("DENSCORE_MODEL"), score, "denscore_model")
+        wf.link(dec.out("IMAGE"), score, "images")
+        wf.link(text_hop.out(""), score, "text")
+        image = wf.add("SaveImage", (scores_x, row_y + score_h + gap), (320, image_h), title=f"Save Image ({name})",
                        filename_prefix=f"lora_vs_base_{name.lower()}")
-        nodes[name] = (chart, numbers, image)
-    chart, numbers, image = nodes["LoRA"]
-    wf.link(score_lora.out("chart"), chart, "images")
-    wf.link(score_lora.out("report"), numbers, "source")
-    wf.link(dec_lora.out("IMAGE"), image, "images")
-    # the base's links run below its Denscore node, then up between the columns
-    lift_x, lift_y = lora_outputs_x + 420 + 20, score_base.pos[1] + 420 + 60
-    under = wf.reroute(dec_base.out("IMAGE"), (scores_x + 20, lift_y + 80))
-    for k, (src, target, input_name) in enumerate(zip(
-            (score_base.out("chart"), score_base.out("report"), under.out("")), nodes["base"],
-            ("images", "source", "images"))):
-        hop = wf.reroute(src, (lift_x, lift_y + 40 * k))
-        wf.link(hop.out(""), target, input_name)
+        wf.link(dec.out("IMAGE"), image, "images")
+        chart = wf.add("SaveImage", (results_x, row_y), (420, 300), title=f"Save Image (Denscore chart, {name})",
+                       filename_prefix=f"lora_vs_base_chart_{name.lower()}")
+        wf.link(score.out("chart"), chart, "images")
+        numbers = wf.add("PreviewAny", (results_x, row_y + 300 + gap), (420, 190),
+                         title=f"Preview as Text (Denscore numbers, {name})")
+        wf.link(score.out("report"), numbers, "source")
     wf.note(
         "## LoRA vs base by Denscore\n"
         "Did the LoRA help on *this* prompt? One **Prompt**, one negative, one latent and the same seed: the "
-        "upper sampler uses the checkpoint with the LoRA, the lower one the checkpoint alone, so the LoRA is the "
-        "only difference. Each image gets its own **Denscore Score**: the chart (per sentence: grey = "
-        "text-irrelevant, blue = text-relevant) and the numbers, LoRA on the left, base on the right.\n\n"
+        "upper sampler uses the checkpoint alone, the lower one the checkpoint with the LoRA, so the LoRA is the "
+        "only difference. Each image gets its own **Denscore Score**: the image, the chart (per sentence: grey = "
+        "text-irrelevant, blue = text-relevant) and the numbers, the base's row above the LoRA's.\n\n"
         f"* `models/checkpoints/`: the SD1.5 checkpoint the LoRA was trained on (`{SD15_CHECKPOINT}`).\n"
         f"* `models/loras/`: `{SD15_LORA}`, the trainer's `{TRAINER_LORA_FILE}` renamed.\n"
         f"* `models/denscore/{DENSCORE_FOLDER}/`: the Denscore folder.\n"

@@ -55,8 +55,7 @@ def ui_graph(wf: Workflow) -> dict:
         "nodes": [_node_entry(wf, n, links, order) for n in wf.nodes],
         "links": [[lid, src.id, slot, target.id, _slot(target, name), wf.out_type(src, slot)]
                   for lid, src, slot, target, name in links],
-        "groups": [{"title": g.title, "bounding": list(g.bounding), "color": g.color, "font_size": 24,
-                    "flags": {}} for g in wf.groups],
+        "groups": [],
         "config": {},
         "extra": {"ds": wf.initial_view()},
         "version": 0.4,
