@@ -46,9 +46,12 @@ def draw_card(title: str, blurb: str, flow: tuple[str, ...], size: int = SIZE) -
     name = title.removeprefix("LongAlign ")
     name = title if name.startswith("vs ") else name[0].upper() + name[1:]
     y = pad + size // 10
-    for line in textwrap.wrap(name, 16):
-        d.text((pad, y), line, font=_font(size // 10), fill=TEXT)
-        y += size // 9
+    lines, scale = textwrap.wrap(name, 16), 10
+    if len(lines) > 3:  # a long title in smaller type, so that the blurb and the path still fit
+        lines, scale = textwrap.wrap(name, 21), 13
+    for line in lines:
+        d.text((pad, y), line, font=_font(size // scale), fill=TEXT)
+        y += size * 10 // (9 * scale)
     y += size // 40
     for line in textwrap.wrap(blurb, 30):
         d.text((pad, y), line, font=_font(size // 19), fill=MUTED)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: the workflow_gen package
 
-from workflow_gen import comparison, scoring, text_to_image  # noqa: E402
+from workflow_gen import comparison, content, scoring, text_to_image, training  # noqa: E402,F401
 from workflow_gen.api_format import api_prompt  # noqa: E402
 from workflow_gen.content import (DENSCORE_FOLDER, LONG_PROMPT, LONGSD_ADAPTER_FOLDER,  # noqa: E402,F401
                                   LONGSD_REWARD_LORA, LONGSD_STAGE1_LORA, LONGSD_T5_FOLDER, SD15_CHECKPOINT, SD15_LORA,
@@ -38,7 +38,7 @@ API_SUBDIR = "api"
 
 WORKFLOWS = [text_to_image.long_prompt_sd15, text_to_image.longsd, scoring.denscore_best_of_n,
              text_to_image.sdxl_long_prompt, text_to_image.sdxl_longalign_lora, comparison.comparison,
-             scoring.lora_vs_base]
+             scoring.lora_vs_base, training.train_and_evaluate]
 
 
 def build_all() -> dict[str, Workflow]:

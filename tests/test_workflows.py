@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "lora_vs_base", "sdxl_long_prompt",
-         "sdxl_longalign_lora"]
+         "sdxl_longalign_lora", "train_and_evaluate"]
 
 
 def _load_generator():
@@ -136,6 +136,10 @@ def test_widgets_and_sockets_follow_the_frontends_rules():
     forced = node_types.node_type("VAEDecode", {"display_name": "x", "outputs": [],
                                                 "inputs": [["text", "STRING", "forceInput"], ["n", "INT"]]})
     assert forced.inputs == (("text", "STRING"),) and forced.widgets == ("n",)
+    # frontend 1.35.9 adds control_after_generate after an INT named seed even when the schema does not ask
+    seeded = node_types.node_type("VAEDecode", {"display_name": "x", "outputs": [],
+                                                "inputs": [["seed", "INT"], ["seeds", "INT"], ["seed", "FLOAT"]]})
+    assert seeded.widgets == ("seed", gen.CONTROL, "seeds", "seed")
     assert gen.NODE_TYPES["MarkdownNote"].virtual and not gen.NODE_TYPES["PreviewAny"].virtual
 
 
@@ -433,7 +437,8 @@ def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
         assert decode["type"] == "VAEDecode" and source(wf, decode, "samples") == (sampler, 0)
         assert source(wf, decode, "vae") == (ckpt, 2)
         assert source(wf, score, "text") == (prompt, 0) and source(wf, score, "denscore_model") == (loader, 0)
-        chart, numbers = saved[f"Save Image (Denscore chart, {arm})"], previews[f"Preview as Text (Denscore numbers, {arm})"]
+        chart = saved[f"Save Image (Denscore chart, {arm})"]
+        numbers = previews[f"Preview as Text (Denscore numbers, {arm})"]
         image = saved[f"Save Image ({arm})"]
         assert source(wf, chart, "images") == (score, 5) and source(wf, numbers, "source") == (score, 4)
         assert source(wf, image, "images") == (decode, 0)
@@ -448,16 +453,57 @@ def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
     assert "models/loras/`: `longalign_sd15_lora.safetensors`" in note
 
 
+def test_train_and_evaluate_runs_the_whole_loop_on_one_checkpoint():
+    """Will it fit (the Train node's shipped mode: a first Run trains nothing) -> train -> evaluate the LoRA the
+    Train node names (linked, so the evaluation waits for it) -> the same checkpoint sampled with the new LoRA
+    (the Train node's MODEL output) and without, one seed, one latent, one conditioning; every node on the same
+    checkpoint and preference model; a note that says where each file goes and the steps."""
+    wf = ui("train_and_evaluate")
+    (train,), (evaluate,) = by_type(wf, "LongAlignTrainLoRA"), by_type(wf, "LongAlignEvaluateLoRA")
+    ckpt = by_type(wf, "CheckpointLoaderSimple")[0]
+    t, e = widget_values(train), widget_values(evaluate)
+    assert t["mode"] == "will it fit" and e["mode"] == "evaluate"
+    assert t["ckpt_name"] == e["ckpt_name"] == widget_values(ckpt)["ckpt_name"] == gen.SD15_CHECKPOINT
+    assert t["preference_model"] == e["preference_model"] == gen.DENSCORE_FOLDER
+    assert len(gen.content.LONG_PROMPT) > 500 and gen.content.LONG_PROMPT in t["prompts"].splitlines()
+    assert t["overwrite"] is False and e["prompts"] == "" and e["lora_name_2"] == ""  # the 64 held-out prompts
+    assert source(wf, evaluate, "lora_name") == (train, 0)
+    assert source(wf, train, "model") == (ckpt, 0)
+    summaries = [source(wf, p, "source") for p in by_type(wf, "PreviewAny")]
+    assert sorted((n["id"], k) for n, k in summaries) == sorted([(train["id"], 2), (evaluate["id"], 2)])
+    assert [source(wf, p, "images") for p in by_type(wf, "PreviewImage")] == [(evaluate, 1)]  # the grid
+    samplers = {n["title"]: n for n in by_type(wf, "KSampler")}
+    lora_ks, base_ks = samplers["KSampler (LoRA)"], samplers["KSampler (base)"]
+    assert source(wf, lora_ks, "model") == (train, 3) and source(wf, base_ks, "model") == (ckpt, 0)
+    assert widget_values(lora_ks) == widget_values(base_ks)
+    for slot in ("positive", "negative", "latent_image"):
+        assert source(wf, lora_ks, slot) == source(wf, base_ks, slot) is not None
+    saves = {n["title"]: n for n in by_type(wf, "SaveImage")}
+    for arm, sampler in (("LoRA", lora_ks), ("base", base_ks)):
+        decode, _ = source(wf, saves[f"Save Image ({arm})"], "images")
+        assert source(wf, decode, "samples") == (sampler, 0) and source(wf, decode, "vae") == (ckpt, 2)
+        assert saves[f"Save Image ({arm})"]["pos"][1] == sampler["pos"][1]  # in its sampler's row
+    # the flow reads left to right, top to bottom: train, then evaluate; the samplers below
+    assert train["pos"][0] < evaluate["pos"][0] and train["pos"][1] + train["size"][1] < lora_ks["pos"][1]
+    note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
+    for text in ("models/checkpoints/", f"models/denscore/{gen.DENSCORE_FOLDER}/", "input/", "Will it fit",
+                 "Queue Selected Output Nodes", "`mode` to *train*", "models/loras/longalign_lora.safetensors",
+                 "64 held-out prompts"):
+        assert text in note, text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layout: no link is drawn behind a node (issue 12). Geometry of ComfyUI's frontend 1.35.9 (LiteGraph), checked
 # against the real frontend by tests/test_browser_help.py: a node's title bar (30 px) sits above ``pos``; socket
 # k of the inputs is at (x + 10, y + 14 + 20k), of the outputs at (x + w - 9, y + 14 + 20k); a linked widget
-# input sits at its widget, and the linked widgets here are each node's first widget, drawn below the socket
-# rows at y + 20·rows + 16. A link is a cubic Bézier from output to input with control points d = max(30, |b-a|/4)
-# to the right of the output and to the left of the input.
+# input sits at its widget: the first widget is drawn below the socket rows at y + 20·rows + 16, each
+# single-line widget 24 px below the one before. A link is a cubic Bézier from output to input with control
+# points d = max(30, |b-a|/4) to the right of the output and to the left of the input.
 # ----------------------------------------------------------------------------------------------------------------
 
 TITLE, SLOT, FIRST_SLOT = 30, 20, 14
+WIDGET_ROW = 24  # a single-line widget's height plus the gap below it
+SINGLE_LINE = {"COMBO", "INT", "FLOAT", "BOOLEAN", "CONTROL"}  # (a STRING widget may be a multiline box)
 
 
 def socket_pos(node, kind, index):
@@ -469,9 +515,12 @@ def socket_pos(node, kind, index):
     entry = node["inputs"][index]
     if "widget" in entry:
         spec = gen.NODE_TYPES[node["type"]]
-        assert spec.widgets[0] == entry["name"], "only a node's first widget is placed by this geometry"
+        k = spec.widgets.index(entry["name"])
+        kinds = {i[0]: i[1] for i in node_types.load_schemas().get(node["type"], {}).get("inputs", [])}
+        assert all(kinds.get(w, "CONTROL") in SINGLE_LINE for w in spec.widgets[:k]), \
+            "only widgets below single-line widgets are placed by this geometry"
         rows = max(len(spec.inputs), len(spec.outputs))
-        return x + 10, y + SLOT * rows + 16
+        return x + 10, y + SLOT * rows + 16 + WIDGET_ROW * k
     return x + 10, y + FIRST_SLOT + SLOT * index
 
 

@@ -40,7 +40,8 @@ pytestmark = requires_comfy
 REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "workflows" / "api"
 PACK_NODES = {"LongAlignTextEncode", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
-              "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN"}
+              "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN",
+              "LongAlignTrainLoRA", "LongAlignEvaluateLoRA"}
 SIZE, STEPS = 64, 2
 
 
@@ -231,7 +232,8 @@ def test_node_schema_snapshot_is_the_servers(server):
         for k, name in enumerate(widgets):
             if name == gen.CONTROL:
                 declared = {**info[type_]["input"].get("required", {}), **info[type_]["input"].get("optional", {})}
-                assert declared[widgets[k - 1]][1].get("control_after_generate"), (type_, widgets[k - 1])
+                assert declared[widgets[k - 1]][1].get("control_after_generate") or \
+                    widgets[k - 1] in node_types.SEED_NAMES, (type_, widgets[k - 1])
 
 
 def test_rejections_fail_with_the_servers_message(server):
@@ -388,3 +390,35 @@ def test_lora_vs_base_scores_both_arms_from_one_seed(server):
     same = arms(server.run(zero, "lora_vs_base at strength 0"))
     assert (same["LoRA"][0] == same["base"][0]).all() and same["LoRA"][1] == same["base"][1]
     assert (same["base"][0] == result["base"][0]).all()  # the base arm did not move
+
+
+def test_train_and_evaluate_fits_trains_evaluates_and_samples_the_new_lora(server):
+    """The shipped training workflow on the stand-in SD1.5 checkpoint and Denscore folder, shrunk to a tiny run
+    (2 steps at 64 px, rank 4; one held-out prompt, one seed, 2 steps). Step 1 as the Read me says: the Train node
+    alone in its shipped mode *will it fit* reports and writes no LoRA. Step 2: mode *train*, the whole graph: the
+    LoRA lands in models/loras/, the Evaluate node evaluates it, and the two KSamplers give two images from one
+    seed that differ (the LoRA's MODEL). Needs the training nodes (nodes/training_nodes.py) and the trainer's
+    packages in ComfyUI's interpreter."""
+    prompt = shrunk(shipped("train_and_evaluate"))
+    train, evaluate = node_id(prompt, "LongAlignTrainLoRA"), node_id(prompt, "LongAlignEvaluateLoRA")
+    assert prompt[train]["inputs"]["mode"] == "will it fit"
+    prompt[train]["inputs"].update(steps=2, lora_rank=4, learning_rate=0.01, batch_size=1, resolution=SIZE,
+                                   sample_steps=2, gradient_steps=1, validation_every=0,
+                                   extra_options="--lr-warmup-steps 0 --validation-prompts 1 --validation-steps 2")
+    prompt[evaluate]["inputs"].update(num_prompts=1, seeds=1, steps=2, resolution=SIZE)
+    lora = server.base / "models" / "loras" / f"{prompt[train]['inputs']['lora_name']}.safetensors"
+    summary = node_id(prompt, "PreviewAny", "training summary")
+    # 1. will it fit: what "Queue Selected Output Nodes" on the Train node posts (it and what it needs)
+    fit = {k: prompt[k] for k in (train, summary, node_id(prompt, "CheckpointLoaderSimple"))}
+    entry = server.run(fit, "train_and_evaluate, will it fit", timeout=900)
+    assert entry["outputs"][summary]["text"][0].strip() and not lora.exists()
+    # 2. train, evaluate, sample
+    prompt[train]["inputs"]["mode"] = "train"
+    entry = server.run(prompt, "train_and_evaluate, train", timeout=1800)
+    assert lora.is_file()
+    assert entry["outputs"][node_id(prompt, "PreviewAny", "evaluation summary")]["text"][0].strip()
+    saved_images(server, entry, node_id(prompt, "PreviewImage", "evaluation grid"))
+    (with_lora,) = saved_images(server, entry, node_id(prompt, "SaveImage", "(LoRA)"))
+    (base,) = saved_images(server, entry, node_id(prompt, "SaveImage", "(base)"))
+    a, b = load_rgb(with_lora), load_rgb(base)
+    assert a.shape == b.shape == (SIZE, SIZE, 3) and (a != b).any(), "the new LoRA did not change the image"

@@ -54,3 +54,9 @@ SDXL_PROMPT = (
     "Long shadows stretch across the water, which reflects the coloured houses. "
     "Highly detailed, natural colours, cinematic lighting, 50mm lens."
 )
+
+#: The LoRA the training workflow writes (models/loras/<name>.safetensors) and the nodes' other defaults.
+TRAINED_LORA_NAME = "longalign_lora"
+#: Training prompts the training workflow ships with: examples of the kind, one per line, to be replaced by the
+#: user's own (hundreds), or by a .txt / .jsonl file in ComfyUI's input/ chosen as prompts_file.
+TRAINING_PROMPTS = LONG_PROMPT + "\n" + SDXL_PROMPT

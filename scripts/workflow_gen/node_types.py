@@ -29,6 +29,8 @@ CONTROL = "control_after_generate"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 #: Input flags kept in the snapshot: the frontend adds a CONTROL widget after a ``control_after_generate`` input,
 #: and draws a ``forceInput`` widget type as a socket.
+#: The frontend also adds a CONTROL widget after an INT input of these names, flag or not.
+SEED_NAMES = ("seed", "noise_seed")
 KEPT_FLAGS = ("control_after_generate", "forceInput")
 
 #: The smallest size the frontend (1.35.9) draws each node type at; a smaller saved size is enlarged on load.
@@ -52,6 +54,8 @@ FRONTEND_MIN_SIZES: dict[str, tuple[float, float]] = {
     "LongAlignPreferenceModelLoader": (273, 106),
     "LongAlignDenscoreScore": (220, 290),
     "LongAlignDenscoreBestOfN": (212, 274),
+    "LongAlignTrainLoRA": (233, 700),
+    "LongAlignEvaluateLoRA": (210, 488),
 }
 
 #: Frontend-only nodes (not in /object_info, not part of the API format): their schema as the frontend has it.
@@ -95,13 +99,13 @@ def schema_entry(info: dict) -> dict:
 
 def node_type(name: str, schema: dict) -> NodeType:
     """The frontend's view of a schema: sockets in schema order, widgets in schema order (a CONTROL widget after
-    each ``control_after_generate`` input), outputs."""
+    each ``control_after_generate`` input and each INT named seed / noise_seed), outputs."""
     sockets, widgets = [], []
     for entry in schema["inputs"]:
         input_name, kind, flags = entry[0], entry[1], entry[2:]
         if kind in WIDGET_TYPES and "forceInput" not in flags:
             widgets.append(input_name)
-            if "control_after_generate" in flags:
+            if "control_after_generate" in flags or (kind == "INT" and input_name in SEED_NAMES):
                 widgets.append(CONTROL)
         else:
             sockets.append((input_name, kind))
