@@ -49,15 +49,20 @@ def report_progress(**fields) -> None:
 # -- the parent's side -----------------------------------------------------------------------------------------
 
 
-def parse_progress(line: str) -> dict | None:
-    """The fields of a progress line, or None for any other line (a damaged one included)."""
-    if not line.startswith(PROGRESS_PREFIX):
-        return None
+def split_progress(line: str) -> tuple[str, dict | None]:
+    """(the line's other text, the fields of its progress report or None). A progress report may follow other
+    output on the same line: the child's stderr (a tqdm bar redrawn with carriage returns, no newline) shares
+    the pipe with its stdout. A damaged report is left as text."""
+    at = line.find(PROGRESS_PREFIX)
+    if at < 0:
+        return line, None
     try:
-        fields = json.loads(line[len(PROGRESS_PREFIX):])
+        fields = json.loads(line[at + len(PROGRESS_PREFIX):])
     except ValueError:
-        return None
-    return fields if isinstance(fields, dict) else None
+        return line, None
+    if not isinstance(fields, dict):
+        return line, None
+    return line[:at], fields
 
 
 def module_command(module: str, arguments: Sequence[str], python: str | None = None) -> list[str]:
@@ -152,11 +157,11 @@ class ChildRun:
                     if line is None:  # end of output: the child is gone
                         break
                     if line:
-                        progress = parse_progress(line.rstrip("\n"))
-                        if progress is None:
-                            log.write(line)
-                            tail = (tail + [line.rstrip("\n")])[-self.tail_lines:]
-                        else:
+                        text, progress = split_progress(line.rstrip("\n"))
+                        if text.strip():
+                            log.write(text + "\n")
+                            tail = (tail + [text])[-self.tail_lines:]
+                        if progress is not None:
                             last.update(progress)
                             on_progress(progress)
                     if not cancelled and should_cancel():
