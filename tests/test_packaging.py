@@ -26,11 +26,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-LongAlign"
-NODE_IDS = ["LongAlignDenscoreBestOfN", "LongAlignDenscoreScore", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
-            "LongAlignPreferenceModelLoader", "LongAlignTextEncode"]
+NODE_IDS = ["LongAlignDenscoreBestOfN", "LongAlignDenscoreScore", "LongAlignEvaluateLoRA", "LongAlignLoadLongSDLoRA",
+            "LongAlignLoadT5Adapter", "LongAlignPreferenceModelLoader", "LongAlignTextEncode", "LongAlignTrainLoRA"]
 #: What an install needs: these files, and every file under these folders.
 REQUIRED_FILES = ["__init__.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE"]
-REQUIRED_DIRS = ["nodes", "longalign_core", "workflows", "web"]  # web/: help pages + frontend extension
+REQUIRED_DIRS = ["nodes", "longalign_core", "trainer", "workflows", "web"]  # web/: help pages + frontend extension;
+# trainer/: LongAlign Train LoRA and Evaluate LoRA run it in ComfyUI's Python
 #: What must not ship: test code and artefacts, benchmarks, environments, caches.
 FORBIDDEN_PREFIXES = ["tests/", "bench/", "test_out/", ".venv/", ".pytest_cache/", ".git/"]
 COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, scripts/, docs/workflows/, .ci/, /dev)"

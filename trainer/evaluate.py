@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longalign_core.child_process import report_progress
 from longalign_core.denscore import default_reference_prompts, prompts_digest
 from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_input_file, \
     check_model_source, run_cli
@@ -250,7 +251,7 @@ class Evaluation:
         todo = [(arm, u) for arm in self.arms for u in range(len(units)) if (arm.name, u) not in self.done_units]
         self._banner(cut, lost, len(kept), len(todo), len(self.arms) * len(units))
         bar = tqdm(total=len(todo), desc="evaluating", unit="group", disable=not todo)
-        current = None
+        current, total, started = None, len(self.arms) * len(units), time.perf_counter()
         try:
             for n, (arm, u) in enumerate(todo, 1):
                 if arm is not current:
@@ -259,6 +260,9 @@ class Evaluation:
                     current = arm
                 self._unit(arm, units[u])
                 bar.update(1)
+                per_group = (time.perf_counter() - started) / n
+                report_progress(step=total - len(todo) + n, total=total, seconds_per_step=round(per_group, 3),
+                                eta=round(per_group * (len(todo) - n), 1))
                 if on_unit is not None:
                     on_unit(n)
         finally:
