@@ -192,9 +192,12 @@ def test_ui_file_is_a_consistent_litegraph_graph(name):
         spec = gen.NODE_TYPES[n["type"]]
         sockets = [(i["name"], i["type"]) for i in n["inputs"] if "widget" not in i]
         assert sockets == list(spec.inputs), (name, n["type"])
-        for i in n["inputs"]:
-            if "widget" in i:  # a widget driven by a link
-                assert i["widget"]["name"] == i["name"] and i["name"] in spec.widgets and i["link"] is not None
+        # widget inputs (the frontend gives every widget a slot after the sockets): listed in widget order up to
+        # the last one a link drives
+        listed = [i for i in n["inputs"] if "widget" in i]
+        assert all(i["widget"]["name"] == i["name"] for i in listed)
+        assert [i["name"] for i in listed] == [w for w in spec.widgets if w != gen.CONTROL][:len(listed)]
+        assert not listed or listed[-1]["link"] is not None
         if n["type"] == "Reroute":  # typed by what it carries
             assert [o["type"] for o in n["outputs"]] == [next(lk[5] for lk in wf["links"] if lk[3] == n["id"])]
         else:

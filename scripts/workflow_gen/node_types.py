@@ -115,6 +115,12 @@ def node_type(name: str, schema: dict) -> NodeType:
                     min_size=FRONTEND_MIN_SIZES[name])
 
 
+def widget_kinds(name: str, path: Path = SCHEMAS_FILE) -> list[tuple[str, str]]:
+    """(input name, schema type) of a node type's inputs, as the frontend types their slots."""
+    schema = {**load_schemas(path), **FRONTEND_ONLY_SCHEMAS}[name]
+    return [(entry[0], entry[1]) for entry in schema["inputs"]]
+
+
 def load_schemas(path: Path = SCHEMAS_FILE) -> dict[str, dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -8,21 +8,33 @@ value), then the widgets the frontend adds on its own.
 from __future__ import annotations
 
 from .graph import Node, Workflow
+from .node_types import CONTROL, widget_kinds
+
+
+def _widget_inputs(node: Node) -> list[str]:
+    """The widget inputs saved with a node: the frontend gives every widget an input slot after the sockets (in
+    widget order, the frontend-only CONTROL left out); a file lists them up to the last one a link drives."""
+    names = [w for w in node.spec.widgets if w != CONTROL]
+    linked = [k for k, w in enumerate(names) if w in node.links_in]
+    return names[:linked[-1] + 1] if linked else []
 
 
 def _slot(target: Node, name: str) -> int:
-    """The index of input ``name`` in the node's saved inputs: sockets, then the widgets a link drives."""
-    names = [n for n, _ in target.spec.inputs] + [w for w in target.spec.widgets if w in target.links_in]
-    return names.index(name)
+    """The index of input ``name`` in the node's saved inputs: sockets, then widget inputs."""
+    return ([n for n, _ in target.spec.inputs] + _widget_inputs(target)).index(name)
 
 
 def _node_entry(wf: Workflow, n: Node, links, order: dict[int, int]) -> dict:
     spec = n.spec
     inputs = [{"name": name, "type": t, "link": None} for name, t in spec.inputs]
-    for name in spec.widgets:  # widget inputs appear as inputs only while connected
+    kinds = dict(widget_kinds(n.type))
+    for name in _widget_inputs(n):
         if name in n.links_in:
             src, slot = n.links_in[name]
-            inputs.append({"name": name, "type": wf.out_type(src, slot), "widget": {"name": name}, "link": None})
+            kind = wf.out_type(src, slot)
+        else:
+            kind = kinds[name]
+        inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
     slot_of = {i["name"]: k for k, i in enumerate(inputs)}
     for link_id, src, slot, target, name in links:
         if target is n:
