@@ -227,6 +227,9 @@ def test_node_schema_snapshot_is_the_servers(server):
     for type_, schema in snapshot.items():
         assert node_types.schema_entry(info[type_]) == schema, (
             f"{type_}: the schema snapshot is stale: python scripts/make_workflows.py --refresh-schemas URL")
+    # what --refresh-schemas writes from this server is the snapshot, byte for byte
+    assert node_types.dumps_schemas(node_types.server_schemas(server.url)) == \
+        node_types.SCHEMAS_FILE.read_text(encoding="utf-8")
     for type_ in used:  # the frontend adds control_after_generate right after a seed-like widget
         widgets = gen.NODE_TYPES[type_].widgets
         for k, name in enumerate(widgets):
