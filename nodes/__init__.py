@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import denscore_nodes, host, weights_nodes
+from . import denscore_nodes, host, training_nodes, weights_nodes
 from .text_encode import LongAlignTextEncode
 
 host.register_model_folders()
 
-NODES: list[type[io.ComfyNode]] = [LongAlignTextEncode, *weights_nodes.NODES, *denscore_nodes.NODES]
+NODES: list[type[io.ComfyNode]] = [LongAlignTextEncode, *weights_nodes.NODES, *denscore_nodes.NODES,
+                                   *training_nodes.NODES]
 
 
 class LongAlignExtension(ComfyExtension):

@@ -6,7 +6,8 @@
 ComfyUI 0.8.0's Templates dialog shows a custom node pack's template with the picture ``<file stem>.jpg`` next
 to the workflow file, at about 250 px wide. A screenshot of a graph is unreadable at that size, so each card is
 drawn: the workflow's title in large type, its one-line blurb, and the path through its main nodes. Needs
-Pillow (a dependency of the pack); the titles and blurbs come from scripts/make_workflows.py.
+Pillow (a dependency of the pack); title, blurb and path come from each workflow's definition
+(scripts/workflow_gen/, through scripts/make_workflows.py).
 """
 
 from __future__ import annotations
@@ -21,16 +22,6 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 512  # drawn at 2x of the card's display size, so it stays sharp on high-density screens
 
-#: The main path through each workflow's nodes, drawn as a chain of boxes.
-FLOWS = {
-    "long_prompt_sd15": ("Load Checkpoint", "LongAlign Text Encode", "KSampler", "Save Image"),
-    "longsd": ("LongSD LoRA x2", "T5 Adapter", "LongAlign Text Encode", "KSampler"),
-    "denscore_best_of_n": ("KSampler (batch of 4)", "Denscore Score", "Denscore Best-of-N", "Save Image"),
-    "sdxl_long_prompt": ("SDXL Checkpoint", "LongAlign Text Encode", "KSampler 1024 px", "Save Image"),
-    "sdxl_longalign_lora": ("SDXL Checkpoint", "LongAlign LoRA", "LongAlign Text Encode", "KSampler 1024 px"),
-    "comparison": ("one prompt, one seed", "CLIP Text Encode", "LongAlign Text Encode", "two images"),
-    "lora_vs_base": ("one prompt, one seed", "with the LoRA | without", "Denscore Score x2", "charts side by side"),
-}
 BACKGROUND, PANEL, ACCENT, TEXT, MUTED = (24, 26, 33), (44, 48, 60), (86, 156, 214), (240, 240, 240), (170, 176, 190)
 
 
@@ -55,9 +46,12 @@ def draw_card(title: str, blurb: str, flow: tuple[str, ...], size: int = SIZE) -
     name = title.removeprefix("LongAlign ")
     name = title if name.startswith("vs ") else name[0].upper() + name[1:]
     y = pad + size // 10
-    for line in textwrap.wrap(name, 16):
-        d.text((pad, y), line, font=_font(size // 10), fill=TEXT)
-        y += size // 9
+    lines, scale = textwrap.wrap(name, 16), 10
+    if len(lines) > 3:  # a long title in smaller type, so that the blurb and the path still fit
+        lines, scale = textwrap.wrap(name, 21), 13
+    for line in lines:
+        d.text((pad, y), line, font=_font(size // scale), fill=TEXT)
+        y += size * 10 // (9 * scale)
     y += size // 40
     for line in textwrap.wrap(blurb, 30):
         d.text((pad, y), line, font=_font(size // 19), fill=MUTED)
@@ -77,9 +71,9 @@ def draw_card(title: str, blurb: str, flow: tuple[str, ...], size: int = SIZE) -
 
 def main() -> int:
     gen = _load_generator()
-    for name, wf in gen.build_all().items():
+    for wf in gen.build_all().values():
         path = REPO / "workflows" / f"{wf.title}.jpg"
-        draw_card(wf.title, wf.blurb, FLOWS[name]).save(path, quality=90, optimize=True)
+        draw_card(wf.title, wf.blurb, wf.card_path).save(path, quality=90, optimize=True)
         print(f"wrote {path.relative_to(REPO)}")
     return 0
 

@@ -94,7 +94,8 @@ def pytest_collection_finish(session):
                     f"./dev e2e (or unset COMFYUI_PATH)", returncode=4)
 
 #: Files and folders that make up the installable pack (what ComfyUI Manager would put in custom_nodes/).
-PACK_CONTENT = ["__init__.py", "nodes", "longalign_core", "workflows", "web", "pyproject.toml", "requirements.txt"]
+PACK_CONTENT = ["__init__.py", "nodes", "longalign_core", "trainer", "workflows", "web", "pyproject.toml",
+                "requirements.txt"]
 PACK_NAME = "ComfyUI-LongAlign"
 
 def host_segment_reference(clip, segment_texts, pad_positions=60):

@@ -12,7 +12,10 @@ template browser does) the frontend must:
 * build the widgets scripts/make_workflows.py assumes, in that order, holding the values the file means;
 * turn the graph into exactly the API twin in workflows/api/ (``app.graphToPrompt``; inputs the server does not
   declare, i.e. frontend-only widgets, are left out of the comparison);
-* keep every link.
+* keep every link;
+* open readable: at the file's saved zoom the canvas is not in its low-detail mode (``app.canvas.low_quality``,
+  the frontend's own test against its setting LiteGraph.Canvas.MinFontSizeForLOD), where nodes are grey boxes
+  without titles or widgets.
 A screenshot of each is written to test_out/screenshots/<name>.png; LONGALIGN_UPDATE_DOCS=1 also writes the
 README copies in docs/workflows/<name>.png.
 """
@@ -101,7 +104,10 @@ JS_LOAD = """async ({wf, name}) => {
                               .map(w => [w.name, w.value === undefined ? null : w.value]),
   }));
   const prompt = await window.app.graphToPrompt();
+  const canvas = window.app.canvas;
   return {
+    view: {scale: canvas.ds.scale, low_quality: canvas.low_quality, threshold: canvas._lowQualityZoomThreshold,
+           min_font_size_for_lod: canvas.min_font_size_for_lod},
     file: wf, hook_calls: window.__la.calls - calls, missing: window.__la.missing, nodes,
     links: window.app.graph.serialize().links, prompt: prompt.output,
     errors: window.__la.errors.slice(errors),
@@ -208,6 +214,10 @@ def test_frontend_loads_workflow_as_shipped(frontend, name):
     assert not res["toasts"], res["toasts"]
     assert not res["errors"], res["errors"]
     assert res["tab"] == TITLES[name]
+    # opens readable: at the saved zoom the canvas draws titles and widgets, not its low-detail boxes
+    view = res["view"]
+    assert view["scale"] == pytest.approx(file_wf["extra"]["ds"]["scale"]), view  # the file's own view
+    assert view["low_quality"] is False, f"{name} opens in the frontend's low-detail mode: {view}"
     # widgets: the names and order the generator assumes, holding the file's values
     by_id = {n["id"]: n for n in file_wf["nodes"]}
     assert sorted(n["id"] for n in res["nodes"]) == sorted(by_id)
@@ -240,6 +250,19 @@ def _write_docs_screenshot(src: Path, dst: Path, width: int = 1280) -> None:
         img = img.convert("RGB")
         img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
         img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+
+
+def test_low_detail_check_catches_a_zoomed_out_view(frontend):
+    """The readability check itself: the same workflow saved at a zoom below the frontend's threshold opens in
+    low-detail mode, and at its shipped zoom it does not."""
+    wf = json.loads((REPO / "workflows" / f"{TITLES['comparison']}.json").read_text(encoding="utf-8"))
+    zoomed_out = copy.deepcopy(wf)
+    zoomed_out["extra"]["ds"]["scale"] = 0.49  # what this workflow shipped with before issue 28
+    res = frontend.load("zoomed_out", zoomed_out)
+    assert res["view"]["scale"] == pytest.approx(0.49) and res["view"]["low_quality"] is True, res["view"]
+    assert 0.5 < res["view"]["threshold"] < 0.6, res["view"]  # 8 px / 14 px at device pixel ratio 1
+    res = frontend.load("comparison")
+    assert res["view"]["low_quality"] is False, res["view"]
 
 
 def test_check_catches_an_unknown_node_and_an_invalid_file(frontend):

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test_out" / "screenshots"
 DOCS = REPO / "web" / "docs"
 NODE_IDS = ["LongAlignTextEncode", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
-            "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN"]
+            "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN",
+            "LongAlignTrainLoRA", "LongAlignEvaluateLoRA"]
 PACK_URLS = (f"/extensions/{PACK_NAME}/", f"/api/workflow_templates/{PACK_NAME}/", "/api/workflow_templates/"
              + PACK_NAME.replace("-", "%2D") + "/")
 

@@ -26,11 +26,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-LongAlign"
-NODE_IDS = ["LongAlignDenscoreBestOfN", "LongAlignDenscoreScore", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
-            "LongAlignPreferenceModelLoader", "LongAlignTextEncode"]
+NODE_IDS = ["LongAlignDenscoreBestOfN", "LongAlignDenscoreScore", "LongAlignEvaluateLoRA", "LongAlignLoadLongSDLoRA",
+            "LongAlignLoadT5Adapter", "LongAlignPreferenceModelLoader", "LongAlignTextEncode", "LongAlignTrainLoRA"]
 #: What an install needs: these files, and every file under these folders.
 REQUIRED_FILES = ["__init__.py", "requirements.txt", "pyproject.toml", "README.md", "LICENSE"]
-REQUIRED_DIRS = ["nodes", "longalign_core", "workflows", "web"]  # web/: help pages + frontend extension
+REQUIRED_DIRS = ["nodes", "longalign_core", "trainer", "workflows", "web"]  # web/: help pages + frontend extension;
+# trainer/: LongAlign Train LoRA and Evaluate LoRA run it in ComfyUI's Python
 #: What must not ship: test code and artefacts, benchmarks, environments, caches.
 FORBIDDEN_PREFIXES = ["tests/", "bench/", "standins/", "test_out/", ".venv/", ".pytest_cache/", ".git/"]
 COMFYIGNORE_HINT = "the repository's .comfyignore (tests/, bench/, standins/, scripts/, docs/workflows/, .ci/, /dev)"
@@ -118,7 +119,10 @@ def test_pack_zip_holds_what_an_install_needs_and_nothing_else(packed, checkout)
             "docs/method.md"} <= names  # the help pages point to docs/method.md
     docs_pages = {f"docs/{p.name}" for p in (checkout / "docs").glob("*.md")}
     assert docs_pages and not docs_pages - names, sorted(docs_pages - names)  # README.md links every docs page
-    assert sum(n.startswith("workflows/") and n.endswith(".json") for n in names) == 14  # 7 UI + 7 API
+    shipped = {f"workflows/{p.relative_to(checkout / 'workflows').as_posix()}"
+               for p in (checkout / "workflows").rglob("*.json")}
+    assert len(shipped) == 16 and {n for n in names if n.startswith("workflows/") and n.endswith(".json")} == \
+        shipped  # 8 UI + 8 API
     unwanted = sorted(n for n in names if n.startswith(tuple(FORBIDDEN_PREFIXES)) or "__pycache__" in n
                       or n.endswith((".pyc", ".zip")))
     assert not unwanted, (

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 NAMES = ["comparison", "denscore_best_of_n", "long_prompt_sd15", "longsd", "lora_vs_base", "sdxl_long_prompt",
-         "sdxl_longalign_lora"]
+         "sdxl_longalign_lora", "train_and_evaluate"]
 
 
 def _load_generator():
@@ -105,6 +105,65 @@ def test_builder_refuses_wrong_widgets_and_unknown_inputs():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# node types: read from the nodes' schemas (the snapshot of /object_info), not restated
+# ----------------------------------------------------------------------------------------------------------------
+
+node_types = sys.modules["workflow_gen.node_types"]
+
+
+def test_schema_entry_reduces_an_object_info_entry():
+    """Both kinds of combo (a V1 option list, a V3 "COMBO"), required before optional whatever the dict order,
+    the flags the frontend acts on, outputs paired with their names."""
+    info = {"display_name": "Thing", "output": ["IMAGE", "STRING"], "output_name": ["picture", "text"],
+            "input": {"optional": {"extra": ["STRING", {"forceInput": True}]},
+                      "required": {"seed": ["INT", {"control_after_generate": True, "min": 0}],
+                                   "model": ["MODEL"], "mode": [["a", "b"], {"tooltip": "x"}],
+                                   "kind": ["COMBO", {"options": ["x"]}]}},
+            "input_order": {"required": ["model", "seed", "mode", "kind"], "optional": ["extra"]}}
+    assert node_types.schema_entry(info) == {
+        "display_name": "Thing",
+        "inputs": [["model", "MODEL"], ["seed", "INT", "control_after_generate"], ["mode", "COMBO"],
+                   ["kind", "COMBO"], ["extra", "STRING", "forceInput"]],
+        "outputs": [["picture", "IMAGE"], ["text", "STRING"]]}
+
+
+def test_widgets_and_sockets_follow_the_frontends_rules():
+    """KSampler as frontend 1.35.9 builds it (tests/test_browser.py checks every type in the real frontend)."""
+    ks = gen.NODE_TYPES["KSampler"]
+    assert ks.widgets == ("seed", gen.CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise")
+    assert ks.inputs == (("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                         ("latent_image", "LATENT"))
+    forced = node_types.node_type("VAEDecode", {"display_name": "x", "outputs": [],
+                                                "inputs": [["text", "STRING", "forceInput"], ["n", "INT"]]})
+    assert forced.inputs == (("text", "STRING"),) and forced.widgets == ("n",)
+    # frontend 1.35.9 adds control_after_generate after an INT named seed even when the schema does not ask
+    seeded = node_types.node_type("VAEDecode", {"display_name": "x", "outputs": [],
+                                                "inputs": [["seed", "INT"], ["seeds", "INT"], ["seed", "FLOAT"]]})
+    assert seeded.widgets == ("seed", gen.CONTROL, "seeds", "seed")
+    assert gen.NODE_TYPES["MarkdownNote"].virtual and not gen.NODE_TYPES["PreviewAny"].virtual
+
+
+def test_a_new_input_in_the_schema_reaches_the_builder(tmp_path):
+    """One input added to a node's schema (the snapshot) is a new widget the builder asks for: no table to edit."""
+    schemas = node_types.load_schemas()
+    schemas["EmptyLatentImage"]["inputs"].insert(1, ["depth", "INT"])
+    path = tmp_path / "node_schemas.json"
+    path.write_text(node_types.dumps_schemas(schemas))
+    assert json.loads(path.read_text()) == schemas  # the writer round-trips
+    types = node_types.load_node_types(path)
+    assert types["EmptyLatentImage"].widgets == ("width", "depth", "height", "batch_size")
+    del schemas["KSampler"]
+    path.write_text(node_types.dumps_schemas(schemas))
+    with pytest.raises(SystemExit, match="no schema for KSampler.*--refresh-schemas"):
+        node_types.load_node_types(path)
+
+
+def test_snapshot_file_is_written_by_the_refresh_writer():
+    text = node_types.SCHEMAS_FILE.read_text(encoding="utf-8")
+    assert node_types.dumps_schemas(json.loads(text)) == text
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # UI files: well-formed LiteGraph graphs
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -133,9 +192,12 @@ def test_ui_file_is_a_consistent_litegraph_graph(name):
         spec = gen.NODE_TYPES[n["type"]]
         sockets = [(i["name"], i["type"]) for i in n["inputs"] if "widget" not in i]
         assert sockets == list(spec.inputs), (name, n["type"])
-        for i in n["inputs"]:
-            if "widget" in i:  # a widget driven by a link
-                assert i["widget"]["name"] == i["name"] and i["name"] in spec.widgets and i["link"] is not None
+        # widget inputs (the frontend gives every widget a slot after the sockets): listed in widget order up to
+        # the last one a link drives
+        listed = [i for i in n["inputs"] if "widget" in i]
+        assert all(i["widget"]["name"] == i["name"] for i in listed)
+        assert [i["name"] for i in listed] == [w for w in spec.widgets if w != gen.CONTROL][:len(listed)]
+        assert not listed or listed[-1]["link"] is not None
         if n["type"] == "Reroute":  # typed by what it carries
             assert [o["type"] for o in n["outputs"]] == [next(lk[5] for lk in wf["links"] if lk[3] == n["id"])]
         else:
@@ -147,7 +209,10 @@ def test_ui_file_is_a_consistent_litegraph_graph(name):
     assert sorted(order.values()) == list(range(len(order)))
     assert all(order[src] < order[dst] for _, src, _, dst, _, _ in wf["links"])
     ds = wf["extra"]["ds"]
-    assert 0.3 <= ds["scale"] <= 1.0 and len(ds["offset"]) == 2
+    assert len(ds["offset"]) == 2
+    # opens readable: above the zoom where frontend 1.35.9 draws nodes without titles and widgets (its setting
+    # LiteGraph.Canvas.MinFontSizeForLOD, 8 px, over the 14 px node font; tests/test_browser.py asks the canvas)
+    assert 8 / 14 < ds["scale"] <= 1.0, ds
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -192,7 +257,7 @@ def test_ui_and_api_twins_describe_the_same_graph(name):
     for n in real:
         entry = prompt[str(n["id"])]
         assert entry["class_type"] == n["type"]
-        assert entry["_meta"]["title"] == n.get("title", gen.DISPLAY_NAMES[n["type"]])
+        assert entry["_meta"]["title"] == n.get("title", gen.NODE_TYPES[n["type"]].display_name)
         linked = {i["name"]: i["link"] for i in n["inputs"] if i["link"] is not None}
         for input_name, link_id in linked.items():
             src, slot = source(wf, n, input_name)
@@ -330,8 +395,17 @@ def test_comparison_differs_only_in_the_text_encoder():
         encoders = [source(wf, k, slot)[0] for k in samplers]
         assert source(wf, encoders[0], "text") == source(wf, encoders[1], "text") is not None  # one prompt node
     assert len(by_type(wf, "SaveImage")) == 2
-    saves = sorted(by_type(wf, "SaveImage"), key=lambda n: n["pos"][0])
-    assert saves[0]["pos"][1] == saves[1]["pos"][1]  # side by side
+    # one row per encoder, read left to right (encoders, sampler, image); CLIP Text Encode's row above LongAlign's
+    rows = {}
+    for k in samplers:
+        encoder = source(wf, k, "positive")[0]
+        save = next(s for s in by_type(wf, "SaveImage") if source(wf, s, "images")[0]["id"] ==
+                    next(d for d in by_type(wf, "VAEDecode") if source(wf, d, "samples")[0] is k)["id"])
+        assert encoder["pos"][0] < k["pos"][0] < save["pos"][0]
+        assert k["pos"][1] <= save["pos"][1] < k["pos"][1] + k["size"][1]  # the image in its sampler's row
+        rows[encoder["type"]] = (k["pos"][1], save["pos"])
+    (clip_y, clip_save), (longalign_y, longalign_save) = rows["CLIPTextEncode"], rows["LongAlignTextEncode"]
+    assert clip_y < longalign_y and clip_save[0] == longalign_save[0]  # the two images one above the other
 
 
 def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
@@ -366,29 +440,73 @@ def test_lora_vs_base_differs_only_in_the_lora_and_scores_both_images():
         assert decode["type"] == "VAEDecode" and source(wf, decode, "samples") == (sampler, 0)
         assert source(wf, decode, "vae") == (ckpt, 2)
         assert source(wf, score, "text") == (prompt, 0) and source(wf, score, "denscore_model") == (loader, 0)
-        chart, numbers = saved[f"Save Image (Denscore chart, {arm})"], previews[f"Preview as Text (Denscore numbers, {arm})"]
+        chart = saved[f"Save Image (Denscore chart, {arm})"]
+        numbers = previews[f"Preview as Text (Denscore numbers, {arm})"]
         image = saved[f"Save Image ({arm})"]
         assert source(wf, chart, "images") == (score, 5) and source(wf, numbers, "source") == (score, 4)
         assert source(wf, image, "images") == (decode, 0)
-        columns[arm] = [chart["pos"], numbers["pos"], image["pos"]]
-    # side by side: the same heights, the LoRA's column left of the base's
-    assert [p[1] for p in columns["LoRA"]] == [p[1] for p in columns["base"]]
-    assert all(a[0] < b[0] for a, b in zip(columns["LoRA"], columns["base"]))
+        columns[arm] = [score["pos"], chart["pos"], numbers["pos"], image["pos"]]
+        assert sampler["pos"][0] < score["pos"][0] < chart["pos"][0]  # each row reads left to right
+    # one row per model: the same columns, the base's row above the LoRA's
+    assert [p[0] for p in columns["LoRA"]] == [p[0] for p in columns["base"]]
+    assert all(a[1] > b[1] for a, b in zip(columns["LoRA"], columns["base"]))
+    assert base_ks["pos"][1] < lora_ks["pos"][1]
     note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
     assert "`python -m trainer.evaluate --model /path/to/v1-5-pruned-emaonly-fp16.safetensors " in note
     assert "models/loras/`: `longalign_sd15_lora.safetensors`" in note
+
+
+def test_train_and_evaluate_runs_the_whole_loop_on_one_checkpoint():
+    """Will it fit (the Train node's shipped mode: a first Run trains nothing) -> train -> evaluate the LoRA the
+    Train node names (linked, so the evaluation waits for it) -> the same checkpoint sampled with the new LoRA
+    (the Train node's MODEL output) and without, one seed, one latent, one conditioning; every node on the same
+    checkpoint and preference model; a note that says where each file goes and the steps."""
+    wf = ui("train_and_evaluate")
+    (train,), (evaluate,) = by_type(wf, "LongAlignTrainLoRA"), by_type(wf, "LongAlignEvaluateLoRA")
+    ckpt = by_type(wf, "CheckpointLoaderSimple")[0]
+    t, e = widget_values(train), widget_values(evaluate)
+    assert t["mode"] == "will it fit" and e["mode"] == "evaluate"
+    assert t["ckpt_name"] == e["ckpt_name"] == widget_values(ckpt)["ckpt_name"] == gen.SD15_CHECKPOINT
+    assert t["preference_model"] == e["preference_model"] == gen.DENSCORE_FOLDER
+    assert len(gen.content.LONG_PROMPT) > 500 and gen.content.LONG_PROMPT in t["prompts"].splitlines()
+    assert t["overwrite"] is False and e["prompts"] == "" and e["lora_name_2"] == ""  # the 64 held-out prompts
+    assert source(wf, evaluate, "lora_name") == (train, 0)
+    assert source(wf, train, "model") == (ckpt, 0)
+    summaries = [source(wf, p, "source") for p in by_type(wf, "PreviewAny")]
+    assert sorted((n["id"], k) for n, k in summaries) == sorted([(train["id"], 2), (evaluate["id"], 2)])
+    assert [source(wf, p, "images") for p in by_type(wf, "PreviewImage")] == [(evaluate, 1)]  # the grid
+    samplers = {n["title"]: n for n in by_type(wf, "KSampler")}
+    lora_ks, base_ks = samplers["KSampler (LoRA)"], samplers["KSampler (base)"]
+    assert source(wf, lora_ks, "model") == (train, 3) and source(wf, base_ks, "model") == (ckpt, 0)
+    assert widget_values(lora_ks) == widget_values(base_ks)
+    for slot in ("positive", "negative", "latent_image"):
+        assert source(wf, lora_ks, slot) == source(wf, base_ks, slot) is not None
+    saves = {n["title"]: n for n in by_type(wf, "SaveImage")}
+    for arm, sampler in (("LoRA", lora_ks), ("base", base_ks)):
+        decode, _ = source(wf, saves[f"Save Image ({arm})"], "images")
+        assert source(wf, decode, "samples") == (sampler, 0) and source(wf, decode, "vae") == (ckpt, 2)
+        assert saves[f"Save Image ({arm})"]["pos"][1] == sampler["pos"][1]  # in its sampler's row
+    # the flow reads left to right, top to bottom: train, then evaluate; the samplers below
+    assert train["pos"][0] < evaluate["pos"][0] and train["pos"][1] + train["size"][1] < lora_ks["pos"][1]
+    note = by_type(wf, "MarkdownNote")[0]["widgets_values"][0]
+    for text in ("models/checkpoints/", f"models/denscore/{gen.DENSCORE_FOLDER}/", "input/", "Will it fit",
+                 "Queue Selected Output Nodes", "`mode` to *train*", "models/loras/longalign_lora.safetensors",
+                 "64 held-out prompts"):
+        assert text in note, text
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layout: no link is drawn behind a node (issue 12). Geometry of ComfyUI's frontend 1.35.9 (LiteGraph), checked
 # against the real frontend by tests/test_browser_help.py: a node's title bar (30 px) sits above ``pos``; socket
 # k of the inputs is at (x + 10, y + 14 + 20k), of the outputs at (x + w - 9, y + 14 + 20k); a linked widget
-# input sits at its widget, and the linked widgets here are each node's first widget, drawn below the socket
-# rows at y + 20·rows + 16. A link is a cubic Bézier from output to input with control points d = max(30, |b-a|/4)
-# to the right of the output and to the left of the input.
+# input sits at its widget: the first widget is drawn below the socket rows at y + 20·rows + 16, each
+# single-line widget 24 px below the one before. A link is a cubic Bézier from output to input with control
+# points d = max(30, |b-a|/4) to the right of the output and to the left of the input.
 # ----------------------------------------------------------------------------------------------------------------
 
 TITLE, SLOT, FIRST_SLOT = 30, 20, 14
+WIDGET_ROW = 24  # a single-line widget's height plus the gap below it
+SINGLE_LINE = {"COMBO", "INT", "FLOAT", "BOOLEAN", "CONTROL"}  # (a STRING widget may be a multiline box)
 
 
 def socket_pos(node, kind, index):
@@ -400,9 +518,12 @@ def socket_pos(node, kind, index):
     entry = node["inputs"][index]
     if "widget" in entry:
         spec = gen.NODE_TYPES[node["type"]]
-        assert spec.widgets[0] == entry["name"], "only a node's first widget is placed by this geometry"
+        k = spec.widgets.index(entry["name"])
+        kinds = {i[0]: i[1] for i in node_types.load_schemas().get(node["type"], {}).get("inputs", [])}
+        assert all(kinds.get(w, "CONTROL") in SINGLE_LINE for w in spec.widgets[:k]), \
+            "only widgets below single-line widgets are placed by this geometry"
         rows = max(len(spec.inputs), len(spec.outputs))
-        return x + 10, y + SLOT * rows + 16
+        return x + 10, y + SLOT * rows + 16 + WIDGET_ROW * k
     return x + 10, y + FIRST_SLOT + SLOT * index
 
 

@@ -40,8 +40,8 @@ pytestmark = requires_comfy
 REPO = Path(__file__).resolve().parents[1]
 API_DIR = REPO / "workflows" / "api"
 PACK_NODES = {"LongAlignTextEncode", "LongAlignLoadLongSDLoRA", "LongAlignLoadT5Adapter",
-              "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+              "LongAlignPreferenceModelLoader", "LongAlignDenscoreScore", "LongAlignDenscoreBestOfN",
+              "LongAlignTrainLoRA", "LongAlignEvaluateLoRA"}
 SIZE, STEPS = 64, 2
 
 
@@ -54,6 +54,7 @@ def _generator():
 
 
 gen = _generator()
+node_types = sys.modules["workflow_gen.node_types"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,29 +216,27 @@ def test_pack_loads_and_lists_its_example_workflows(server):
             assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
 
 
-def test_widget_table_matches_the_server_schemas(server):
-    """scripts/make_workflows.py's WIDGETS (frontend widget order) against /object_info: every widget input of
-    every node type the workflows use, in schema order (required, then optional), and no socket among them."""
+def test_node_schema_snapshot_is_the_servers(server):
+    """scripts/workflow_gen/node_schemas.json (what the generator reads each node's sockets and widgets from) is
+    the real server's /object_info, reduced the same way, for every node type the workflows use: a node that gains,
+    loses or reorders an input fails here until the snapshot is refreshed and the workflows regenerated."""
     _, info = http("GET", server.url + "/object_info")
+    snapshot = node_types.load_schemas()
     used = {n["class_type"] for name in gen.build_all() for n in shipped(name).values()}
-    for type_ in sorted(used):
-        schema = info[type_]
-        declared = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
-        ordered = schema["input_order"].get("required", []) + schema["input_order"].get("optional", [])
-
-        def is_widget(spec):
-            return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
-
-        widgets = [n for n in ordered if is_widget(declared[n])]
-        sockets = [n for n in ordered if not is_widget(declared[n])]
-        expected = [w for w in gen.WIDGETS[type_] if w != gen.CONTROL]
-        assert widgets == expected, (type_, widgets, expected)
-        assert sorted(sockets) == sorted(n for n, _ in gen.NODE_TYPES[type_].inputs), type_
-        if gen.CONTROL in gen.WIDGETS[type_]:  # the frontend adds it right after a seed-like widget
-            before = gen.WIDGETS[type_][gen.WIDGETS[type_].index(gen.CONTROL) - 1]
-            assert declared[before][1].get("control_after_generate"), (type_, before)
-        out_names = schema["output_name"]
-        assert out_names == [n for n, _ in gen.NODE_TYPES[type_].outputs], type_
+    assert used <= set(snapshot), sorted(used - set(snapshot))
+    for type_, schema in snapshot.items():
+        assert node_types.schema_entry(info[type_]) == schema, (
+            f"{type_}: the schema snapshot is stale: python scripts/make_workflows.py --refresh-schemas URL")
+    # what --refresh-schemas writes from this server is the snapshot, byte for byte
+    assert node_types.dumps_schemas(node_types.server_schemas(server.url)) == \
+        node_types.SCHEMAS_FILE.read_text(encoding="utf-8")
+    for type_ in used:  # the frontend adds control_after_generate right after a seed-like widget
+        widgets = gen.NODE_TYPES[type_].widgets
+        for k, name in enumerate(widgets):
+            if name == gen.CONTROL:
+                declared = {**info[type_]["input"].get("required", {}), **info[type_]["input"].get("optional", {})}
+                assert declared[widgets[k - 1]][1].get("control_after_generate") or \
+                    widgets[k - 1] in node_types.SEED_NAMES, (type_, widgets[k - 1])
 
 
 def test_rejections_fail_with_the_servers_message(server):
@@ -394,3 +393,35 @@ def test_lora_vs_base_scores_both_arms_from_one_seed(server):
     same = arms(server.run(zero, "lora_vs_base at strength 0"))
     assert (same["LoRA"][0] == same["base"][0]).all() and same["LoRA"][1] == same["base"][1]
     assert (same["base"][0] == result["base"][0]).all()  # the base arm did not move
+
+
+def test_train_and_evaluate_fits_trains_evaluates_and_samples_the_new_lora(server):
+    """The shipped training workflow on the stand-in SD1.5 checkpoint and Denscore folder, shrunk to a tiny run
+    (2 steps at 64 px, rank 4; one held-out prompt, one seed, 2 steps). Step 1 as the Read me says: the Train node
+    alone in its shipped mode *will it fit* reports and writes no LoRA. Step 2: mode *train*, the whole graph: the
+    LoRA lands in models/loras/, the Evaluate node evaluates it, and the two KSamplers give two images from one
+    seed that differ (the LoRA's MODEL). Needs the training nodes (nodes/training_nodes.py) and the trainer's
+    packages in ComfyUI's interpreter."""
+    prompt = shrunk(shipped("train_and_evaluate"))
+    train, evaluate = node_id(prompt, "LongAlignTrainLoRA"), node_id(prompt, "LongAlignEvaluateLoRA")
+    assert prompt[train]["inputs"]["mode"] == "will it fit"
+    prompt[train]["inputs"].update(steps=2, lora_rank=4, learning_rate=0.01, batch_size=1, resolution=SIZE,
+                                   sample_steps=2, gradient_steps=1, validation_every=0,
+                                   extra_options="--lr-warmup-steps 0 --validation-prompts 1 --validation-steps 2")
+    prompt[evaluate]["inputs"].update(num_prompts=1, seeds=1, steps=2, resolution=SIZE)
+    lora = server.base / "models" / "loras" / f"{prompt[train]['inputs']['lora_name']}.safetensors"
+    summary = node_id(prompt, "PreviewAny", "training summary")
+    # 1. will it fit: what "Queue Selected Output Nodes" on the Train node posts (it and what it needs)
+    fit = {k: prompt[k] for k in (train, summary, node_id(prompt, "CheckpointLoaderSimple"))}
+    entry = server.run(fit, "train_and_evaluate, will it fit", timeout=900)
+    assert entry["outputs"][summary]["text"][0].strip() and not lora.exists()
+    # 2. train, evaluate, sample
+    prompt[train]["inputs"]["mode"] = "train"
+    entry = server.run(prompt, "train_and_evaluate, train", timeout=1800)
+    assert lora.is_file()
+    assert entry["outputs"][node_id(prompt, "PreviewAny", "evaluation summary")]["text"][0].strip()
+    saved_images(server, entry, node_id(prompt, "PreviewImage", "evaluation grid"))
+    (with_lora,) = saved_images(server, entry, node_id(prompt, "SaveImage", "(LoRA)"))
+    (base,) = saved_images(server, entry, node_id(prompt, "SaveImage", "(base)"))
+    a, b = load_rgb(with_lora), load_rgb(base)
+    assert a.shape == b.shape == (SIZE, SIZE, 3) and (a != b).any(), "the new LoRA did not change the image"

@@ -10,32 +10,20 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
+from longalign_core.checkpoint_family import (FAMILY_NAMES, SD1_TEXT, SDXL_ADM_IN, SDXL_REFINER_ADM_IN,  # noqa: F401
+                                              SDXL_TEXT_G, SDXL_TEXT_L, SUPPORTED, UNET, VAE, Family, Shapes)
 from longalign_core.errors import BadModelFileError
 from longalign_core.io_utils import publish_dir
-from longalign_core.lora import SDXL_ADM_CHANNELS
 
 from .embedded import cache_root
 
-Family = Literal["sd1", "sdxl"]
-Shapes = Mapping[str, tuple[int, ...]]
-
-UNET = "model.diffusion_model."
-SD1_TEXT = "cond_stage_model.transformer.text_model."
-SDXL_TEXT_L = "conditioner.embedders.0.transformer.text_model."
-SDXL_TEXT_G = "conditioner.embedders.1.model."
-VAE = "first_stage_model."
-#: SDXL base's extra conditioning (pooled bigG text + 6 size/crop embeddings) and the refiner's (5 of them).
-SDXL_ADM_IN, SDXL_REFINER_ADM_IN = SDXL_ADM_CHANNELS
 #: SDXL attention: 64 channels per head. SD1.x: 8 heads everywhere (diffusers calls heads "attention_head_dim").
 SDXL_HEAD_CHANNELS = 64
 SD1_HEADS = 8
 #: CLIP text encoders (CLIP-L, OpenCLIP-bigG): 64 channels per head.
 CLIP_HEAD_CHANNELS = 64
-FAMILY_NAMES = {"sd1": "SD1.x", "sdxl": "SDXL"}
-SUPPORTED = ("the trainer reads single-file SD1.x and SDXL-family checkpoints (SDXL base 1.0, Pony, Illustrious, "
-             "NoobAI: .safetensors or .ckpt, as ComfyUI keeps them in models/checkpoints)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longalign_core.child_process import report_progress
 from longalign_core.denscore import default_reference_prompts, prompts_digest
 from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_model_source, run_cli
 
@@ -243,12 +244,13 @@ class Evaluation:
         kept = self._start_files(tokens)
         units = plan_units(len(self.prompts), cfg.seeds, cfg.batch_size)
         todo = [(arm, u) for arm in self.arms for u in range(len(units)) if (arm.name, u) not in self.done_units]
-        self._banner(tokens, len(kept), len(todo), len(self.arms) * len(units))
+        total = len(self.arms) * len(units)
+        self._banner(tokens, len(kept), len(todo), total)
         self.part = part_file(self.out, procs.rank, procs.world)
-        todo = procs.share(todo)
+        done_before, todo = total - len(todo), procs.share(todo)
         bar = tqdm(total=len(todo), desc="evaluating" if procs.world == 1 else f"evaluating (process 0 of "
                    f"{procs.world})", unit="group", disable=not todo or not procs.is_main)
-        current = None
+        current, started = None, time.perf_counter()
         try:
             for n, (arm, u) in enumerate(todo, 1):
                 if arm is not current:
@@ -257,6 +259,10 @@ class Evaluation:
                     current = arm
                 self._unit(arm, units[u])
                 bar.update(1)
+                per_group = (time.perf_counter() - started) / n
+                if procs.is_main:
+                    report_progress(step=min(total, done_before + n * procs.world), total=total,
+                                    seconds_per_step=round(per_group, 3), eta=round(per_group * (len(todo) - n), 1))
                 if on_unit is not None:
                     on_unit(n)
         finally:
@@ -266,7 +272,7 @@ class Evaluation:
         if not procs.is_main:
             return self.timings()
         with self.timer("writing"):
-            self._merge_scores(len(self.arms) * len(units))
+            self._merge_scores(total)
         with self.timer("report"):
             from .eval_report import write_evaluation_report
 

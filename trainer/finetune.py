@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from longalign_core.child_process import report_progress
 from longalign_core.clip_text import CLIPSegmentEncoder
 from longalign_core.denscore import default_reference_prompts, direction_from_prompts, prompts_digest
 from longalign_core.dtypes import DTYPES
@@ -306,6 +307,7 @@ class Trainer:
         self.unet.train()
         bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, disable=not main,
                    desc="training")
+        started = time.time()
         for step in bar:
             t0 = time.time()
             try:
@@ -322,6 +324,10 @@ class Trainer:
                 self.totals[k] += int(row.get(k, 0))
             row.update(prompts_cut_total=self.totals["prompts_cut"], tokens_lost_total=self.totals["tokens_lost"],
                        lr=self.lr_scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
+            if main:  # for a parent that asked for them (the ComfyUI node): step, pace, time left
+                per_step = (time.time() - started) / (done - start)
+                report_progress(step=done, total=cfg.train_steps, seconds_per_step=round(per_step, 3),
+                                eta=round(per_step * (cfg.train_steps - done), 1))
             if done % cfg.log_every == 0 and main:
                 tlog.write(row)
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=done)

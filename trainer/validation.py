@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from longalign_core.child_process import report_progress
 from longalign_core.denscore import segment_score
 
 from .report import PER_PROMPT_FILE
@@ -81,7 +82,9 @@ def validate(run, step: int, log: CSVLog, per_prompt: CSVLog | None = None) -> d
 
     grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     (run.out / "validation").mkdir(exist_ok=True)
-    Image.fromarray(np.concatenate(list(grid), axis=1)).save(run.out / "validation" / f"step-{step:06d}.png")
+    picture = run.out / "validation" / f"step-{step:06d}.png"
+    Image.fromarray(np.concatenate(list(grid), axis=1)).save(picture)
+    report_progress(step=step, total=cfg.train_steps, image=str(picture))
     log.write(row)
     if per_prompt is not None:
         for i in range(n):
