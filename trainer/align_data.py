@@ -351,8 +351,11 @@ class AlignData:
                 raise ValueError(f"a step's micro-batches come in order; asked for {micro} of step {step} first")
             order = BatchOrder(self.groups, cfg.train_batch_size, cfg.seed, processes, cfg.gradient_accumulation_steps)
             workers = cfg.dataloader_workers
+            from .stop_signal import ignore_stop_signals
+
             self._iter = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=StepSampler(order, step, process),
-                                                          num_workers=workers, collate_fn=collate))
+                                                          num_workers=workers, collate_fn=collate,
+                                                          worker_init_fn=ignore_stop_signals if workers else None))
         images, captions, time_ids = next(self._iter)
         if images is None:
             raise BadInputError(captions)

@@ -237,12 +237,16 @@ class Evaluation:
         return kept
 
     # -- the run --------------------------------------------------------------------------------------------
-    def run(self, on_unit=None) -> dict:
+    def run(self, on_unit=None, stop=None) -> dict:
         """Sample, score and write every (arm, prompt group) not done yet, then the report. ``on_unit(n)`` is
-        called after each group is written (tests interrupt the run there). Returns the phase timings."""
+        called after each group is written (tests interrupt the run there). After a stop signal (``stop``, a
+        :class:`~trainer.stop_signal.StopSignal`) the group under way is finished and written, and
+        :class:`~trainer.stop_signal.Stopped` is raised. Returns the phase timings."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if stop is not None:
+            stop.arm()
         cut, lost = self.check_prompts_encode()
         self.done_units = set()
         kept = self._start_files()
@@ -261,6 +265,12 @@ class Evaluation:
                 bar.update(1)
                 if on_unit is not None:
                     on_unit(n)
+                if stop is not None and stop.requested and n < len(todo):
+                    from .stop_signal import Stopped
+
+                    done = len(self.arms) * len(units) - len(todo) + n
+                    raise Stopped(stop.requested, f"{done} of {len(self.arms) * len(units)} prompt groups are "
+                                                  f"written to {self.scores_file}", ["--resume"])
         finally:
             bar.close()
             self.swap.restore()
@@ -370,13 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
               f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
               f"the pipeline). Pass --model, --reward-model and --lora for a real comparison.", flush=True)
-    evaluation.run()
-    return 0
+    from .stop_signal import run_stoppable  # a stop signal ends the group under way, then exits 130 / 143
+
+    return run_stoppable(lambda stop: evaluation.run(stop=stop), "the prompt group under way", PROG, argv)
+
+
+PROG = "python -m trainer.evaluate"
 
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m trainer.evaluate``: user mistakes print one paragraph (no traceback) and exit with code 2."""
-    return run_cli(main, argv, prog="python -m trainer.evaluate")
+    return run_cli(main, argv, prog=PROG)
 
 
 if __name__ == "__main__":
