@@ -55,6 +55,33 @@ def append_text(path: str | os.PathLike, text: str) -> None:
             raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_json_file(path: str | os.PathLike, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; a damaged file (not UTF-8, not JSON, not an object) is a
+    :class:`~longalign_core.errors.BadInputError` naming it, the place and ``fix`` (never a decoding traceback)."""
+    import json
+
+    from .errors import BadInputError, read_text_file
+
+    try:
+        text = read_text_file(path, what)
+        value = json.loads(text)
+    except BadInputError as exc:
+        raise BadInputError(f"{exc}: the file is damaged; {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: {what} is damaged (not valid JSON: {exc.msg} at column "
+                            f"{exc.colno}); {fix}") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path}: {what} is damaged (a JSON {type(value).__name__}, not an object); {fix}")
+    return value
+
+
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move a fully written folder ``tmp`` to ``final`` in one rename; if another process published ``final``
     first, keep theirs and drop ``tmp``. Readers never see a half-written folder."""

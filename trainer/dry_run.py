@@ -126,7 +126,9 @@ def dry_run(cfg, trainer_class) -> dict:
     if result["is_main_process"]:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / REPORT_FILE).write_text(result["report"])
+        from longalign_core.io_utils import atomic_write_text
+
+        atomic_write_text(out / REPORT_FILE, result["report"])
     return result
 
 

@@ -345,8 +345,9 @@ class Evaluation:
             folder = self.out / "images" / arm_folder(arm.name)
             for b, (p, s) in enumerate(items):
                 save_png(pixels[b], folder / f"p{p:03d}-s{s}.png")
-            with self.scores_file.open("a", encoding="utf-8", newline="") as f:
-                f.write(csv_text(rows))  # one write per group: a kill leaves whole groups or a cut tail
+            from longalign_core.io_utils import append_text
+
+            append_text(self.scores_file, csv_text(rows))  # one write per group, cut back if it fails
 
 
 def rebuild_report(cfg: EvalConfig) -> str:

@@ -80,8 +80,10 @@ def validate(run, step: int, log: CSVLog, per_prompt: CSVLog | None = None) -> d
     from PIL import Image
 
     grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    (run.out / "validation").mkdir(exist_ok=True)
-    Image.fromarray(np.concatenate(list(grid), axis=1)).save(run.out / "validation" / f"step-{step:06d}.png")
+    from longalign_core.io_utils import atomic_path
+
+    with atomic_path(run.out / "validation" / f"step-{step:06d}.png") as tmp:
+        Image.fromarray(np.concatenate(list(grid), axis=1)).save(tmp, format="PNG")
     log.write(row)
     if per_prompt is not None:
         for i in range(n):
