@@ -49,17 +49,21 @@ _DISK_PHRASES = ("no space left on device", "os error 28", "disk quota exceeded"
                  "input/output error", "file write failed", "iostream error")
 
 
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or during (a few deep)."""
+    found = []
+    while err is not None and len(found) < 6:
+        found.append(err)
+        err = err.__cause__ or err.__context__
+    return found
+
+
 def is_disk_error(err: BaseException | None) -> bool:
     """True when ``err`` (or an exception it was raised from or during) is a write failing for lack of space or
     an I/O error."""
-    seen = 0
-    while err is not None and seen < 6:
-        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
-            return True
-        if not isinstance(err, OSError) and any(p in str(err).lower() for p in _DISK_PHRASES):
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    return any(isinstance(e, OSError) and e.errno in DISK_ERRNOS
+               or not isinstance(e, OSError) and any(p in str(e).lower() for p in _DISK_PHRASES)
+               for e in _chain(err))
 
 
 def free_space(path: str | os.PathLike) -> tuple[Path, int]:
@@ -83,13 +87,14 @@ def disk_error(path: str | os.PathLike, err: BaseException) -> DiskFullError:
     """The one paragraph for a write of ``path`` that failed because of the disk: what happened, the free space
     there, that nothing half-written was kept, and what to do."""
     folder, free = free_space(path)
-    chain, full = err, False
-    while chain is not None and not full:
-        full = (isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", 0))) or \
-            any(p in str(chain).lower() for p in _DISK_PHRASES[:4])
-        chain = chain.__cause__ or chain.__context__
-    what = "the disk is full (or over quota)" if full else ("an I/O error (a failing disk, or a network or removable "
-                                                             "drive that went away)")
+    text = " ".join(str(e).lower() for e in _chain(err))
+    errnos = {getattr(e, "errno", None) for e in _chain(err)}
+    if errnos & {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)} or any(p in text for p in _DISK_PHRASES[:4]):
+        what = "the disk is full (or over quota)"
+    elif errno.EIO in errnos or "input/output error" in text:
+        what = "an I/O error (a failing disk, or a network or removable drive that went away)"
+    else:  # torch.save's stream writer does not say why
+        what = "the disk is full or failing"
     detail = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
     return DiskFullError(f"writing {path} failed: {what} ({detail}); {folder} has {format_bytes(free)} free. "
                          f"Nothing half-written was kept. Free space there (or choose another output folder) and "

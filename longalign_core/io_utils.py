@@ -67,13 +67,14 @@ def read_json_file(path: str | os.PathLike, what: str, fix: str) -> dict:
     :class:`~longalign_core.errors.BadInputError` naming it, the place and ``fix`` (never a decoding traceback)."""
     import json
 
-    from .errors import BadInputError, read_text_file
+    from .errors import BadInputError
 
+    data = Path(path).read_bytes()
     try:
-        text = read_text_file(path, what)
-        value = json.loads(text)
-    except BadInputError as exc:
-        raise BadInputError(f"{exc}: the file is damaged; {fix}") from None
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}:{data[:exc.start].count(b'{chr(10)}') + 1}: {what} is damaged (not UTF-8 text "
+                            f"at byte {exc.start}); {fix}") from None
     except json.JSONDecodeError as exc:
         raise BadInputError(f"{path}:{exc.lineno}: {what} is damaged (not valid JSON: {exc.msg} at column "
                             f"{exc.colno}); {fix}") from None
