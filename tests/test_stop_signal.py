@@ -187,3 +187,19 @@ def test_resume_command_replaces_an_earlier_resume():
     assert resume_command("p", ["--resume=latest", "--prompts", "a b.txt"], latest) == \
         "p --prompts 'a b.txt' --resume latest"
     assert resume_command("p", ["--resume", "--seeds", "2"], ["--resume"]) == "p --seeds 2 --resume"
+
+
+def test_the_stop_is_agreed_over_processes():
+    """With several processes every one asks at the same point of the step; one that received the signal makes
+    all of them stop (an accelerate stand-in whose gather returns every process's value, as gloo/NCCL would)."""
+    from types import SimpleNamespace
+
+    def acc(others: list[int]):
+        return SimpleNamespace(num_processes=1 + len(others), device=torch.device("cpu"),
+                               gather=lambda t: torch.cat([t, torch.tensor(others, dtype=t.dtype)]))
+
+    stop = StopSignal("the step under way")
+    assert stop.agreed(acc([0, 0])) is None
+    assert stop.agreed(acc([0, int(signal.SIGTERM)])) == signal.SIGTERM  # another process received it
+    stop.requested = signal.SIGINT
+    assert stop.agreed(acc([0])) == signal.SIGINT
