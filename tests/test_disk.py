@@ -206,7 +206,9 @@ def test_the_evaluation_names_a_full_disk_for_its_images_and_scores_and_resumes(
 
     monkeypatch.setattr(io_utils, "append_text", append_fails_second)  # evaluate imports it where it is used
     assert run_cli(main, [*args, "--output-dir", str(out)], prog="python -m trainer.evaluate") == 2
-    assert f"writing {out / 'scores.csv'} failed" in capsys.readouterr().err
+    line = one_paragraph(capsys.readouterr().err, "python -m trainer.evaluate")
+    assert f"writing {out / 'scores.csv'} failed" in line and f"{out / 'scores.csv'} are kept" in line
+    assert line.endswith(f"continue with: python -m trainer.evaluate {shlex.join(args)} --output-dir {out} --resume")
     monkeypatch.undo()
     assert run_cli(main, [*args, "--output-dir", str(out), "--resume"]) == 0
     assert same_scores((out / "scores.csv").read_text(), (tmp_path / "whole" / "scores.csv").read_text())

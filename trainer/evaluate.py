@@ -381,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
               f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
               f"the pipeline). Pass --model, --reward-model and --lora for a real comparison.", flush=True)
-    from .stop_signal import run_stoppable  # a stop signal ends the group under way, then exits 130 / 143
+    from .stop_signal import resume_command, run_stoppable  # a stop ends the group under way, exits 130 / 143
 
-    return run_stoppable(lambda stop: evaluation.run(stop=stop), "the prompt group under way", PROG, argv)
+    return run_stoppable(lambda stop: evaluation.run(stop=stop), "the prompt group under way", PROG, argv,
+                         after_disk_full=lambda: f"The prompt groups in {evaluation.scores_file} are kept; once there "
+                                                 f"is room, continue with: {resume_command(PROG, argv, ['--resume'])}")
 
 
 PROG = "python -m trainer.evaluate"

@@ -32,7 +32,7 @@ import torch
 from longalign_core.clip_text import CLIPSegmentEncoder
 from longalign_core.denscore import default_reference_prompts, direction_from_prompts, prompts_digest
 from longalign_core.dtypes import DTYPES
-from longalign_core.errors import BadConfigError, BadModelFileError, DiskFullError, run_cli
+from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora
 from longalign_core.preference import load_preference_model
 
@@ -381,12 +381,11 @@ def main(argv: list[str] | None = None) -> int:
               f"random-weight {which}-shaped pipeline on the CPU demo profile (real file formats and code paths; "
               f"the pictures are noise). Pass --model for a real run.", flush=True)
     try:  # a stop signal ends the step under way, checkpoints it and exits 130 / 143 (trainer/stop_signal.py)
-        return run_stoppable(lambda stop: Trainer(cfg).train(stop), "the step under way", PROG, argv)
+        return run_stoppable(lambda stop: Trainer(cfg).train(stop), "the step under way", PROG, argv,
+                             after_disk_full=lambda: ckpt.resume_hint(cfg.output_dir, PROG, argv))
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except DiskFullError as exc:  # whatever write failed: say what is intact and how to go on
-        raise DiskFullError(f"{exc}. {ckpt.resume_hint(cfg.output_dir, PROG, argv)}") from None
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -80,9 +80,12 @@ def stop_help(what_finishes: str, resume: str, other_codes: str = "") -> str:
         f"130 stopped by SIGINT (or SIGBREAK), 143 stopped by SIGTERM."))
 
 
-def run_stoppable(work, what_finishes: str, prog: str, argv: list[str]) -> int:
+def run_stoppable(work, what_finishes: str, prog: str, argv: list[str], after_disk_full=None) -> int:
     """``work(stop)`` under a :class:`StopSignal`: 0 when it ends, the signal's exit code (and the line saying how
-    to resume, on the main process) when it raised :class:`Stopped`."""
+    to resume, on the main process) when it raised :class:`Stopped`. A full disk's paragraph gets
+    ``after_disk_full()`` added: what is intact and the command that continues."""
+    from longalign_core.errors import DiskFullError
+
     with StopSignal(what_finishes) as stop:
         try:
             work(stop)
@@ -90,6 +93,10 @@ def run_stoppable(work, what_finishes: str, prog: str, argv: list[str]) -> int:
             if stopped.is_main:
                 print(stopped.line(prog, argv), file=sys.stderr, flush=True)
             return stopped.exit_code
+        except DiskFullError as exc:
+            if after_disk_full is None:
+                raise
+            raise DiskFullError(f"{exc}. {after_disk_full()}") from None
     return 0
 
 
