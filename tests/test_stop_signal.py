@@ -89,6 +89,44 @@ def test_a_stop_checkpoints_the_step_under_way_and_the_resumed_lora_is_bit_ident
     assert logged_steps(out) == list(range(1, 9))
 
 
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (its children, by their RANK environment variable)."""
+    found = {}
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children")
+    for pid in (children.read_text().split() if children.exists() else []):
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(pid)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc (Linux)")
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    """torchrun, 2 CPU processes; SIGTERM to rank 1 only: the stop is agreed each step, so both ranks write the
+    checkpoint of the same step together (no rank waits for the other forever) and the main one says how to
+    resume."""
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29561", "-m", "trainer.finetune", "--output-dir", str(out), *TRAIN], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(proc, lambda: 1 in logged_steps(out))
+    ranks = worker_pids(proc)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    steps = logged_steps(out)
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and n < 8, (steps, err[-3000:])
+    assert [p.name for p in checkpoints(out)] == [f"checkpoint-{n:06d}"], err[-3000:]
+    assert len(list((checkpoints(out)[0]).glob("random_states_*.pkl"))) == 2  # both ranks saved theirs
+    assert err.count("python -m trainer.finetune: stopped by SIGTERM") == 1  # the main process's line only
+    assert "Resume with: the same launcher (2 processes) running python -m trainer.finetune" in err
+    assert not temporary_files(out)
+
+
 def test_a_second_signal_stops_at_once_and_leaves_no_temporary_file(tmp_path):
     """A slow step (40 DDIM steps): the second SIGTERM lands inside it, and the run ends there, without
     finishing or checkpointing it."""
