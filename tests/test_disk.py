@@ -323,3 +323,31 @@ def test_a_truncated_image_is_named_before_a_model_loads_held_out_or_not(tmp_pat
         line = one_paragraph(run.stderr)
         assert f"{cut[int(i)]}: the image cannot be read" in line and "truncated or not an image" in line
         assert "Running training" not in run.stdout and not (tmp_path / f"out{i}").exists()  # nothing loaded
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The dry run's disk estimate, and the checkpoint size worked out before one is written
+
+
+def test_the_dry_run_reports_the_disk_and_the_estimate_covers_a_real_checkpoint(tmp_path):
+    from trainer.config import TrainConfig
+    from trainer.disk import checkpoint_bytes
+    from trainer.dry_run import dry_run
+    from trainer.finetune import Trainer
+
+    cfg = TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "40",
+                                 "--checkpoint-every", "10", "--checkpoints-keep", "2", "--validation-every", "20"])
+    result = dry_run(cfg, Trainer)
+    measured = result["checkpoint_bytes"]
+    disk = result["disk"]
+    # steps 10, 20 and 30 checkpoint; 2 kept plus the one being written: 3 at once
+    assert disk["checkpoints"] == 3 * measured
+    assert disk["validation images"] > 0 and result["validations"] == 3  # steps 0, 20 and 40
+    assert disk["logs"] == 40 * 1024 and disk["total"] == sum(v for k, v in disk.items() if k != "total")
+    assert 100_000 < disk["LoRA"] < measured
+    assert "**Disk: " in result["report"] and f"in {tmp_path / 'run'} at most" in result["report"]
+    assert "free" in result["report"].split("**Disk: ")[1].split("\n")[0]
+    # the size check before the first step works the checkpoint out from what trains: at least the real one,
+    # not far above it
+    run = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "other"), *FAST]))
+    assert measured <= checkpoint_bytes(run) <= 1.15 * measured, (checkpoint_bytes(run), measured)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from longalign_core.errors import BadConfigError, format_bytes
+from longalign_core.errors import BadConfigError, format_bytes, free_space
 
 from .memory import (GiB, PeakMemory, is_out_of_memory, module_bytes, out_of_memory_advice, process_peak_bytes,
                      total_memory)
@@ -136,6 +136,11 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB // 2 else f"{n / 2**20:.1f} MiB"
 
 
+def _free(folder) -> str:
+    where, free = free_space(folder)
+    return f"{where} has {format_bytes(free)} free"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -176,5 +181,5 @@ def format_report(r: dict) -> str:
               + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["disk"].items() if k != "total")
               + f" ({min(cfg.checkpoints_keep + 1, r['checkpoints'])} checkpoint(s) of {format_bytes(r['checkpoint_bytes'])}"
               f" at once: --checkpoints-keep {cfg.checkpoints_keep} and the one being written; {r['validations']} "
-              f"validation image(s) as measured here; about 1 KB of logs a step).", ""]
+              f"validation image(s) as measured here; about 1 KB of logs a step); {_free(r['output_dir'])}.", ""]
     return "\n".join(lines)
