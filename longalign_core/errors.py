@@ -42,6 +42,70 @@ class UnsupportedClipError(BadModelFileError):
     Flux, T5-based models): the message names what was found and says to use the model's own text-encode node."""
 
 
+class DiskFullError(LongAlignError):
+    """A write failed for lack of space or an I/O error (or would: a run refused up front); the message names the
+    path and the free space there."""
+
+
+#: errno values of a write that failed because of the disk, not the program: full, over quota, I/O error.
+DISK_ERRNOS = {errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+#: How writers that do not raise OSError (safetensors' Rust writer, torch.save's stream writer) report them.
+_DISK_PHRASES = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122",
+                 "input/output error", "file write failed", "iostream error")
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or during (a few deep)."""
+    found = []
+    while err is not None and len(found) < 6:
+        found.append(err)
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def is_disk_error(err: BaseException | None) -> bool:
+    """True when ``err`` (or an exception it was raised from or during) is a write failing for lack of space or
+    an I/O error."""
+    return any(isinstance(e, OSError) and e.errno in DISK_ERRNOS
+               or not isinstance(e, OSError) and any(p in str(e).lower() for p in _DISK_PHRASES)
+               for e in _chain(err))
+
+
+def free_space(path: str | os.PathLike) -> tuple[Path, int]:
+    """(the nearest existing folder of ``path``, its free bytes)."""
+    import shutil
+
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def disk_error(path: str | os.PathLike, err: BaseException) -> DiskFullError:
+    """The one paragraph for a write of ``path`` that failed because of the disk: what happened, the free space
+    there, that nothing half-written was kept, and what to do."""
+    folder, free = free_space(path)
+    text = " ".join(str(e).lower() for e in _chain(err))
+    errnos = {getattr(e, "errno", None) for e in _chain(err)}
+    if errnos & {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)} or any(p in text for p in _DISK_PHRASES[:4]):
+        what = "the disk is full (or over quota)"
+    elif errno.EIO in errnos or "input/output error" in text:
+        what = "an I/O error (a failing disk, or a network or removable drive that went away)"
+    else:  # torch.save's stream writer does not say why
+        what = "the disk is full or failing"
+    detail = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return DiskFullError(f"writing {path} failed: {what} ({detail}); {folder} has {format_bytes(free)} free. "
+                         f"Nothing half-written was kept. Free space there (or choose another output folder) and "
+                         f"run again")
+
+
 # OS / format errors that come from the user's files rather than from our code.
 EXPECTED_OS_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, IsADirectoryError,
                                                          NotADirectoryError, PermissionError)
@@ -63,15 +127,22 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return main(args)
     except (LongAlignError, OSError) as err:
-        if not is_user_error(err):
+        if not is_user_error(err) and not is_disk_error(err):
             raise
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {format_error(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a second stop signal (trainer/stop_signal.py) says what it kept
+        print(f"{prog}: {getattr(err, 'message', 'interrupted')}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
+    except Exception as err:  # a write the atomic writer did not see (a library's own file) failing on the disk
+        if not is_disk_error(err):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {format_error(err)}", file=sys.stderr)
+        return 2
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -83,11 +154,15 @@ def is_user_error(err: BaseException) -> bool:
 
 def format_error(err: BaseException) -> str:
     """The one-paragraph text of a user error (OS errors name their file)."""
+    if is_disk_error(err) and not isinstance(err, LongAlignError):
+        path = getattr(err, "filename", None)
+        return str(disk_error(path, err)) if path else (f"a write failed: {str(err).strip() or type(err).__name__}"
+                                                         f" (the disk is full or failing; {format_bytes(free_space('.')[1])}"
+                                                         f" free in {Path.cwd()}): free space and run again")
     if isinstance(err, OSError) and getattr(err, "filename", None):
         what = err.strerror or str(err)
         hint = {errno.ELOOP: " (a symbolic link loop: fix or remove the link)",
-                errno.EACCES: " (not allowed: check the file's permissions)",
-                errno.ENOSPC: " (the disk is full: free space and run again)"}.get(err.errno or 0, "")
+                errno.EACCES: " (not allowed: check the file's permissions)"}.get(err.errno or 0, "")
         return f"{what}: {err.filename}{hint}"
     return " ".join(str(err).split("\n")) if isinstance(err, LongAlignError) else str(err)
 

@@ -8,24 +8,79 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import BadModelFileError
+from .errors import BadModelFileError, DiskFullError, disk_error, is_disk_error
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, on error it is
-    removed and ``path`` is left as it was."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename, on error (a second
+    Ctrl-C included) it is removed and ``path`` is left as it was. A write that failed for lack of space or an
+    I/O error becomes a :class:`~longalign_core.errors.DiskFullError` naming ``path`` and the free space."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_error(exc):
+            raise disk_error(path, exc) from None
+        raise
     os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_error(exc):
+            raise disk_error(path, exc) from None
         raise
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` (whole rows of a log) to ``path`` in one write, flushed; if the write fails (a full disk,
+    a second Ctrl-C) the file is cut back to its old length, so no half row is left, and a disk failure is a
+    :class:`~longalign_core.errors.DiskFullError` naming ``path``."""
+    path, data = Path(path), text.encode("utf-8")
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing is left to flush when it fails
+        size = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view):]
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                f.truncate(size)
+            if isinstance(exc, Exception) and is_disk_error(exc):
+                raise disk_error(path, exc) from None
+            raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_json_file(path: str | os.PathLike, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; a damaged file (not UTF-8, not JSON, not an object) is a
+    :class:`~longalign_core.errors.BadInputError` naming it, the place and ``fix`` (never a decoding traceback)."""
+    import json
+
+    from .errors import BadInputError
+
+    data = Path(path).read_bytes()
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}:{data[:exc.start].count(b'{chr(10)}') + 1}: {what} is damaged (not UTF-8 text "
+                            f"at byte {exc.start}); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: {what} is damaged (not valid JSON: {exc.msg} at column "
+                            f"{exc.colno}); {fix}") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path}: {what} is damaged (a JSON {type(value).__name__}, not an object); {fix}")
+    return value
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:

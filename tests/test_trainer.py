@@ -136,7 +136,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         trainer.train()
     found = checkpoints(tmp_path / "run")
     assert [p.name for p in found] == ["checkpoint-000002"]
-    assert (tmp_path / "run" / "checkpoints" / "checkpoint-000004.tmp").is_dir()
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-000004.tmp").exists()  # removed on the way out
     resumed = Trainer(cfg(tmp_path, "--train-steps", "5", "--checkpoint-every", "2", "--resume", "latest"))
     assert resumed.load_checkpoint("latest") == 2
 

@@ -6,12 +6,13 @@
   folder: the folder itself, then the folder it sits in);
 * a folder of images with a ``.txt`` caption beside each (``a.png`` + ``a.txt``: the kohya / OneTrainer layout).
 
-Every image is opened (header and, for PNG, its checksums) before a model loads, so a missing or broken file is
-one message naming it and its row. Images are decoded by a DataLoader's workers. Each epoch walks the rows
-without replacement in a seeded order; the position is a function of the step, so a resumed run continues at
-exactly the next image. With ``--buckets`` every image goes to the aspect-ratio bucket of about the training
-resolution's area nearest its own shape (the usual SDXL 1024² buckets at 1024), is resized to cover it and
-centre-cropped, and a micro-batch holds one bucket; SDXL's size/crop ids are those of the crop really taken.
+Every image (the held-out rows' too) is opened and checked before a model loads (PNG: its checksums; other formats:
+decoded at 1/8 scale), so a missing, broken or truncated file is one message naming it and its row. Images are
+decoded by a DataLoader's workers. Each epoch walks the rows without replacement in a seeded order; the position is
+a function of the step, so a resumed run continues at exactly the next image. With ``--buckets`` every image goes
+to the aspect-ratio bucket of about the training resolution's area nearest its own shape (the usual SDXL 1024²
+buckets at 1024), is resized to cover it and centre-cropped, and a micro-batch holds one bucket; SDXL's size/crop
+ids are those of the crop really taken.
 """
 
 from __future__ import annotations
@@ -176,25 +177,38 @@ def _from_image_folder(folder: Path) -> PairSource:
     return PairSource(str(folder), captions, paths=images)
 
 
-def check_images(source: PairSource, rows: list[int]) -> list[tuple[int, int]]:
-    """(height, width) of every image of ``rows``, each opened and checked (PNG checksums too) before a model
-    loads: a missing, unreadable or truncated file is a :class:`BadInputError` naming it and its row."""
+def check_images(source: PairSource, rows) -> list[tuple[int, int]]:
+    """(height, width) of every image of ``rows``, each opened and checked before a model loads (in threads: the
+    decoders release the GIL): a missing, unreadable or truncated file is a :class:`BadInputError` naming it and
+    its row (the first in row order). A PNG's chunk checksums are verified, which finds a file cut short; the
+    other formats have none (``verify`` passes a JPEG cut in half), so they are decoded, JPEG at 1/8 scale
+    (``draft``: the whole stream is still read). 1024² on this project's test machine: 1.6 ms a PNG, 4.4 ms a
+    JPEG."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda i: _check_image(source, i), rows))
+
+
+def _check_image(source: PairSource, i: int) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
-    sizes = []
-    for i in rows:
-        try:
-            with source.open(i) as img:
-                w, h = img.size
+    try:
+        with source.open(i) as img:
+            w, h = img.size
+            if img.format == "PNG":
                 img.verify()
-        except FileNotFoundError:
-            raise BadInputError(f"{source.where(i)}: image {source.paths[i]} not found; check the path "
-                                f"(relative paths are read under --image-root, else the file's folder)") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise BadInputError(f"{source.where(i)}: the image cannot be read ({type(exc).__name__}: {exc}); it is "
-                                f"truncated or not an image: replace it or drop the row") from None
-        sizes.append((h, w))
-    return sizes
+            else:
+                img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                img.load()
+    except FileNotFoundError:
+        raise BadInputError(f"{source.where(i)}: image {source.paths[i]} not found; check the path "
+                            f"(relative paths are read under --image-root, else the file's folder)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInputError(f"{source.where(i)}: the image cannot be read ({type(exc).__name__}: {exc}); it is "
+                            f"truncated or not an image: replace it or drop the row") from None
+    return h, w
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -327,8 +341,10 @@ class AlignData:
         self._iter, self._next = None, None
 
     def check(self, train_rows: list[int]) -> None:
+        """Every image of the dataset (the held-out rows' too: a broken file is named whichever side it fell on)."""
         self.train_rows = train_rows
-        self.sizes = dict(zip(train_rows, check_images(self.source, train_rows)))
+        every = range(len(self.captions))
+        self.sizes = dict(zip(every, check_images(self.source, every)))
 
     def bucket(self, resolution: int, buckets: bool) -> None:
         """Each training row's target size: the nearest bucket of about ``resolution``² (``buckets``), else the
@@ -351,8 +367,11 @@ class AlignData:
                 raise ValueError(f"a step's micro-batches come in order; asked for {micro} of step {step} first")
             order = BatchOrder(self.groups, cfg.train_batch_size, cfg.seed, processes, cfg.gradient_accumulation_steps)
             workers = cfg.dataloader_workers
+            from .stop_signal import ignore_stop_signals
+
             self._iter = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=StepSampler(order, step, process),
-                                                          num_workers=workers, collate_fn=collate))
+                                                          num_workers=workers, collate_fn=collate,
+                                                          worker_init_fn=ignore_stop_signals if workers else None))
         images, captions, time_ids = next(self._iter)
         if images is None:
             raise BadInputError(captions)

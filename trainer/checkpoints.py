@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from longalign_core.errors import BadConfigError, BadModelFileError
+from longalign_core.errors import BadConfigError, BadModelFileError, disk_error, is_disk_error
 
 STATE_FILE = "trainer_state.json"
 #: The trainable parameters of the UNet (the LoRA), by parameter name, fp32: what resume restores exactly.
@@ -77,21 +77,46 @@ def save_checkpoint(acc, output_dir: Path, step: int, state: dict, keep: int,
     final = folder / f"checkpoint-{step:06d}"
     tmp = folder / f"checkpoint-{step:06d}.tmp"
     if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in folder.glob("checkpoint-*.tmp"):  # left by a run killed while saving (kill -9)
+            shutil.rmtree(stale, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
-    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if export is not None:
+                export(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+    except BaseException as exc:  # a full disk, a second Ctrl-C: the older checkpoints stay, no .tmp is left
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and is_disk_error(exc):
+            raise disk_error(tmp, exc) from None
+        raise
     if acc.is_main_process:
-        if export is not None:
-            export(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def stopped(run, signum: int, step: int, saved: Path | None):
+    """The :class:`~trainer.stop_signal.Stopped` of a run stopped by ``signum`` after ``step`` (``saved``: the
+    checkpoint of that step, None when the stop came before the first step)."""
+    from .stop_signal import Stopped
+
+    found = checkpoints(run.out)
+    if saved is not None:
+        detail = f"checkpoint {saved} holds step {step} of {run.cfg.train_steps}"
+    elif found:
+        detail = f"no step ran; the latest checkpoint, {found[-1]}, is unchanged"
+    else:
+        detail = "no step ran and nothing was saved"
+    return Stopped(signum, detail, ["--resume", "latest"] if saved is not None or found else [],
+                   run.acc.num_processes, run.acc.is_main_process)
 
 
 def find_checkpoint(output_dir: Path, which: str) -> Path:
@@ -126,3 +151,15 @@ def load_checkpoint(acc, output_dir: Path, which: str) -> tuple[Path, dict]:
         raise BadModelFileError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {detail}); it is "
                                 f"corrupt or incomplete: {fix}, or delete {path}") from None
     return path, state
+
+
+def resume_hint(output_dir, prog: str, argv: list[str]) -> str:
+    """After a failed write: the last complete checkpoint (intact: checkpoints are written aside and renamed) and
+    the command that continues from it."""
+    from .stop_signal import resume_command
+
+    found = checkpoints(output_dir)
+    if not found:
+        return "No checkpoint was written yet: run the same command again once there is room"
+    return (f"The last complete checkpoint, {found[-1]}, is intact; once there is room, resume with: "
+            f"{resume_command(prog, argv, ['--resume', 'latest'])}")

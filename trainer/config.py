@@ -254,8 +254,12 @@ class TrainConfig:
     @classmethod
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
         """The command line (``description``: the text ``--help`` prints above the options)."""
+        from .stop_signal import stop_help
+
         ap = argparse.ArgumentParser(prog=PROG, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=stop_help(
+                                         "ends the step under way, writes a checkpoint of it on every process",
+                                         "--resume latest", " 3 the loss became NaN or infinite;"))
         ap.add_argument("--config", help="JSON or TOML file with any of the options below (flags win; both win "
                                          "over the demo profile used when no --model, or an embedded one, is given)")
         add_field_options(ap, cls, CHOICES)

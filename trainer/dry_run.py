@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from longalign_core.errors import BadConfigError
+from longalign_core.errors import BadConfigError, format_bytes, free_space
 from longalign_core.out_of_memory import is_out_of_memory
 
+from .disk import run_disk_bytes
+from .lora_layers import LORA_FILE
 from .memory import GiB, PeakMemory, module_bytes, out_of_memory_advice, process_peak_bytes, total_memory
 from .run_log import CSVLog
 from .validation import validate
@@ -109,6 +111,8 @@ def dry_run(cfg, trainer_class) -> dict:
         folder = run.save_checkpoint(1)
         checkpoint = time.perf_counter() - t0
         checkpoint_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        lora_bytes = (folder / LORA_FILE).stat().st_size if (folder / LORA_FILE).is_file() else 0
+        image_bytes = sum(p.stat().st_size for p in (Path(work) / "validation").glob("*.png"))
         result = {"config": run.cfg, "device": device, "load_seconds": load, "step": step,
                   "validation_seconds": validation, "validation_peak_bytes": val_mem.increase,
                   "checkpoint_seconds": checkpoint, "checkpoint_bytes": checkpoint_bytes,
@@ -116,16 +120,25 @@ def dry_run(cfg, trainer_class) -> dict:
                   "device_bytes": total_memory(device), "processes": run.acc.num_processes,
                   "is_main_process": run.acc.is_main_process,
                   **project(run.cfg, load, step["seconds"], validation, checkpoint)}
+        result["output_dir"] = cfg.output_dir  # run.cfg's is the temporary folder
+        result["disk"] = run_disk_bytes(run.cfg, checkpoint_bytes, lora_bytes, image_bytes, result["validations"])
     result["report"] = format_report(result)
     if result["is_main_process"]:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / REPORT_FILE).write_text(result["report"])
+        from longalign_core.io_utils import atomic_write_text
+
+        atomic_write_text(out / REPORT_FILE, result["report"])
     return result
 
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB // 2 else f"{n / 2**20:.1f} MiB"
+
+
+def _free(folder) -> str:
+    where, free = free_space(folder)
+    return f"{where} has {format_bytes(free)} free"
 
 
 def _duration(seconds: float) -> str:
@@ -163,5 +176,10 @@ def format_report(r: dict) -> str:
               f"{cfg.train_steps} steps × {step['seconds']:.2f} s + {r['validations']} validation(s) × "
               f"{r['validation_seconds']:.1f} s + {r['checkpoints']} checkpoint(s) × {r['checkpoint_seconds']:.1f} s "
               f"({_gib(r['checkpoint_bytes'])} each). Every process runs every step, so more processes add "
-              f"prompts per step, not steps per second.", ""]
+              f"prompts per step, not steps per second.", "",
+              f"**Disk: {format_bytes(r['disk']['total'])}** in {r['output_dir']} at most = "
+              + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["disk"].items() if k != "total")
+              + f" ({min(cfg.checkpoints_keep + 1, r['checkpoints'])} checkpoint(s) of {format_bytes(r['checkpoint_bytes'])}"
+              f" at once: --checkpoints-keep {cfg.checkpoints_keep} and the one being written; {r['validations']} "
+              f"validation image(s) as measured here; about 1 KB of logs a step); {_free(r['output_dir'])}.", ""]
     return "\n".join(lines)

@@ -117,8 +117,12 @@ class EvalConfig:
 
     @classmethod
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+        from .stop_signal import stop_help
+
         ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=stop_help("finishes the prompt group under way, writes it to "
+                                                      "scores.csv", "--resume"))
         add_field_options(ap, cls, CHOICES)
         return ap
 

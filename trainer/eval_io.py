@@ -15,7 +15,7 @@ import torch
 
 from longalign_core.errors import BadConfigError
 
-from .eval_stats import SCORE_COLUMNS
+from .eval_stats import SCORE_COLUMNS, read_scores_text
 
 SETTINGS_FILE = "evaluation.json"
 SCORES_FILE = "scores.csv"
@@ -69,13 +69,15 @@ def csv_text(rows: list[dict], header: bool = False) -> str:
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """A PNG with light compression (level 1: several times faster than the default, the files a little larger).
-    Not atomic, and it need not be: a group's images are written before its rows of scores.csv, and a group
-    without its rows is done again on --resume, its images rewritten."""
+    """A PNG with light compression (level 1: several times faster than the default, the files a little larger),
+    written atomically. A group's images are written before its rows of scores.csv, and a group without its rows
+    is done again on --resume, its images rewritten."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+    from longalign_core.io_utils import atomic_path
+
+    with atomic_path(path) as tmp:  # a full disk is named with the path; no partial file is left
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
 def arm_folder(name: str) -> str:
@@ -132,9 +134,18 @@ def read_evaluation_prompts(cfg) -> tuple[list[str], list[str] | None, str]:
     return prompts, names, source
 
 
+def read_settings(out: Path) -> dict:
+    """The settings an evaluation in ``out`` was made with (``evaluation.json``); a damaged file is one message."""
+    from longalign_core.io_utils import read_json_file
+
+    return read_json_file(out / SETTINGS_FILE, "the evaluation's settings file",
+                          f"it records the settings the scores in {out} were made with, so they cannot be checked: "
+                          f"restore it from a copy, or start again in another --output-dir")
+
+
 def check_settings(out: Path, settings: dict) -> None:
     """``--resume``: the settings the scores in ``out`` were made with must be today's."""
-    saved = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+    saved = read_settings(out)
     differ = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
     if differ:
         raise BadConfigError(f"--resume: {out} was evaluated with other settings ({'; '.join(differ)}); resume "
@@ -163,7 +174,7 @@ def score_files(out: Path) -> list[Path]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = read_scores_text(path, header=path.name == SCORES_FILE) if path.exists() else ""
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the last line was cut mid-write
     if not text:

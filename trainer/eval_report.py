@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from longalign_core.io_utils import atomic_path, atomic_write_text, read_json_file
+
+from .eval_io import SETTINGS_FILE, read_settings
 from .eval_stats import BASE_ARM, METRICS, Estimate, Summary, image_values, read_scores, summarize
 
 LABELS = {"score": "Denscore", "text_relevant": "text-relevant", "text_irrelevant": "text-irrelevant",
@@ -120,22 +123,20 @@ def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timing
         if (out / PROMPT_NAMES_FILE).is_file() else []
     rows = read_scores(out / "scores.csv")
     summary = summarize(rows, n_boot, boot_seed)
-    settings = json.loads((out / "evaluation.json").read_text(encoding="utf-8")) \
-        if (out / "evaluation.json").is_file() else {}
+    settings = read_settings(out) if (out / SETTINGS_FILE).is_file() else {}
     prompts = [p for p in (out / "prompts.txt").read_text(encoding="utf-8").splitlines() if p] \
         if (out / "prompts.txt").is_file() else []
     _plot(summary, out / "report.png")
     grids = _grids(out, rows, prompts, [a.name for a in summary.arms], names)
     if timings is not None:  # the run's phases so far, plus this report's own time
-        from longalign_core.io_utils import atomic_path
-
         spent = time.perf_counter() - started
         timings = {**timings, "report": timings.get("report", 0.0) + spent, "total": timings["total"] + spent}
         with atomic_path(out / TIMINGS_FILE) as tmp:
             Path(tmp).write_text(json.dumps(timings, indent=2), encoding="utf-8")
     elif (out / TIMINGS_FILE).is_file():
-        timings = json.loads((out / TIMINGS_FILE).read_text(encoding="utf-8"))
-    (out / "report.md").write_text(_markdown(summary, settings, names, timings, tokens, grids), encoding="utf-8")
+        timings = read_json_file(out / TIMINGS_FILE, "the evaluation's timings file", "delete it (it only feeds the "
+                                 "report's time section) and run --report-only again")
+    atomic_write_text(out / "report.md", _markdown(summary, settings, names, timings, tokens, grids))
     lines = [f"evaluated {len(summary.arms)} arm(s) on {summary.prompts} prompts × {summary.seeds} seed(s) "
              f"(×100, 95 % bootstrap interval over prompts):"]
     for arm in summary.arms:
@@ -325,6 +326,7 @@ def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str], nam
                                     fill="black", spacing=3)
         path = out / "grids" / f"p{p:03d}.jpg"
         path.parent.mkdir(exist_ok=True)
-        grid.save(path, format="JPEG", quality=90)  # derived from scores.csv and images/: rebuilt by any report
+        with atomic_path(path) as tmp:  # derived from scores.csv and images/: rebuilt by any report
+            grid.save(tmp, format="JPEG", quality=90)
         paths.append(path)
     return paths

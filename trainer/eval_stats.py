@@ -28,11 +28,40 @@ BASE_ARM = "base"
 DEFAULT_BOOTSTRAP = 2000
 
 
+def read_scores_text(path: Path, header: bool = True) -> str:
+    """``scores.csv`` as text, its header checked (``header=False``: a process's part file, written without one);
+    a damaged file (not UTF-8, NUL bytes a crash can leave, another
+    header) is one message naming the line and what to do."""
+    from longalign_core.errors import BadInputError
+
+    data = path.read_bytes()
+    fix = (f"delete that line and every one after it (--resume redoes their prompt groups), or delete {path.parent} "
+           f"and start again")
+    bad = data.find(b"\x00")
+    try:
+        text = data[:bad if bad >= 0 else len(data)].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise BadInputError(f"{path}:{line}: scores.csv is damaged (not UTF-8 text at byte {exc.start}); {fix}") \
+            from None
+    if bad >= 0:
+        raise BadInputError(f"{path}:{text.count(chr(10)) + 1}: scores.csv is damaged (NUL bytes, as a crash or a "
+                            f"full disk can leave); {fix}")
+    first = text.split("\n", 1)[0].strip()
+    if text and header and first != ",".join(SCORE_COLUMNS):
+        raise BadInputError(f"{path}:1: scores.csv is damaged (its header is {first[:80]!r}, not the evaluation's "
+                            f"columns {','.join(SCORE_COLUMNS)}); restore the header line, or delete {path.parent} "
+                            f"and start again")
+    return text
+
+
 def read_scores(path: str | Path) -> list[dict]:
     """The rows of a ``scores.csv``, numbers parsed; a malformed file is a :class:`BadInputError` naming the line."""
+    import io
+
     path = Path(path)
     rows = []
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(read_scores_text(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in SCORE_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

@@ -233,12 +233,16 @@ class Evaluation:
                               [cfg.seed + k for k in range(cfg.seeds)], sentences)
 
     # -- the run --------------------------------------------------------------------------------------------
-    def run(self, on_unit=None) -> dict:
+    def run(self, on_unit=None, stop=None) -> dict:
         """Sample, score and write every (arm, prompt group) not done yet, then the report. ``on_unit(n)`` is
-        called after each group is written (tests interrupt the run there). Returns the phase timings."""
+        called after each group is written (tests interrupt the run there). After a stop signal (``stop``, a
+        :class:`~trainer.stop_signal.StopSignal`) the group under way is finished and written, and
+        :class:`~trainer.stop_signal.Stopped` is raised. Returns the phase timings."""
         from tqdm.auto import tqdm
 
         cfg, procs = self.cfg, self.procs
+        if stop is not None:
+            stop.arm()
         tokens = self.check_prompts_encode()
         self.done_units = set()
         kept = self._start_files(tokens)
@@ -265,6 +269,12 @@ class Evaluation:
                                     seconds_per_step=round(per_group, 3), eta=round(per_group * (len(todo) - n), 1))
                 if on_unit is not None:
                     on_unit(n)
+                if stop is not None and stop.requested and n < len(todo):
+                    from .stop_signal import Stopped
+
+                    kept = (f"{done_before + n} of {total} prompt groups are" if procs.world == 1 else
+                            f"this process's finished prompt groups ({n} of {len(todo)}) are")
+                    raise Stopped(stop.requested, f"{kept} written to {self.part}", ["--resume"])
         finally:
             bar.close()
             self.swap.restore()
@@ -353,8 +363,9 @@ class Evaluation:
             folder = self.out / "images" / arm_folder(arm.name)
             for b, (p, s) in enumerate(items):
                 save_png(pixels[b], folder / f"p{p:03d}-s{s}.png")
-            with self.part.open("a", encoding="utf-8", newline="") as f:
-                f.write(csv_text(rows))  # one write per group: a kill leaves whole groups or a cut tail
+            from longalign_core.io_utils import append_text
+
+            append_text(self.part, csv_text(rows))  # one write per group, cut back if it fails
 
 
 def rebuild_report(cfg: EvalConfig) -> str:
@@ -390,13 +401,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
               f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
               f"the pipeline). Pass --model, --reward-model and --lora for a real comparison.", flush=True)
-    evaluation.run()
-    return 0
+    from .stop_signal import resume_command, run_stoppable  # a stop ends the group under way, exits 130 / 143
+
+    return run_stoppable(lambda stop: evaluation.run(stop=stop), "the prompt group under way", PROG, argv,
+                         after_disk_full=lambda: f"The prompt groups in {evaluation.scores_file} are kept; once there "
+                                                 f"is room, continue with: {resume_command(PROG, argv, ['--resume'])}")
+
+
+PROG = "python -m trainer.evaluate"
 
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m trainer.evaluate``: user mistakes print one paragraph (no traceback) and exit with code 2."""
-    return run_cli(main, argv, prog="python -m trainer.evaluate")
+    return run_cli(main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

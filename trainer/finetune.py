@@ -18,7 +18,6 @@ written to ``<output_dir>/config.json``. User mistakes print one paragraph and e
 keeps the traceback).
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -55,9 +54,11 @@ from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_s
 from .sampling import UNetConditioning
 from .text_cache import cache_text_embeddings, pin_reward_texts
 from .seeding import seed_global_rng, step_generator
+from .stop_signal import StopSignal, run_stoppable
+from .disk import check_free_space
 from .validation import Validation
 
-log = logging.getLogger("LongAlign")
+PROG = "python -m trainer.finetune"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -282,13 +283,16 @@ class Trainer:
                 dump_debug(self, step, dump)
         return sums
 
-    def train(self) -> Path:
-        """Resume if asked, validate, run the steps (logging, checkpoints, validations), write the outputs."""
+    def train(self, stop: StopSignal | None = None) -> Path:
+        """Resume if asked, validate, run the steps (logging, checkpoints, validations), write the outputs. After
+        a ``stop`` signal the step under way ends, is checkpointed on every process, and ``Stopped`` is raised."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
         main = acc.is_main_process
+        stop = (stop or StopSignal("the step under way")).arm()  # (not entered: never requested)
         start = self.load_checkpoint(cfg.resume) if cfg.resume else 0
+        check_free_space(self)
         if self.trackers:  # a resumed run hides the events it is about to log again
             acc.init_trackers("longalign", config={k: v for k, v in cfg.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))},
@@ -301,7 +305,11 @@ class Trainer:
         acc.wait_for_everyone()
         if main:
             print_run_summary(self, start)
-        due = start == 0 or (cfg.validation_every and start % cfg.validation_every == 0 and start not in validated)
+        due = start == 0 or (cfg.validation_every and start % cfg.validation_every == 0 and start not in validated
+                             and start < cfg.train_steps)
+        early = stop.agreed(acc)
+        if early:  # during loading: nothing new to keep
+            raise ckpt.stopped(self, early, start, None)
         if due:  # a run killed between a checkpoint and its validation validates on resume
             validate(start)
         self.unet.train()
@@ -332,8 +340,13 @@ class Trainer:
                 tlog.write(row)
                 acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row.get('reward', 0):.4f}")
-            if done % cfg.checkpoint_every == 0 and done < cfg.train_steps:
-                self.save_checkpoint(done)
+            halt = stop.agreed(acc)  # every process asks at this point of every step, and all stop together
+            if halt or done % cfg.checkpoint_every == 0 and done < cfg.train_steps:
+                saved = self.save_checkpoint(done)
+            if halt:
+                bar.close()
+                acc.end_training()
+                raise ckpt.stopped(self, halt, done, saved)
             if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.train_steps:
                 validate(done)
                 self.unet.train()
@@ -375,17 +388,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'No --model given' if cfg.model is None else '--model ' + cfg.model}: training the built-in tiny "
               f"random-weight {which}-shaped pipeline on the CPU demo profile (real file formats and code paths; "
               f"the pictures are noise). Pass --model for a real run.", flush=True)
-    try:
-        Trainer(cfg).train()
+    try:  # a stop signal ends the step under way, checkpoints it and exits 130 / 143 (trainer/stop_signal.py)
+        return run_stoppable(lambda stop: Trainer(cfg).train(stop), "the step under way", PROG, argv,
+                             after_disk_full=lambda: ckpt.resume_hint(cfg.output_dir, PROG, argv))
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m trainer.finetune``: user mistakes print one paragraph (no traceback) and exit with code 2."""
-    return run_cli(main, argv, prog="python -m trainer.finetune")
+    return run_cli(main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

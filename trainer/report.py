@@ -101,7 +101,10 @@ def write_report(output_dir: str | Path) -> Path:
         ax.set_ylabel("×100", fontsize=8)
         ax.set_title(f"{key.replace('_', '-')} (held-out prompts, V from the reference set)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "report.png")
+    from longalign_core.io_utils import atomic_path, atomic_write_text
+
+    with atomic_path(out / "report.png") as tmp:
+        fig.savefig(tmp, format="png")
 
     lines = ["# LongAlign training report", ""]
     if val:
@@ -126,5 +129,5 @@ def write_report(output_dir: str | Path) -> Path:
                           f"truncate at the text window). Logged steps also lost {t5:.0f} T5-branch tokens (fixed "
                           f"240) and {rw:.0f} reward-model segment tokens."]
     lines += ["", "![curves](report.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.png"

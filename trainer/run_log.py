@@ -4,6 +4,7 @@ same numbers to TensorBoard when it is installed."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
@@ -21,19 +22,26 @@ PER_PROMPT_COLUMNS = ["step", "prompt", "denscore", "text_relevant", "text_irrel
 
 
 class CSVLog:
-    """Append-only CSV on the main process (flushed each row, so a killed run keeps its log)."""
+    """Append-only CSV on the main process (each row written whole and flushed, so a killed run keeps its log)."""
 
     def __init__(self, path: Path, fields: list[str], enabled: bool):
         self.enabled, self.fields, self.path = enabled, fields, path
         if enabled and not path.exists():
-            with path.open("w", newline="") as f:
-                csv.DictWriter(f, fieldnames=fields).writeheader()
+            self._append(fields)
 
     def rows(self) -> list[dict]:
+        """The rows logged so far (a resume keeps them); a damaged file is one message naming it."""
         if not self.path.is_file():
             return []
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
+        try:
+            with self.path.open(newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            from longalign_core.errors import BadInputError
+
+            raise BadInputError(f"{self.path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}), so "
+                                f"the resumed run cannot keep its rows: delete it (the rows before the checkpoint are "
+                                f"lost, the run goes on) or restore it from a copy, then resume again") from None
 
     def keep_until(self, step: int) -> list[dict]:
         """Drop rows logged after ``step`` (a resumed run logs them again); returns the rows kept."""
@@ -49,8 +57,14 @@ class CSVLog:
 
     def write(self, row: dict) -> None:
         if self.enabled:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields).writerow({k: row.get(k, "") for k in self.fields})
+            self._append([row.get(k, "") for k in self.fields])
+
+    def _append(self, values: list) -> None:
+        from longalign_core.io_utils import append_text
+
+        buf = io.StringIO()
+        csv.writer(buf).writerow(values)
+        append_text(self.path, buf.getvalue())
 
 
 def reduce_stats(acc, stats: dict) -> dict:

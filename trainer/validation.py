@@ -81,9 +81,11 @@ def validate(run, step: int, log: CSVLog, per_prompt: CSVLog | None = None) -> d
     from PIL import Image
 
     grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-    (run.out / "validation").mkdir(exist_ok=True)
+    from longalign_core.io_utils import atomic_path
+
     picture = run.out / "validation" / f"step-{step:06d}.png"
-    Image.fromarray(np.concatenate(list(grid), axis=1)).save(picture)
+    with atomic_path(picture) as tmp:
+        Image.fromarray(np.concatenate(list(grid), axis=1)).save(tmp, format="PNG")
     report_progress(step=step, total=cfg.train_steps, image=str(picture))
     log.write(row)
     if per_prompt is not None:
