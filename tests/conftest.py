@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# before torch first calls MKL: the same numbers at any memory alignment, as the trainer's entry points set it
+# (trainer/__init__.py), so an in-process run and a subprocess or torchrun run give the same bytes
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

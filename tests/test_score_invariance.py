@@ -143,3 +143,22 @@ def test_evaluation_scores_are_the_same_in_either_order_and_after_a_resume(tmp_p
         evaluate(tmp_path / "cut", PROMPTS, tmp_path, on_unit=stop)
     evaluate(tmp_path / "cut", PROMPTS, tmp_path, "--resume")
     assert (tmp_path / "cut" / "scores.csv").read_bytes() == (tmp_path / "forward" / "scores.csv").read_bytes()
+
+
+def test_the_trainer_asks_mkl_for_the_same_bits_at_any_alignment():
+    """MKL's conditional numerical reproducibility is set by the trainer's package before torch loads (a resumed
+    run, torchrun's ranks and the ComfyUI node's child then agree to the bit: tests/test_evaluate_scale.py's
+    torchrun comparison fails here without it); a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import os, trainer, torch; print(os.environ['MKL_CBWR'])"
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "AUTO,STRICT"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "MKL_CBWR": "COMPATIBLE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "COMPATIBLE"
