@@ -25,8 +25,8 @@ def pack_nodes() -> dict[str, str]:
     return nodes
 
 
-def test_the_pack_has_six_nodes_and_serves_web_from_its_folder():
-    assert len(pack_nodes()) == 6
+def test_the_pack_has_eight_nodes_and_serves_web_from_its_folder():
+    assert len(pack_nodes()) == 8
     init = ast.parse((REPO / "__init__.py").read_text(encoding="utf-8"))
     web = next(n.value.value for n in init.body if isinstance(n, ast.Assign) and n.targets[0].id == "WEB_DIRECTORY")
     assert (REPO / web).resolve() == DOCS.parent
