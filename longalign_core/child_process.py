@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,7 +138,7 @@ class ChildRun:
         last: dict = {}
         cancelled = False
         with open(self.log_file, "a", encoding="utf-8") as log:
-            log.write("$ " + " ".join(self.command) + "\n")
+            log.write("$ " + shlex.join(self.command) + "\n")  # the command, ready to paste in a shell
             log.flush()
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
