@@ -177,8 +177,9 @@ class ChildRun:
                     self.proc.kill()
                     self.proc.wait()
                 atexit.unregister(self._stop_quietly)
-            log.write(f"[exit code {returncode}{' after cancel' if cancelled else ''}]\n")
-        return ChildResult(returncode, cancelled, tail, last, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            log.write(f"[exit code {returncode}{' after cancel' if cancelled else ''}, {seconds:.2f} s]\n")
+        return ChildResult(returncode, cancelled, tail, last, seconds)
 
     def interrupt(self) -> None:
         """Ask the child to stop after the step under way (SIGINT; CTRL_BREAK on Windows)."""

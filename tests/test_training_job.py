@@ -219,7 +219,7 @@ def test_child_progress_reaches_the_callback_and_the_log_keeps_the_rest(tmp_path
     assert [p["step"] for p in seen] == [1, 2, 3] and seen[-1]["eta"] == 0
     assert result.tail == ["loading", "done"] and result.last_progress["step"] == 3
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "loading" in log and "done" in log and cp.PROGRESS_PREFIX not in log and "[exit code 0]" in log
+    assert "loading" in log and "done" in log and cp.PROGRESS_PREFIX not in log and "[exit code 0, " in log
     assert cp.outcome_message(result, "training", "python -m trainer.finetune", "kept") is None
 
 
