@@ -221,12 +221,13 @@ def test_cancel_keeps_the_step_and_resume_equals_an_uninterrupted_run(server, tm
     assert entry["status"]["status_str"] == "error"
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
     assert not child_pids(run), "the child still runs after Cancel"
+    assert not (run / "longalign_lora.safetensors").exists(), "the run went on to the end"
+    assert "cancelled.safetensors" not in loras(server)
     steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*")
                    if (p / "trainer_state.json").is_file())
     assert steps and steps[-1] < STEPS, steps
     assert stopped < 120  # a step here takes seconds
     assert f"training cancelled: the checkpoint of step {steps[-1]} is kept" in server.log_text()
-    assert "cancelled.safetensors" not in loras(server)
 
     server.run(train_graph(lora_name="cancelled", mode="resume"), "resume")
     reference = tmp_path / "uninterrupted"
