@@ -100,7 +100,8 @@ def cli_train(server: Server, out: Path, steps: int = STEPS) -> Path:
 def _run(cmd: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-5000:]}"
+    output = (proc.stdout + proc.stderr)[-5000:]
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited with {proc.returncode}:\n{output}"
 
 
 def queue(server: Server, prompt: dict) -> str:

@@ -77,7 +77,8 @@ def test_evaluate_arguments_are_read_by_the_evaluation():
                                   output_dir="/o/e", resolution=64)
     cfg = EvalConfig.from_args(args)
     assert cfg.lora == ["/l/a.safetensors:1.0", "/l/b.safetensors:0.5"] and cfg.resume is True
-    assert (cfg.num_prompts, cfg.steps, cfg.prompts, cfg.seeds, cfg.seed, cfg.resolution) == (None, None, None, 3, 4, 64)
+    assert (cfg.num_prompts, cfg.steps, cfg.prompts, cfg.seeds, cfg.seed, cfg.resolution) == \
+        (None, None, None, 3, 4, 64)
     from trainer.eval_arms import parse_lora_spec
 
     assert parse_lora_spec(cfg.lora[1]) == ("/l/b.safetensors", 0.5)
