@@ -238,7 +238,7 @@ def test_cancel_keeps_the_step_and_resume_equals_an_uninterrupted_run(server, tm
 def test_evaluate_scores_equal_the_clis(server, tmp_path):
     """The node's scores.csv is the CLI's, byte for byte. Each run computes the judge's V afresh (the cache next to
     the judge is removed before each): V read back from that cache differed from a fresh one by up to 3e-8 in the
-    decomposed parts, images and scores identical (docs/benchmarks.md, *The training nodes*)."""
+    decomposed parts, images and scores identical, in one run of this test (not yet explained)."""
     lora = server.base / "models" / "loras" / "node_lora.safetensors"
     if not lora.is_file():
         pytest.skip("needs the LoRA of the train test")
