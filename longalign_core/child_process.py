@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,7 +138,7 @@ class ChildRun:
         last: dict = {}
         cancelled = False
         with open(self.log_file, "a", encoding="utf-8") as log:
-            log.write("$ " + " ".join(self.command) + "\n")
+            log.write("$ " + shlex.join(self.command) + "\n")  # the command, ready to paste in a shell
             log.flush()
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
@@ -176,8 +177,9 @@ class ChildRun:
                     self.proc.kill()
                     self.proc.wait()
                 atexit.unregister(self._stop_quietly)
-            log.write(f"[exit code {returncode}{' after cancel' if cancelled else ''}]\n")
-        return ChildResult(returncode, cancelled, tail, last, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            log.write(f"[exit code {returncode}{' after cancel' if cancelled else ''}, {seconds:.2f} s]\n")
+        return ChildResult(returncode, cancelled, tail, last, seconds)
 
     def interrupt(self) -> None:
         """Ask the child to stop after the step under way (SIGINT; CTRL_BREAK on Windows)."""

@@ -213,3 +213,78 @@ def load_patchers(patchers: list) -> None:
     import comfy.model_management as mm
 
     mm.load_models_gpu(patchers)
+
+
+# -- the training nodes' seams (nodes/training_nodes.py) -----------------------------------------------------------
+
+
+def output_dir(*parts: str) -> str:
+    """A folder under ComfyUI's output/ (``--output-directory`` / ``--base-directory`` honoured)."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), *parts)
+
+
+def input_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_input_directory()
+
+
+def list_checkpoints() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("checkpoints")
+
+
+def find_model_file(folder_name: str, name: str) -> str | None:
+    """Full path of ``name`` in a ComfyUI model folder (``checkpoints``, ``loras``), or None."""
+    import folder_paths
+
+    return folder_paths.get_full_path(folder_name, name)
+
+
+def model_folders(folder_name: str) -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_folder_paths(folder_name)
+
+
+def free_the_device() -> None:
+    """ComfyUI's loaded models off the GPU and its cache emptied: a child process gets the whole device."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def cancel_requested() -> bool:
+    """The user pressed Cancel (without clearing the request, as the progress hook would)."""
+    import comfy.model_management
+
+    return comfy.model_management.processing_interrupted()
+
+
+def interrupt_exception_type() -> type[BaseException]:
+    import comfy.model_management
+
+    return comfy.model_management.InterruptProcessingException
+
+
+def raise_cancelled() -> None:
+    """End the node as cancelled: ComfyUI shows the prompt as interrupted."""
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(False)
+    raise mm.InterruptProcessingException()
+
+
+def node_text(node_id, text: str) -> None:
+    """A line of text on the node in the frontend (ComfyUI's progress text); nothing without a server."""
+    try:
+        from server import PromptServer
+
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # noqa: BLE001 — in-process use has no server: the text is only a courtesy
+        pass

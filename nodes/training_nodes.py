@@ -37,30 +37,10 @@ _ADVANCED = {"advanced": True}
 # -- ComfyUI seams -----------------------------------------------------------------------------------------------
 
 
-def _output_dir(*parts: str) -> Path:
-    import folder_paths
-
-    return Path(folder_paths.get_output_directory(), "longalign", *parts)
-
-
-def _input_dir() -> str:
-    import folder_paths
-
-    return folder_paths.get_input_directory()
-
-
-def _checkpoints() -> list[str]:
-    import folder_paths
-
-    return folder_paths.get_filename_list("checkpoints")
-
-
 def _trainable_checkpoint(ckpt_name: str) -> str:
     """Full path of ``ckpt_name``; a safetensors file that is not SD1.x/SDXL (SD3, Flux, an inpainting model…) is
     refused by name from its header alone, before anything loads."""
-    import folder_paths
-
-    path = folder_paths.get_full_path("checkpoints", ckpt_name)
+    path = host.find_model_file("checkpoints", ckpt_name)
     if path is None:
         raise BadModelFileError(f"ckpt_name {ckpt_name!r} is not in ComfyUI/models/checkpoints/; put the SD1.x or "
                                 f"SDXL checkpoint there and press R to refresh the lists")
@@ -95,29 +75,17 @@ def _preference_model(name: str) -> str:
 
 
 def _lora_file(stem: str) -> Path:
-    import folder_paths
-
-    return Path(folder_paths.get_folder_paths("loras")[0], stem + ".safetensors")
+    return Path(host.model_folders("loras")[0], stem + ".safetensors")
 
 
 def _existing_lora(name: str, option: str) -> str:
-    import folder_paths
-
     stem = job.clean_lora_name(name, option)
-    path = folder_paths.get_full_path("loras", stem + ".safetensors")
+    path = host.find_model_file("loras", stem + ".safetensors")
     if path is None:
         raise BadInputError(f"{option} {name!r}: no {stem}.safetensors in ComfyUI/models/loras/ "
-                            f"({', '.join(folder_paths.get_folder_paths('loras'))}); train it first or give the "
-                            f"name of a LoRA there")
+                            f"({', '.join(host.model_folders('loras'))}); train it first or give the name of a "
+                            f"LoRA there")
     return path
-
-
-def _free_the_gpu() -> None:
-    """ComfyUI's loaded models off the GPU and its cache emptied: the child gets the whole device."""
-    import comfy.model_management as mm
-
-    mm.unload_all_models()
-    mm.soft_empty_cache()
 
 
 def _check_dependencies() -> None:
@@ -143,14 +111,12 @@ def _image(path: Path | None, fallback_text: str = "") -> torch.Tensor:
 def _run_child(module: str, args: list[str], run_dir: Path, total: int, node_id, what: str, prog: str,
                kept):
     """Run the child with ComfyUI's progress bar, previews and Cancel; raise what ComfyUI should show."""
-    import comfy.model_management as mm
-    import comfy.utils
-
-    pbar = comfy.utils.ProgressBar(total)
+    pbar = host.progress_bar(total)
+    interrupted = host.interrupt_exception_type()
     stop = {"asked": False}
 
     def on_progress(p: dict) -> None:
-        if stop["asked"] or mm.processing_interrupted():
+        if stop["asked"] or host.cancel_requested():
             return  # ComfyUI's progress hook would raise its interrupt here; the child is being stopped
         preview = None
         if p.get("image") and Path(p["image"]).is_file():
@@ -159,36 +125,24 @@ def _run_child(module: str, args: list[str], run_dir: Path, total: int, node_id,
             preview = ("PNG", Image.open(p["image"]).convert("RGB"), 512)
         try:
             pbar.update_absolute(int(p.get("step", pbar.current)), int(p.get("total", total)), preview)
-        except mm.InterruptProcessingException:
+        except interrupted:
             stop["asked"] = True
         if "eta" in p:
-            _say(node_id, f"{what}: step {p.get('step')}/{p.get('total')}, {p.get('seconds_per_step', 0):.2f} s per "
-                          f"step, {_duration(float(p['eta']))} left")
+            host.node_text(node_id, f"{what}: step {p.get('step')}/{p.get('total')}, "
+                                    f"{p.get('seconds_per_step', 0):.2f} s per step, {_duration(float(p['eta']))} left")
 
-    _free_the_gpu()
+    host.free_the_device()
     child = ChildRun(module_command(module, args), cwd=PACK_DIR, env=child_environment(PACK_DIR),
                      log_file=run_dir / "node_log.txt")
-    result = child.run(on_progress, lambda: stop["asked"] or mm.processing_interrupted())
+    result = child.run(on_progress, lambda: stop["asked"] or host.cancel_requested())
     message = outcome_message(result, what, prog, kept())
     if result.cancelled:
         log.warning("LongAlign: %s", message)
-        _say(node_id, message)
-        mm.interrupt_current_processing(False)
-        raise mm.InterruptProcessingException()
+        host.node_text(node_id, message)
+        host.raise_cancelled()
     if message:
         raise RuntimeError(message)
     return result
-
-
-def _say(node_id, text: str) -> None:
-    """A line of text on the node in the frontend (ComfyUI's progress text)."""
-    try:
-        from server import PromptServer
-
-        if node_id is not None and PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # noqa: BLE001 — no server (in-process use): the text is only a courtesy
-        pass
 
 
 def _duration(seconds: float) -> str:
@@ -223,7 +177,7 @@ class LongAlignTrainLoRA(io.ComfyNode):
                                        "peak against this GPU and the projected time (no LoRA written). train: "
                                        "train and write models/loras/<lora_name>.safetensors. resume: continue the "
                                        "run of lora_name from its last checkpoint (after Cancel or a crash)."),
-                io.Combo.Input("ckpt_name", options=_checkpoints(),
+                io.Combo.Input("ckpt_name", options=host.list_checkpoints(),
                                tooltip="The SD1.x or SDXL checkpoint to train on (fine-tunes such as Pony or "
                                        "Illustrious too). SD2, SD3, Flux and inpainting models are refused."),
                 io.Combo.Input("preference_model", options=host.list_preference_models(),
@@ -232,7 +186,7 @@ class LongAlignTrainLoRA(io.ComfyNode):
                 io.String.Input("prompts", multiline=True, default="",
                                 tooltip="Training prompts, one long prompt per line (a fifth of up to 40 prompts, "
                                         "or 8, are held out for validation). Ignored when a prompts_file is chosen."),
-                io.Combo.Input("prompts_file", options=job.list_prompt_files(_input_dir()), default=job.NO_FILE,
+                io.Combo.Input("prompts_file", options=job.list_prompt_files(host.input_dir()), default=job.NO_FILE,
                                tooltip="A .txt (one prompt per line) or .jsonl ('prompt' or 'caption' field) file in "
                                        "ComfyUI's input folder; overrides prompts."),
                 io.String.Input("lora_name", default="longalign_lora",
@@ -313,11 +267,11 @@ class LongAlignTrainLoRA(io.ComfyNode):
         reward = _preference_model(preference_model)
         _check_dependencies()
         fit = mode == "will it fit"
-        run_dir = _output_dir("will_it_fit" if fit else "train", stem)
+        run_dir = Path(host.output_dir("longalign", "will_it_fit" if fit else "train", stem))
         lora_file = _lora_file(stem)
         job.prepare_train_run(mode, run_dir, lora_file, stem, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
-        prompts_path = job.training_prompts_file(prompts, prompts_file, _input_dir(), run_dir)
+        prompts_path = job.training_prompts_file(prompts, prompts_file, host.input_dir(), run_dir)
         args = job.train_arguments(
             mode=mode, checkpoint=checkpoint, preference_model=reward, prompts_path=prompts_path,
             output_dir=run_dir, steps=steps, lora_rank=lora_rank, learning_rate=learning_rate,
@@ -366,7 +320,7 @@ class LongAlignEvaluateLoRA(io.ComfyNode):
                 io.Combo.Input("mode", options=list(job.EVALUATE_MODES), default="evaluate",
                                tooltip="evaluate: start the evaluation run_name. resume: continue it (after "
                                        "Cancel); the images already scored are kept."),
-                io.Combo.Input("ckpt_name", options=_checkpoints(), tooltip="The SD1.x or SDXL checkpoint."),
+                io.Combo.Input("ckpt_name", options=host.list_checkpoints(), tooltip="The SD1.x or SDXL checkpoint."),
                 io.String.Input("lora_name", default="",
                                 tooltip="A LoRA in models/loras (with or without .safetensors); link the train "
                                         "node's lora_name output here."),
@@ -424,12 +378,12 @@ class LongAlignEvaluateLoRA(io.ComfyNode):
         if lora_name_2.strip():
             loras.append((_existing_lora(lora_name_2, "lora_name_2"), strength_2))
         reward = _preference_model(preference_model)
-        run_dir = _output_dir("eval", name)
+        run_dir = Path(host.output_dir("longalign", "eval", name))
         job.prepare_evaluation(mode, run_dir, name)
         run_dir.mkdir(parents=True, exist_ok=True)
         prompts_path = None
         if job.prompt_lines(prompts):
-            prompts_path = job.training_prompts_file(prompts, None, _input_dir(), run_dir)
+            prompts_path = job.training_prompts_file(prompts, None, host.input_dir(), run_dir)
         args = job.evaluate_arguments(mode=mode, checkpoint=checkpoint, loras=loras, preference_model=reward,
                                       prompts_path=prompts_path, num_prompts=num_prompts, seeds=seeds, steps=steps,
                                       seed=seed, output_dir=run_dir, resolution=resolution, extra=extra)

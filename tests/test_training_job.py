@@ -77,7 +77,8 @@ def test_evaluate_arguments_are_read_by_the_evaluation():
                                   output_dir="/o/e", resolution=64)
     cfg = EvalConfig.from_args(args)
     assert cfg.lora == ["/l/a.safetensors:1.0", "/l/b.safetensors:0.5"] and cfg.resume is True
-    assert (cfg.num_prompts, cfg.steps, cfg.prompts, cfg.seeds, cfg.seed, cfg.resolution) == (None, None, None, 3, 4, 64)
+    assert (cfg.num_prompts, cfg.steps, cfg.prompts, cfg.seeds, cfg.seed, cfg.resolution) == \
+        (None, None, None, 3, 4, 64)
     from trainer.eval_arms import parse_lora_spec
 
     assert parse_lora_spec(cfg.lora[1]) == ("/l/b.safetensors", 0.5)
@@ -219,7 +220,7 @@ def test_child_progress_reaches_the_callback_and_the_log_keeps_the_rest(tmp_path
     assert [p["step"] for p in seen] == [1, 2, 3] and seen[-1]["eta"] == 0
     assert result.tail == ["loading", "done"] and result.last_progress["step"] == 3
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "loading" in log and "done" in log and cp.PROGRESS_PREFIX not in log and "[exit code 0]" in log
+    assert "loading" in log and "done" in log and cp.PROGRESS_PREFIX not in log and "[exit code 0, " in log
     assert cp.outcome_message(result, "training", "python -m trainer.finetune", "kept") is None
 
 
