@@ -218,6 +218,13 @@ def load_patchers(patchers: list) -> None:
 # -- the training nodes' seams (nodes/training_nodes.py) -----------------------------------------------------------
 
 
+def blocked_output():
+    """An output value that keeps the nodes downstream of it from running, silently (ComfyUI's ExecutionBlocker)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(None)
+
+
 def output_dir(*parts: str) -> str:
     """A folder under ComfyUI's output/ (``--output-directory`` / ``--base-directory`` honoured)."""
     import folder_paths

@@ -210,8 +210,9 @@ class LongAlignTrainLoRA(io.ComfyNode):
                              tooltip="Sampling steps that get gradients (sample_steps must be a multiple of it)."),
                 io.Float.Input("omega", default=DEFAULT_REWEIGHT, min=0.0, max=1.0, step=0.05,
                                tooltip="ω: weight of the text-irrelevant part of the reward (paper: 0.3)."),
-                io.Int.Input("seed", default=d["seed"], min=0, max=2**31 - 1,
-                             tooltip="Every random draw of the run derives from it: same seed, same LoRA."),
+                io.Int.Input("training_seed", default=d["seed"], min=0, max=2**31 - 1,
+                             tooltip="Every random draw of the run derives from it: same seed, same LoRA. (Not named `seed`: the frontend would give it a randomize-after-each-run control, and mode resume needs the run's "
+                             "seed.)"),
                 io.Combo.Input("reward_direction", options=list(job.REWARD_DIRECTIONS), default="auto",
                                tooltip="The common text direction V: auto (batch from 32 prompts per step, else "
                                        "training), training, reference or batch (the release)."),
@@ -259,7 +260,7 @@ class LongAlignTrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, mode, ckpt_name, preference_model, prompts, prompts_file, lora_name, steps, lora_rank,
                 learning_rate, batch_size, gradient_accumulation, resolution, sample_steps, gradient_steps, omega,
-                seed, reward_direction, mixed_precision, checkpoint_every, overwrite, strength, model=None,
+                training_seed, reward_direction, mixed_precision, checkpoint_every, overwrite, strength, model=None,
                 validation_every=job.TRAIN_DEFAULTS["validation_every"], extra_options="") -> io.NodeOutput:
         stem = job.clean_lora_name(lora_name)
         extra = job.extra_arguments(extra_options)
@@ -276,7 +277,7 @@ class LongAlignTrainLoRA(io.ComfyNode):
             mode=mode, checkpoint=checkpoint, preference_model=reward, prompts_path=prompts_path,
             output_dir=run_dir, steps=steps, lora_rank=lora_rank, learning_rate=learning_rate,
             batch_size=batch_size, gradient_accumulation=gradient_accumulation, resolution=resolution,
-            sample_steps=sample_steps, gradient_steps=gradient_steps, omega=omega, seed=seed,
+            sample_steps=sample_steps, gradient_steps=gradient_steps, omega=omega, seed=training_seed,
             reward_direction=reward_direction, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
             validation_every=validation_every, extra=extra)
         _run_child("trainer.finetune", args, run_dir, steps, cls.hidden.unique_id if cls.hidden else None,
@@ -285,7 +286,9 @@ class LongAlignTrainLoRA(io.ComfyNode):
         if fit:
             summary = _read(run_dir / "dry_run.md")
             report = _image(None, summary)
-            return io.NodeOutput(stem, report, summary, model, ui={"text": [summary]})
+            # no LoRA was made: the nodes that would use it (Evaluate, a sampler on the MODEL output) do not run
+            return io.NodeOutput(host.blocked_output(), report, summary, host.blocked_output(),
+                                 ui={"text": [summary]})
         published = job.publish_lora(run_dir / job.RUN_LORA_FILE, lora_file)
         summary = f"LoRA written to {published} ({steps} steps; run folder {run_dir}).\n\n" + \
             _read(run_dir / "report.md")
@@ -342,7 +345,8 @@ class LongAlignEvaluateLoRA(io.ComfyNode):
                              tooltip="Images per prompt and arm (the same noise for every arm)."),
                 io.Int.Input("steps", default=0, min=0, max=1000,
                              tooltip="DDIM steps per image; 0 = the evaluation's default (25)."),
-                io.Int.Input("seed", default=d["seed"], min=0, max=2**31 - 1, tooltip="First seed."),
+                io.Int.Input("first_seed", default=d["seed"], min=0, max=2**31 - 1,
+                             tooltip="The seeds are first_seed, first_seed + 1, …; the same noise for every arm."),
                 io.String.Input("run_name", default="longalign_eval",
                                 tooltip="Folder under output/longalign/eval/ (images, scores.csv, report, grids)."),
                 io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
@@ -370,7 +374,7 @@ class LongAlignEvaluateLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, ckpt_name, lora_name, strength, lora_name_2, strength_2, preference_model, prompts,
-                num_prompts, seeds, steps, seed, run_name, resolution=0, extra_options="") -> io.NodeOutput:
+                num_prompts, seeds, steps, first_seed, run_name, resolution=0, extra_options="") -> io.NodeOutput:
         name = job.clean_lora_name(run_name, "run_name")
         extra = job.extra_arguments(extra_options)
         checkpoint = _trainable_checkpoint(ckpt_name)
@@ -386,7 +390,7 @@ class LongAlignEvaluateLoRA(io.ComfyNode):
             prompts_path = job.training_prompts_file(prompts, None, host.input_dir(), run_dir)
         args = job.evaluate_arguments(mode=mode, checkpoint=checkpoint, loras=loras, preference_model=reward,
                                       prompts_path=prompts_path, num_prompts=num_prompts, seeds=seeds, steps=steps,
-                                      seed=seed, output_dir=run_dir, resolution=resolution, extra=extra)
+                                      seed=first_seed, output_dir=run_dir, resolution=resolution, extra=extra)
         _run_child("trainer.evaluate", args, run_dir, 1, cls.hidden.unique_id if cls.hidden else None,
                    "evaluation", EVALUATE_PROG,
                    lambda: f"the images already scored are kept in {run_dir}; the same node in mode resume "

@@ -9,11 +9,11 @@ from .layout import ENCODER_W, GREEN, LOADERS_X, LONGALIGN_WIDGETS, RED, SAMPLER
 
 #: The trainer's defaults as the Train LoRA node shows them (nodes/training_nodes.py reads them from the trainer).
 TRAIN_OPTIONS = dict(steps=3750, lora_rank=32, learning_rate=3e-05, batch_size=8, gradient_accumulation=1,
-                     resolution=0, sample_steps=50, gradient_steps=5, omega=0.3, seed=0,
-                     control_after_generate="fixed", reward_direction="auto", mixed_precision="auto",
+                     resolution=0, sample_steps=50, gradient_steps=5, omega=0.3, training_seed=0,
+                     reward_direction="auto", mixed_precision="auto",
                      checkpoint_every=500, overwrite=False, strength=1.0, validation_every=500, extra_options="")
 EVALUATE_OPTIONS = dict(strength=1.0, lora_name_2="", strength_2=1.0, prompts="", num_prompts=0, seeds=2, steps=0,
-                        seed=0, control_after_generate="fixed", run_name="longalign_eval", resolution=0,
+                        first_seed=0, run_name="longalign_eval", resolution=0,
                         extra_options="")
 
 
