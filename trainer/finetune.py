@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from longalign_core.clip_text import CLIPSegmentEncoder
-from longalign_core.denscore import default_reference_prompts, direction_from_prompts, prompts_digest
+from longalign_core.denscore import cached_direction, default_reference_prompts
 from longalign_core.dtypes import DTYPES
 from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora
@@ -195,10 +195,9 @@ class Trainer:
         self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
         reference = default_reference_prompts()
-        self.reference_direction = direction_from_prompts(
-            self.reward, reference, split_mode=cfg.split_mode,
-            cache_file=self.out / f"reference_direction-{cfg.split_mode}-{prompts_digest(reference)}.safetensors"
-            if self.acc.is_main_process else None).to(device)
+        self.reference_direction = cached_direction(
+            self.reward, reference, cfg.split_mode, cfg.long_segments,
+            fallback_dir=self.out if self.acc.is_main_process else None).to(device)
         if cfg.stage == "reward":
             per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
             mode, warning = resolve_direction(cfg.reward_direction, per_step)
