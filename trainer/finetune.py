@@ -46,7 +46,7 @@ from .conditioning import StepConditioning, StepEncoder
 from .direction import RewardDirection, resolve_direction
 from .memory import PhaseTimer, is_out_of_memory, out_of_memory_advice
 from .lora_layers import add_lora_output_dropout, attach_lora
-from .outputs import export_run_lora, save_outputs
+from .outputs import check_output_dir, clear_run, export_run_lora, save_outputs
 from .models import check_model_sources, load_base_model, reward_model_source
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
 from .sampling import UNetConditioning
@@ -79,6 +79,7 @@ class Trainer:
         # Everything the user gave is checked before anything is written or loaded: a typo in a model path, a
         # bad prompts file (one message, not minutes of loading, and no empty output folder).
         check_model_sources(cfg)
+        check_output_dir(cfg)
         self._load_data()
         self.trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
         # cpu=True on a machine without an accelerator lets accelerate pick up torchrun's processes (gloo).
@@ -89,6 +90,8 @@ class Trainer:
                                project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                    logging_dir=str(self.out / "logs")))
         if self.acc.is_main_process:
+            if cfg.overwrite_output_dir and not cfg.resume and (removed := clear_run(self.out)):
+                self.acc.print(f"--overwrite-output-dir: deleted the earlier run's {', '.join(removed)} in {self.out}")
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
