@@ -229,3 +229,21 @@ def test_kohya_zero_repeats_is_refused(tmp_path, images):
     folder = kohya_folder(tmp_path / "train", images, {"0_cat": [0], "2_dog": [1]})
     with pytest.raises(BadInputError, match=r"0_cat: a kohya repeat folder with 0 repeats .* rename it to 1_cat"):
         AlignData(cfg_for(folder))
+
+
+def test_a_missing_held_out_image_is_named_up_front(tmp_path, images, monkeypatch):
+    """The held-out validation rows' images are checked too, before any model loads."""
+    import trainer.finetune as finetune
+    from trainer.data import split_validation
+
+    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    held = [CAPTIONS.index(c) for c in split_validation(CAPTIONS, 1, 0, "t")[0]]
+    assert len(held) == 1
+    paths = [str(p) for p in images]
+    paths[held[0]] = str(tmp_path / "gone.png")
+    table = tmp_path / "pairs.csv"
+    table.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, CAPTIONS)))
+    with pytest.raises(BadInputError, match=rf"{table}:{held[0] + 2}: image {tmp_path / 'gone.png'} not found"):
+        finetune.Trainer(cfg_for(table, "--image-column", "path", "--validation-prompts", "1",
+                                 "--output-dir", str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

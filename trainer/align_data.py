@@ -8,8 +8,9 @@
   kohya's repeat folders are honoured: the images of a sub-folder named ``<N>_<name>`` (``10_cat/``) come ``N``
   times in every epoch, as kohya trains them.
 
-Every image is opened (header and, for PNG, its checksums) before a model loads, so a missing or broken file is
-one message naming it and its row. Images are decoded by a DataLoader's workers. Each epoch walks the rows
+Every image, the held-out validation rows' too, is opened (header and, for PNG, its checksums) before a model
+loads, so a missing or broken file is one message naming it and its row. Images are decoded by a DataLoader's
+workers. Each epoch walks the rows
 without replacement in a seeded order; the position is a function of the step, so a resumed run continues at
 exactly the next image. With ``--buckets`` every image goes to the aspect-ratio bucket of about the training
 resolution's area nearest its own shape (the usual SDXL 1024² buckets at 1024), is resized to cover it and
@@ -358,8 +359,11 @@ class AlignData:
                 f" times per epoch (each <N>_<name> folder's images N times)")
 
     def check(self, train_rows: list[int]) -> None:
+        """Open every image of the dataset, the held-out validation rows' too (a broken file is a broken
+        dataset, and another seed or --validation-prompts would train on it); keep the training rows' sizes."""
         self.train_rows = train_rows
-        self.sizes = dict(zip(train_rows, check_images(self.source, train_rows)))
+        sizes = check_images(self.source, list(range(len(self.captions))))
+        self.sizes = {i: sizes[i] for i in train_rows}
 
     def bucket(self, resolution: int, buckets: bool) -> None:
         """Each training row's target size: the nearest bucket of about ``resolution``² (``buckets``), else the
