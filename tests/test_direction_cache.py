@@ -115,3 +115,14 @@ def test_one_naming(tiny_clip_dir, tmp_path):
     assert direction_cache_file(model_file, "k1") == tmp_path / "longalign_direction-k1.safetensors"
     assert direction_cache_file(None, "k1", tmp_path / "out") == tmp_path / "out" / "longalign_direction-k1.safetensors"
     assert direction_cache_file(tmp_path / "absent", "k1") is None
+
+
+def test_per_step_v_is_segmented_like_the_scores(denscore):
+    """--reward-direction batch: the step's V uses the run's long-segment rule too."""
+    from trainer.config import TrainConfig
+    from trainer.direction import RewardDirection
+
+    cfg = TrainConfig(long_segments="split")
+    v = RewardDirection("batch", denscore, cfg, PROMPTS, 1, None).for_prompts(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(v, independent_v(denscore, PROMPTS, "split"), atol=2e-6, rtol=0)
