@@ -360,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # one bar per weights file otherwise
     cfg = TrainConfig.from_args(argv, description=__doc__)
     if cfg.dry_run:
-        from .dry_run import dry_run
+        from .dry_run import dry_run, process_age
 
-        print(dry_run(cfg, Trainer)["report"], flush=True)
+        print(dry_run(cfg, Trainer, startup=process_age())["report"], flush=True)
         return 0
     if cfg.model in (None, *EMBEDDED_MODELS):
         which = "SDXL" if cfg.model == "embedded-sdxl" else "SD1.5"
