@@ -53,3 +53,11 @@ def test_overwrite_starts_afresh(tmp_path, capsys):
     assert not (out / "checkpoints" / "checkpoint-000009").exists()
     assert (out / "notes.txt").read_text() == "the user's own file"  # only the run's outputs are deleted
     assert "deleted the earlier run's" in capsys.readouterr().out
+
+
+def test_the_two_demos_have_their_own_folders():
+    from trainer.config import TrainConfig
+
+    assert TrainConfig.from_args([]).output_dir == "outputs/longalign-demo"
+    assert TrainConfig.from_args(["--model", "embedded-sdxl"]).output_dir == "outputs/longalign-demo-sdxl"
+    assert TrainConfig.from_args(["--model", "embedded-sdxl", "--output-dir", "x"]).output_dir == "x"

@@ -279,6 +279,8 @@ class TrainConfig:
         from_flags = {k: v for k, v in args.items() if v is not None}
         given = {**from_file, **from_flags}
         profile = EMBEDDED_PROFILE if given.get("model") in (None, *EMBEDDED_MODELS) else {}
+        if given.get("model") == "embedded-sdxl":  # its own folder: a used --output-dir is refused
+            profile = {**profile, "output_dir": EMBEDDED_PROFILE["output_dir"] + "-sdxl"}
         return cls(**{**profile, **given})
 
 
