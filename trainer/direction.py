@@ -5,7 +5,7 @@ fewer prompts per step that estimate is mostly the prompts themselves: at one pr
 embedding, the text-relevant part x̂·t⊥ is identically 0 and the reweighted reward is ω times the plain score,
 so the method silently stops being LongAlign. The choices:
 
-* ``training``: V from a seeded sample of the training prompts, computed once (and cached in the output folder):
+* ``training``: V from a seeded sample of the training prompts, computed once at the start of the run:
   what the per-step estimate averages to, with no noise and no dependence on the batch size;
 * ``reference``: V from the shipped reference prompts (the V validation uses);
 * ``batch``: the release's per-step V, from the prompts of the whole optimizer step (every micro-batch of every
@@ -58,8 +58,9 @@ class RewardDirection:
     def build(cls, mode: str, reward, cfg, prompts: list[str], processes: int, reference: torch.Tensor,
               cache_dir, device) -> "RewardDirection":
         """V of ``mode``; ``training`` computes it from the sampled training prompts once, segmented like the
-        scores (``cfg.split_mode``, ``cfg.long_segments``), cached in ``cache_dir`` (keyed by the preference
-        model's weights, the prompts and both rules: :func:`~longalign_core.denscore.direction_key`)."""
+        scores (``cfg.split_mode``, ``cfg.long_segments``); with ``cache_dir`` it is cached there (keyed by the
+        preference model's weights, the prompts and both rules: :func:`~longalign_core.denscore.direction_key`).
+        The trainer passes None: a resumed run computes V again, as the uninterrupted one did."""
         fixed = None
         if mode == "reference":
             fixed = reference

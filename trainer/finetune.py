@@ -198,9 +198,10 @@ class Trainer:
         self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
         reference = default_reference_prompts()
-        self.reference_direction = cached_direction(
-            self.reward, reference, cfg.split_mode, cfg.long_segments,
-            fallback_dir=self.out if self.acc.is_main_process else None).to(device)
+        # Computed at every start, never read from a cache: a resumed run then does exactly what the uninterrupted
+        # one did (reading V instead changed step 3's reward by 1 ulp on the CPU and AdamW amplified it).
+        self.reference_direction = cached_direction(self.reward, reference, cfg.split_mode,
+                                                    cfg.long_segments).to(device)
         if cfg.stage == "reward":
             per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
             mode, warning = resolve_direction(cfg.reward_direction, per_step)
@@ -208,7 +209,7 @@ class Trainer:
                 print(warning, flush=True)
             with self.acc.main_process_first():  # the main process computes and caches a training V first
                 self.direction = RewardDirection.build(mode, self.reward, cfg, self.prompts, self.acc.num_processes,
-                                                       self.reference_direction, self.out, device)
+                                                       self.reference_direction, None, device)
         if cfg.cache_text_embeddings:  # V is built: the preference model's text tower is needed no more
             pin_reward_texts(self)
 

@@ -13,7 +13,7 @@ from longalign_core.lora import load_lora, merge_lora
 from .lora_layers import LORA_FILE, export_lora, lora_metadata
 from .models import load_base_model
 
-#: What a run writes into --output-dir (besides config.json and V's caches): a folder holding any of the first
+#: What a run writes into --output-dir (besides config.json): a folder holding any of the first
 #: four holds a run; --overwrite-output-dir deletes all of them.
 RUN_MARKERS = ("train_log.csv", "validation.csv", "checkpoints", LORA_FILE)
 RUN_OUTPUTS = (*RUN_MARKERS, "validation_per_prompt.csv", "validation", "report.md", "report.png", "logs",
