@@ -183,8 +183,9 @@ class Evaluation:
         self.reward = load_preference_model(self.reward_source, cfg.reward_model_kind, device=self.device,
                                             dtype=torch.float32)
         reference = default_reference_prompts()
-        self.direction = cached_direction(self.reward, reference, cfg.split_mode, cfg.long_segments,
-                                          model_path=self.reward_source).to(self.device)
+        # computed at every start, never read from a cache: the scores of a fresh, a repeated and a resumed
+        # evaluation then come from the same computation (reading V instead moved their last bits on the CPU)
+        self.direction = cached_direction(self.reward, reference, cfg.split_mode, cfg.long_segments).to(self.device)
         overlap = len(set(self.prompts) & set(reference))
         if overlap:
             self.say(f"note: {overlap} of the evaluation prompts are in the reference set that defines V; "
