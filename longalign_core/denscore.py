@@ -381,23 +381,56 @@ def default_reference_prompts() -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def direction_cache_file(model_path: str | Path, digest: str) -> Path | None:
-    """Where V for a local model is cached: next to it (``<folder>/longalign_direction-<digest>.safetensors``,
-    or ``<file>.longalign_direction-<digest>.safetensors``); None when that folder is not writable or the model
-    is not local."""
-    path = Path(model_path)
-    if path.is_dir():
-        cache = path / f"longalign_direction-{digest}.safetensors"
-    elif path.is_file():
-        cache = path.with_name(f"{path.name}.longalign_direction-{digest}.safetensors")
-    else:
-        return None
-    return cache if os.access(cache.parent, os.W_OK) else None
+#: Bumped when what a cached V means changes (the files of older versions are then ignored).
+DIRECTION_CACHE_VERSION = 2
 
 
-def _read_direction_cache(cache_file: str | Path, digest: str) -> torch.Tensor | None:
-    """V from a cache file written for the same prompts, or None. A corrupt or foreign cache is only a cache:
-    warn and recompute (the new V then replaces it)."""
+def direction_cache_file(model_path: str | Path | None, key: str, fallback_dir: str | Path | None = None) -> Path | None:
+    """The one naming of V's cache files: ``longalign_direction-<key>.safetensors`` (``key`` from
+    :func:`direction_key`) in the model's folder, or beside a single-file model, when that folder is writable;
+    else in ``fallback_dir`` (the trainer's output folder, ComfyUI's user folder); None when neither can hold it."""
+    name = f"longalign_direction-{key}.safetensors"
+    if model_path is not None:
+        path = Path(model_path)
+        folder = path if path.is_dir() else path.parent if path.is_file() else None
+        if folder is not None and os.access(folder, os.W_OK):
+            return folder / name
+    if fallback_dir is not None:
+        return Path(fallback_dir) / name
+    return None
+
+
+def weights_identity(model: PreferenceModel) -> str:
+    """A digest of the preference model's weights as loaded (names, shapes, dtypes and, per tensor, its sum, its
+    absolute sum and a few values): two models, or one model in two dtypes, give two identities. Reading it costs
+    two reductions over the weights, far less than encoding a prompt set."""
+    h = hashlib.sha256()
+    stats = []
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.dtype};".encode())
+            x = p.detach().reshape(-1)
+            head = x[:4].double()
+            stats.append(torch.cat([torch.stack([x.sum(dtype=torch.float64), x.abs().sum(dtype=torch.float64)]),
+                                    F.pad(head, (0, 4 - head.numel()))]))
+    if stats:
+        h.update(",".join(f"{v:.9g}" for v in torch.cat(stats).cpu().tolist()).encode())
+    return h.hexdigest()
+
+
+def direction_key(model: PreferenceModel, prompts: Sequence[str], split_mode: SplitMode = "sentence",
+                  long_segments: LongSegmentPolicy = "truncate") -> str:
+    """What a V depends on, as one digest: the preference model's weights (:func:`weights_identity`, dtype
+    included), the prompts, the split rule and the long-segment rule."""
+    h = hashlib.sha256()
+    h.update(f"v{DIRECTION_CACHE_VERSION}|{model.kind}|{weights_identity(model)}|{prompts_digest(prompts)}|"
+             f"{split_mode}|{long_segments}".encode())
+    return h.hexdigest()[:24]
+
+
+def _read_direction_cache(cache_file: str | Path, key: str) -> torch.Tensor | None:
+    """V from a cache file written for the same :func:`direction_key`, or None. A corrupt or foreign cache is
+    only a cache: warn and recompute (the new V then replaces it)."""
     from .errors import read_safetensors
 
     try:
@@ -406,7 +439,7 @@ def _read_direction_cache(cache_file: str | Path, digest: str) -> torch.Tensor |
         log.warning("LongAlign: ignoring the direction cache: %s; V is recomputed and the cache rewritten", exc)
         return None
     v = tensors.get("direction")
-    if meta.get("prompts_sha256") != digest:
+    if meta.get("key") != key:
         return None
     if v is None or v.ndim != 1 or not torch.isfinite(v).all():
         log.warning("LongAlign: ignoring the direction cache %s (no finite 'direction' vector); V is recomputed",
@@ -424,27 +457,31 @@ def prompts_digest(prompts: Sequence[str]) -> str:
 
 @torch.no_grad()
 def direction_from_prompts(model: PreferenceModel, prompts: Sequence[str] | None = None,
-                           split_mode: SplitMode = "sentence", batch_size: int = 64,
-                           cache_file: str | Path | None = None,
-                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                           split_mode: SplitMode = "sentence", long_segments: LongSegmentPolicy = "truncate",
+                           batch_size: int = 64, cache_file: str | Path | None = None,
+                           progress: Callable[[int, int], None] | None = None,
+                           key: str | None = None) -> torch.Tensor:
     """``V`` for ``model`` from a prompt set (default: the shipped set), ``(D,)``.
 
-    With ``cache_file``, a V computed earlier for the same prompts (checked by digest) is read from it, and a
-    new one is written to it atomically (safetensors).
+    Each prompt is segmented exactly as the scores V decomposes are (``split_mode``, ``long_segments``: pass the
+    scores' own). With ``cache_file`` (name it with :func:`direction_cache_file`), a V computed earlier with the
+    same :func:`direction_key` (``key``, computed when not given) is read from it, and a new one is written to
+    it atomically (safetensors).
     """
     prompts = list(prompts) if prompts is not None else default_reference_prompts()
     if not prompts:
         raise BadInputError("the reference prompt set is empty; give at least one prompt (a few hundred is better)")
-    digest = prompts_digest(prompts)
-    if cache_file is not None and Path(cache_file).is_file():
-        cached = _read_direction_cache(cache_file, digest)
-        if cached is not None:
-            return cached
+    if cache_file is not None:
+        key = key or direction_key(model, prompts, split_mode, long_segments)
+        if Path(cache_file).is_file():
+            cached = _read_direction_cache(cache_file, key)
+            if cached is not None:
+                return cached
     means = []
     steps = math.ceil(len(prompts) / batch_size)
     for i in range(steps):
         chunk = prompts[i * batch_size:(i + 1) * batch_size]
-        means += [f.mean for f in prompt_features(model, chunk, split_mode, "truncate", cache_size=0,
+        means += [f.mean for f in prompt_features(model, chunk, split_mode, long_segments, cache_size=0,
                                                   texts_per_forward=None)]  # V: batches fixed by the set
         if progress is not None:
             progress(i + 1, steps)
@@ -456,5 +493,20 @@ def direction_from_prompts(model: PreferenceModel, prompts: Sequence[str] | None
 
         with atomic_path(cache_file) as tmp:
             save_file({"direction": v.contiguous().cpu()}, tmp,
-                      metadata={"prompts_sha256": digest, "prompts": str(len(prompts)), "model": model.name})
+                      metadata={"key": key, "prompts": str(len(prompts)), "model": model.name,
+                                "split_mode": split_mode, "long_segments": long_segments})
     return v
+
+
+def cached_direction(model: PreferenceModel, prompts: Sequence[str] | None = None, split_mode: SplitMode = "sentence",
+                     long_segments: LongSegmentPolicy = "truncate", model_path: str | Path | None = None,
+                     fallback_dir: str | Path | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """:func:`direction_from_prompts` cached where :func:`direction_cache_file` says (beside ``model_path``, else
+    in ``fallback_dir``), keyed by :func:`direction_key`: what every caller (trainer, evaluation, nodes, the
+    score CLI) uses."""
+    prompts = list(prompts) if prompts is not None else default_reference_prompts()
+    key = direction_key(model, prompts, split_mode, long_segments)
+    cache = direction_cache_file(model_path, key, fallback_dir)
+    return direction_from_prompts(model, prompts, split_mode, long_segments, cache_file=cache, progress=progress,
+                                  key=key)

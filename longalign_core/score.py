@@ -138,8 +138,7 @@ def _image_to_tensor(img, path: Path) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from .denscore import (DEFAULT_REWEIGHT, direction_cache_file, direction_from_prompts, prompts_digest,
-                           segment_score)
+    from .denscore import DEFAULT_REWEIGHT, cached_direction, segment_score
     from .preference import MODEL_KINDS, load_preference_model
     from .score_chart import format_report, render_segment_chart, result_rows, write_csv
 
@@ -188,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     from .denscore import default_reference_prompts
 
     ref_list = reference if reference is not None else default_reference_prompts()
-    cache = direction_cache_file(args.model, prompts_digest(ref_list))
-    with tqdm(total=1, desc="common direction V", disable=None) as bar:
-        v = direction_from_prompts(model, ref_list, cache_file=cache,
-                                   progress=lambda d, t: (setattr(bar, "total", t), bar.update(d - bar.n)))
+    with tqdm(total=1, desc="common direction V", disable=None) as bar:  # segment_score's defaults below
+        v = cached_direction(model, ref_list, "sentence", "truncate", model_path=args.model,
+                             progress=lambda d, t: (setattr(bar, "total", t), bar.update(d - bar.n)))
 
     results, labels = [], [str(p) for p in images]
     for i in tqdm(range(0, len(images), args.batch_size), desc="scoring", disable=None):

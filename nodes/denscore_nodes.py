@@ -4,7 +4,6 @@ report, chart), and pick the best of N."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -13,9 +12,8 @@ from comfy_api.latest import io, ui
 from ..longalign_core.denscore import (
     DEFAULT_REWEIGHT,
     ScoreResult,
+    cached_direction,
     default_reference_prompts,
-    direction_cache_file,
-    direction_from_prompts,
     prompts_digest,
     segment_score,
 )
@@ -45,27 +43,23 @@ class LoadedPreferenceModel:
     patcher: object = None
 
 
-def _direction_cache_file(path: str, digest: str) -> str:
-    """V is cached next to the model when that folder is writable, else in ComfyUI's user folder."""
-    return str(direction_cache_file(path, digest) or os.path.join(
-        host.user_cache_dir(), f"{os.path.basename(path)}.longalign_direction-{digest}.safetensors"))
-
-
 def _direction(bundle: LoadedPreferenceModel, reference_prompts: str, split_mode: str) -> torch.Tensor:
     prompt_list = ([line.strip() for line in reference_prompts.splitlines() if line.strip()]
                    or default_reference_prompts())
-    digest = prompts_digest(prompt_list) + ("" if split_mode == "sentence" else "-" + split_mode)
-    if digest not in bundle.directions:
+    # the scores below segment with long_segments="truncate" (segment_score's default): V is built the same way
+    memo = (prompts_digest(prompt_list), split_mode, "truncate")
+    if memo not in bundle.directions:
         pbar = host.progress_bar(1)
 
         def progress(done, total):
             host.check_interrupt()
             pbar.update_absolute(done, total)
 
-        bundle.directions[digest] = direction_from_prompts(
-            bundle.model, prompt_list, split_mode, cache_file=_direction_cache_file(bundle.path, digest),
-            progress=progress)
-    return bundle.directions[digest]
+        # cached next to the model when that folder is writable, else in ComfyUI's user folder
+        bundle.directions[memo] = cached_direction(bundle.model, prompt_list, split_mode, "truncate",
+                                                   model_path=bundle.path, fallback_dir=host.user_cache_dir(),
+                                                   progress=progress)
+    return bundle.directions[memo]
 
 
 def _score(bundle, images, text, omega, reference_prompts, split_mode) -> ScoreResult:
@@ -79,7 +73,7 @@ def _score(bundle, images, text, omega, reference_prompts, split_mode) -> ScoreR
     pixels = images[..., :3].clamp(0, 1).permute(0, 3, 1, 2).to(bundle.model.device)
     with torch.no_grad():
         return segment_score(bundle.model, pixels, text, direction=direction, omega=omega, crop="center",
-                             split_mode=split_mode)
+                             split_mode=split_mode, long_segments="truncate")
 
 
 def _common_inputs():

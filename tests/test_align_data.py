@@ -197,3 +197,53 @@ def test_align_stage_trains_on_sdxl_buckets_from_a_caption_folder(tmp_path, imag
                                        "--train-steps", "2", "--validation-prompts", "0"]))
     lora = t.train()
     assert len(load_file(str(lora))) == 3 * len(t.targets)
+
+
+def kohya_folder(root, images, layout: dict[str, list[int]]):
+    """A kohya ``train_data_dir``: each sub-folder's images (indices into ``images``) with their captions."""
+    for sub, picks in layout.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in picks:
+            (root / sub / images[i].name).write_bytes(images[i].read_bytes())
+            (root / sub / images[i].with_suffix(".txt").name).write_text(CAPTIONS[i])
+    return root
+
+
+def test_kohya_repeat_folders_are_honoured(tmp_path, images):
+    """``10_cat/`` with three images and ``3_dog/`` with one: 33 images per epoch (kohya's count), each cat
+    image 10 times and the dog 3 times; a plain sub-folder counts once."""
+    folder = kohya_folder(tmp_path / "train", images, {"10_cat": [0, 1, 2], "3_dog": [3], "misc": [4]})
+    data = AlignData(cfg_for(folder, "--validation-prompts", "0"))
+    data.check(list(range(5)))
+    data.bucket(32, False)
+    order = BatchOrder(data.groups, batch=1, seed=0, processes=1, accumulation=1)
+    assert order.per_epoch == 34
+    epoch = [order.batch_of(step, 0, 0)[0] for step in range(34)]
+    by_name = {data.source.paths[i].parent.name + "/" + data.source.paths[i].name: epoch.count(i) for i in set(epoch)}
+    assert by_name == {"10_cat/img0.png": 10, "10_cat/img1.png": 10, "10_cat/img2.png": 10, "3_dog/img3.png": 3,
+                       "misc/img4.png": 1}
+    assert "5 training images come 34 times per epoch" in data.describe()
+
+
+def test_kohya_zero_repeats_is_refused(tmp_path, images):
+    folder = kohya_folder(tmp_path / "train", images, {"0_cat": [0], "2_dog": [1]})
+    with pytest.raises(BadInputError, match=r"0_cat: a kohya repeat folder with 0 repeats .* rename it to 1_cat"):
+        AlignData(cfg_for(folder))
+
+
+def test_a_missing_held_out_image_is_named_up_front(tmp_path, images, monkeypatch):
+    """The held-out validation rows' images are checked too, before any model loads."""
+    import trainer.finetune as finetune
+    from trainer.data import split_validation
+
+    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    held = [CAPTIONS.index(c) for c in split_validation(CAPTIONS, 1, 0, "t")[0]]
+    assert len(held) == 1
+    paths = [str(p) for p in images]
+    paths[held[0]] = str(tmp_path / "gone.png")
+    table = tmp_path / "pairs.csv"
+    table.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, CAPTIONS)))
+    with pytest.raises(BadInputError, match=rf"{table}:{held[0] + 2}: image {tmp_path / 'gone.png'} not found"):
+        finetune.Trainer(cfg_for(table, "--image-column", "path", "--validation-prompts", "1",
+                                 "--output-dir", str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

@@ -622,7 +622,7 @@ class TestScoreCli:
 class TestDirectionCache:
     @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no direction"])
     def test_corrupt_cache_is_recomputed_with_a_warning(self, tmp_path, denscore, ref_prompts, damage, caplog):
-        from longalign_core.denscore import direction_from_prompts, prompts_digest
+        from longalign_core.denscore import direction_from_prompts, direction_key
 
         prompts = ref_prompts.read_text().splitlines()
         expected = direction_from_prompts(denscore, prompts)
@@ -635,7 +635,7 @@ class TestDirectionCache:
         elif damage == "empty":
             cache.write_bytes(b"")
         else:
-            save_file({"other": torch.ones(3)}, str(cache), metadata={"prompts_sha256": prompts_digest(prompts)})
+            save_file({"other": torch.ones(3)}, str(cache), metadata={"key": direction_key(denscore, prompts)})
         with caplog.at_level("WARNING", logger="LongAlign"):
             v = direction_from_prompts(denscore, prompts, cache_file=cache)
         torch.testing.assert_close(v, expected)

@@ -272,20 +272,20 @@ def test_reward_hacking_flag_on_synthetic_curves():
     early_i = [0.0, 0.01, 0.02, 0.025] + [0.025] * (n - 4)
     for seed in range(5):
         warning, _ = reward_hacking(synthetic(early_r, early_i, sigma, seed))
-        assert warning and "from step 0 (the best text-relevant validation) to step 900" in warning, seed
+        assert warning and "from step 0 to step 900" in warning, seed
     # steady alignment: relevant up, irrelevant up too: not hacking
     steady = [0.003 * k for k in range(n)]
     for seed in range(5):
         assert reward_hacking(synthetic(steady, steady, sigma, seed))[0] is None, seed
-    # alignment, then hacking from step 500 on: flagged, naming step 500 as the point to go back to
+    # alignment, then hacking from step 500 on, ending below the start: flagged, naming step 500 as the best
     late_r = [0.004 * k for k in range(6)] + [0.02 - 0.01 * k for k in range(1, n - 5)]
     late_i = [0.0] * 6 + [0.01 * k for k in range(1, n - 5)]
     warning, _ = reward_hacking(synthetic(late_r, late_i, sigma, 0))
-    assert warning and "from step 500" in warning and "checkpoint nearest step 500" in warning
+    assert warning and "from step 0 to step 900" in warning and "validation was step 500" in warning
     # the old check's blind spot, a change of 1e-6 at the end, is noise here
     tiny_r, tiny_i = flat[:-1] + [-1e-6], flat[:-1] + [1e-6]
     assert reward_hacking(synthetic(tiny_r, tiny_i, sigma, 0))[0] is None
-    assert "one held-out prompt" in reward_hacking(synthetic(early_r, early_i, sigma, 0, prompts=1))[1]
+    assert "too few" in reward_hacking(synthetic(early_r, early_i, sigma, 0, prompts=1))[1]
 
 
 def test_report_shows_the_check_and_the_first_and_last_validation(tmp_path):

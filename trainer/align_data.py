@@ -4,7 +4,9 @@
 * a ``datasets`` folder, ``.csv`` or ``.jsonl`` file whose image column holds *paths* (the released LongAlign
   dataset: ``path``, ``caption``), resolved against ``--image-root``, else the file's folder (for a ``datasets``
   folder: the folder itself, then the folder it sits in);
-* a folder of images with a ``.txt`` caption beside each (``a.png`` + ``a.txt``: the kohya / OneTrainer layout).
+* a folder of images with a ``.txt`` caption beside each (``a.png`` + ``a.txt``: the kohya / OneTrainer layout);
+  kohya's repeat folders are honoured: the images of a sub-folder named ``<N>_<name>`` (``10_cat/``) come ``N``
+  times in every epoch, as kohya trains them.
 
 Every image (the held-out rows' too) is opened and checked before a model loads (PNG: its checksums; other formats:
 decoded at 1/8 scale), so a missing, broken or truncated file is one message naming it and its row. Images are
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,7 @@ class PairSource:
     dataset: object = None
     image_column: str = "image"
     lines: list[int] | None = None  # line numbers of a CSV / JSONL file
+    repeats: list[int] | None = None  # kohya repeat folders: how often each row comes in an epoch
 
     def where(self, i: int) -> str:
         if self.lines is not None:
@@ -157,6 +161,24 @@ def _from_table(path: Path, image_column: str, caption_column: str, image_root: 
     return PairSource(str(path), captions, paths=paths, lines=[n for n, _ in records])
 
 
+#: kohya's repeat folder: ``<repeats>_<name>`` directly in the image folder.
+KOHYA_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def kohya_repeats(folder: Path, image: Path) -> int:
+    """How often ``image`` comes in an epoch: N when it lies (at any depth) under a sub-folder ``N_name`` of
+    ``folder``, as kohya's ``train_data_dir`` reads it; else 1."""
+    parts = image.relative_to(folder).parts
+    match = KOHYA_REPEAT_FOLDER.match(parts[0]) if len(parts) > 1 else None
+    if match is None:
+        return 1
+    n = int(match.group(1))
+    if n == 0:
+        raise BadInputError(f"{folder / parts[0]}: a kohya repeat folder with 0 repeats trains none of its images; "
+                            f"rename it to 1_{match.group(2)} (or more repeats), or move it out of {folder}")
+    return n
+
+
 def _from_image_folder(folder: Path) -> PairSource:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
@@ -174,7 +196,8 @@ def _from_image_folder(folder: Path) -> PairSource:
         if not caption:
             raise BadInputError(f"{text} is empty: every image needs its caption")
         captions.append(caption.replace("\n\n", " "))
-    return PairSource(str(folder), captions, paths=images)
+    repeats = [kohya_repeats(folder, image) for image in images]
+    return PairSource(str(folder), captions, paths=images, repeats=repeats if max(repeats) > 1 else None)
 
 
 def check_images(source: PairSource, rows) -> list[tuple[int, int]]:
@@ -340,11 +363,20 @@ class AlignData:
         self.captions = self.source.captions
         self._iter, self._next = None, None
 
+    def describe(self) -> str | None:
+        """The kohya repeat folders' effect, for the run's summary (None without them)."""
+        if self.source.repeats is None:
+            return None
+        rows = self.train_rows
+        return (f"kohya repeat folders: {len(rows)} training images come {sum(self.source.repeats[i] for i in rows)}"
+                f" times per epoch (each <N>_<name> folder's images N times)")
+
     def check(self, train_rows: list[int]) -> None:
-        """Every image of the dataset (the held-out rows' too: a broken file is named whichever side it fell on)."""
+        """Open every image of the dataset, the held-out validation rows' too (a broken file is a broken
+        dataset, and another seed or --validation-prompts would train on it); keep the training rows' sizes."""
         self.train_rows = train_rows
-        every = range(len(self.captions))
-        self.sizes = dict(zip(every, check_images(self.source, every)))
+        sizes = check_images(self.source, list(range(len(self.captions))))
+        self.sizes = {i: sizes[i] for i in train_rows}
 
     def bucket(self, resolution: int, buckets: bool) -> None:
         """Each training row's target size: the nearest bucket of about ``resolution``² (``buckets``), else the
@@ -355,7 +387,9 @@ class AlignData:
             chosen = {i: nearest_bucket(self.sizes[i], self.bucket_sizes) for i in rows}
         else:
             self.bucket_sizes, chosen = [(resolution, resolution)], {i: 0 for i in rows}
-        self.groups = [[i for i in rows if chosen[i] == b] for b in range(len(self.bucket_sizes))]
+        times = self.source.repeats or [1] * len(self.captions)  # kohya repeat folders: a row per repeat
+        self.groups = [[i for i in rows if chosen[i] == b for _ in range(times[i])]
+                       for b in range(len(self.bucket_sizes))]
         self.dataset = AlignDataset(self.source, self.sizes, {i: self.bucket_sizes[chosen[i]] for i in rows})
 
     def batch(self, step: int, micro: int, process: int, processes: int):

@@ -63,6 +63,9 @@ class TrainConfig:
     seed: int = _f(0, "random seed: noise, DDIM offsets, crops, prompt order, caption dropout and the LoRA / T5 "
                       "adapter dropout masks all derive from (seed, step, process)")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue from")
+    overwrite_output_dir: bool = _f(False, "start a new run in an --output-dir that holds one: its logs, "
+                                           "checkpoints, validation images, report and LoRA are deleted first "
+                                           "(without it, such a folder is refused unless --resume)")
     # -- models -----------------------------------------------------------------------------------------------
     model: str | None = _f(None, "base model, SD1.x or SDXL (recognised from its weights): a local diffusers "
                                  "folder, a single-file .safetensors/.ckpt checkpoint (e.g. ComfyUI's "
@@ -274,4 +277,6 @@ class TrainConfig:
         from_flags = {k: v for k, v in args.items() if v is not None}
         given = {**from_file, **from_flags}
         profile = EMBEDDED_PROFILE if given.get("model") in (None, *EMBEDDED_MODELS) else {}
+        if given.get("model") == "embedded-sdxl":  # its own folder: a used --output-dir is refused
+            profile = {**profile, "output_dir": EMBEDDED_PROFILE["output_dir"] + "-sdxl"}
         return cls(**{**profile, **given})

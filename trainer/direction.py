@@ -5,7 +5,7 @@ fewer prompts per step that estimate is mostly the prompts themselves: at one pr
 embedding, the text-relevant part x̂·t⊥ is identically 0 and the reweighted reward is ω times the plain score,
 so the method silently stops being LongAlign. The choices:
 
-* ``training``: V from a seeded sample of the training prompts, computed once (and cached in the output folder):
+* ``training``: V from a seeded sample of the training prompts, computed once at the start of the run:
   what the per-step estimate averages to, with no noise and no dependence on the batch size;
 * ``reference``: V from the shipped reference prompts (the V validation uses);
 * ``batch``: the release's per-step V, from the prompts of the whole optimizer step (every micro-batch of every
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from longalign_core.denscore import common_direction, direction_from_prompts, prompt_features, prompts_digest
+from longalign_core.denscore import cached_direction, common_direction, prompt_features
 
 from .data import batch_prompts
 
@@ -57,16 +57,16 @@ class RewardDirection:
     @classmethod
     def build(cls, mode: str, reward, cfg, prompts: list[str], processes: int, reference: torch.Tensor,
               cache_dir, device) -> "RewardDirection":
-        """V of ``mode``; ``training`` computes it from the sampled training prompts once (cached in
-        ``cache_dir`` by the prompts' digest)."""
+        """V of ``mode``; ``training`` computes it from the sampled training prompts once, segmented like the
+        scores (``cfg.split_mode``, ``cfg.long_segments``); with ``cache_dir`` it is cached there (keyed by the
+        preference model's weights, the prompts and both rules: :func:`~longalign_core.denscore.direction_key`).
+        The trainer passes None: a resumed run computes V again, as the uninterrupted one did."""
         fixed = None
         if mode == "reference":
             fixed = reference
         elif mode == "training":
             sample = direction_sample(prompts, cfg.reward_direction_prompts, cfg.seed)
-            cache = None if cache_dir is None else \
-                cache_dir / f"training_direction-{cfg.split_mode}-{prompts_digest(sample)}.safetensors"
-            fixed = direction_from_prompts(reward, sample, split_mode=cfg.split_mode, cache_file=cache)
+            fixed = cached_direction(reward, sample, cfg.split_mode, cfg.long_segments, fallback_dir=cache_dir)
         return cls(mode, reward, cfg, prompts, processes, None if fixed is None else fixed.to(device))
 
     def describe(self) -> str:

@@ -1,15 +1,18 @@
 """``python -m trainer.finetune … --dry-run``: will this run fit, and how long will it take?
 
 It loads everything the options name, exactly as the run would, runs one warm-up and one measured training step,
-one validation and one checkpoint, and prints (and writes to ``<output_dir>/dry_run.md``, the only file it
+one validation, one checkpoint and the final outputs (LoRA file, report), and prints (and writes to ``<output_dir>/dry_run.md``, the only file it
 writes there) what each model part holds in memory, the peak memory of the step on this device, the seconds of
-a step split by phase, and the projected time of the whole run. A step that runs out of memory is reported
+a step split by phase, and the projected time of the whole run, start-up included (the process's interpreter start
+and imports, the first step's warm-up beyond a measured step, writing the outputs). A step that runs out of memory is reported
 with the setting to change first, before hours are spent. The models, caches and checkpoint of the trial live
 in a temporary folder that is removed afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +64,9 @@ def measure_step(run) -> dict:
     """One warm-up and one measured optimizer step: seconds, per-phase seconds, peak memory of the step above
     what was held before it, and what was held."""
     run.unet.train()
+    t0 = time.perf_counter()
     run.optimizer_step(0)  # warm-up: optimizer state, kernels, one-time buffers
+    warmup = time.perf_counter() - t0
     timer = run.phases
     timer.reset()
     timer.enabled = True
@@ -74,23 +79,38 @@ def measure_step(run) -> dict:
         timer.enabled = False
     phases = dict(timer.seconds)
     phases["rest"] = max(0.0, seconds - sum(phases.values()))
-    return {"seconds": seconds, "phases": phases, "peak_bytes": mem.increase, "held_bytes": mem.base,
-            "device_peak_bytes": mem.peak}
+    return {"seconds": seconds, "warmup_seconds": warmup, "phases": phases, "peak_bytes": mem.increase,
+            "held_bytes": mem.base, "device_peak_bytes": mem.peak}
 
 
-def project(cfg, load: float, step: float, validation: float, checkpoint: float) -> dict:
-    """Seconds of the whole run: loading, every step, the validations (at the start, every
-    ``--validation-every`` steps and at the end) and the checkpoints (every ``--checkpoint-every`` steps)."""
+def process_age() -> float:
+    """Seconds since this process started: the interpreter's start-up and the imports before the run."""
+    try:
+        import psutil  # accelerate's dependency
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 — an estimate only; without it the projection leaves start-up out
+        return 0.0
+
+
+def project(cfg, load: float, step: float, validation: float, checkpoint: float, startup: float = 0.0,
+            warmup: float = 0.0, outputs: float = 0.0) -> dict:
+    """Seconds of the whole run: start-up (interpreter and imports), loading, the first step's warm-up beyond a
+    measured step, every step, the validations (at the start, every ``--validation-every`` steps and at the end),
+    the checkpoints (every ``--checkpoint-every`` steps) and writing the outputs."""
     validations = (1 + (cfg.train_steps - 1) // cfg.validation_every + 1 if cfg.validation_every else 2) \
         if cfg.validation_prompts != 0 else 0
     checkpoints = (cfg.train_steps - 1) // cfg.checkpoint_every
-    total = load + cfg.train_steps * step + validations * validation + checkpoints * checkpoint
+    total = (startup + load + max(0.0, warmup - step) + cfg.train_steps * step + validations * validation
+             + checkpoints * checkpoint + outputs)
     return {"validations": validations, "checkpoints": checkpoints, "total_seconds": total}
 
 
-def dry_run(cfg, trainer_class) -> dict:
+def dry_run(cfg, trainer_class, startup: float = 0.0) -> dict:
     """Measure a run of ``cfg`` (``trainer_class``: :class:`~trainer.finetune.Trainer`) without running it; the
-    result's ``report`` is the markdown printed and written to ``<output_dir>/dry_run.md``."""
+    result's ``report`` is the markdown printed and written to ``<output_dir>/dry_run.md``. ``startup``: the
+    seconds a run's process spends before it builds the Trainer (the command line passes :func:`process_age`,
+    measured in its own fresh process)."""
     with tempfile.TemporaryDirectory(prefix="longalign-dry-run-") as work:
         t0 = time.perf_counter()
         run = trainer_class(dataclasses.replace(cfg, output_dir=work, resume=None))
@@ -113,13 +133,22 @@ def dry_run(cfg, trainer_class) -> dict:
         checkpoint_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         lora_bytes = (folder / LORA_FILE).stat().st_size if (folder / LORA_FILE).is_file() else 0
         image_bytes = sum(p.stat().st_size for p in (Path(work) / "validation").glob("*.png"))
+
+        from .outputs import save_outputs
+
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # its "wrote …" line names the trial's folder
+            save_outputs(run)
+        outputs = time.perf_counter() - t0
         result = {"config": run.cfg, "device": device, "load_seconds": load, "step": step,
                   "validation_seconds": validation, "validation_peak_bytes": val_mem.increase,
                   "checkpoint_seconds": checkpoint, "checkpoint_bytes": checkpoint_bytes,
                   "parts": model_parts(run), "process_peak_bytes": process_peak_bytes(),
                   "device_bytes": total_memory(device), "processes": run.acc.num_processes,
-                  "is_main_process": run.acc.is_main_process,
-                  **project(run.cfg, load, step["seconds"], validation, checkpoint)}
+                  "is_main_process": run.acc.is_main_process, "startup_seconds": startup,
+                  "outputs_seconds": outputs,
+                  **project(run.cfg, load, step["seconds"], validation, checkpoint, startup, step["warmup_seconds"],
+                            outputs)}
         result["output_dir"] = cfg.output_dir  # run.cfg's is the temporary folder
         result["disk"] = run_disk_bytes(run.cfg, checkpoint_bytes, lora_bytes, image_bytes, result["validations"])
     result["report"] = format_report(result)
@@ -172,11 +201,13 @@ def format_report(r: dict) -> str:
                  if dev.type == "cpu" else ""), "",
               f"**One step: {step['seconds']:.2f} s** — "
               + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(step["phases"].items(), key=lambda kv: -kv[1])), "",
-              f"**Projected run: {_duration(r['total_seconds'])}** = loading {r['load_seconds']:.0f} s + "
+              f"**Projected run: {_duration(r['total_seconds'])}** = start-up {r['startup_seconds']:.0f} s + "
+              f"loading {r['load_seconds']:.0f} s + first-step warm-up "
+              f"{max(0.0, step['warmup_seconds'] - step['seconds']):.1f} s + "
               f"{cfg.train_steps} steps × {step['seconds']:.2f} s + {r['validations']} validation(s) × "
               f"{r['validation_seconds']:.1f} s + {r['checkpoints']} checkpoint(s) × {r['checkpoint_seconds']:.1f} s "
-              f"({_gib(r['checkpoint_bytes'])} each). Every process runs every step, so more processes add "
-              f"prompts per step, not steps per second.", "",
+              f"({_gib(r['checkpoint_bytes'])} each) + writing the outputs {r['outputs_seconds']:.1f} s. Every process "
+              f"runs every step, so more processes add prompts per step, not steps per second.", "",
               f"**Disk: {format_bytes(r['disk']['total'])}** in {r['output_dir']} at most = "
               + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["disk"].items() if k != "total")
               + f" ({min(cfg.checkpoints_keep + 1, r['checkpoints'])} checkpoint(s) of {format_bytes(r['checkpoint_bytes'])}"

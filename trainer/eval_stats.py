@@ -20,6 +20,8 @@ import numpy as np
 
 from longalign_core.errors import BadInputError
 
+from .hacking import hacking_verdict
+
 #: The per-sentence values in scores.csv, in the order of the report's tables.
 METRICS = ("score", "text_relevant", "text_irrelevant", "reweighted")
 #: Columns of scores.csv.
@@ -164,23 +166,6 @@ def win_values(arm: np.ndarray, base: np.ndarray) -> np.ndarray:
     return np.where(arm > base, 1.0, np.where(arm == base, 0.5, 0.0))
 
 
-def hacking_check(d_relevant: np.ndarray, d_irrelevant: np.ndarray, z: float) -> tuple[bool, str]:
-    """(flagged, what was checked) from per-prompt paired differences, arm minus base: the text-relevant part
-    fell by more than ``z`` standard errors of its mean difference and the text-irrelevant part rose by more
-    than ``z`` of its own (the trainer's reward-hacking rule, trainer.report, applied to arm vs base)."""
-    n = len(d_relevant)
-    if n < 2:
-        return False, "one prompt: the noise of the difference cannot be measured"
-    mean = {"relevant": float(d_relevant.mean()), "irrelevant": float(d_irrelevant.mean())}
-    se = {"relevant": max(float(d_relevant.std(ddof=1)) / np.sqrt(n), 1e-7),
-          "irrelevant": max(float(d_irrelevant.std(ddof=1)) / np.sqrt(n), 1e-7)}
-    checked = (f"text-relevant {mean['relevant'] * 100:+.2f} ± {se['relevant'] * 100:.2f}, text-irrelevant "
-               f"{mean['irrelevant'] * 100:+.2f} ± {se['irrelevant'] * 100:.2f} (×100, mean ± standard error of the "
-               f"paired difference over {n} prompts; a change counts beyond {z:g} standard errors)")
-    flagged = mean["relevant"] < -z * se["relevant"] and mean["irrelevant"] > z * se["irrelevant"]
-    return flagged, checked
-
-
 def sentence_changes(rows: list[dict], arm: str, base: str = BASE_ARM) -> list[SentenceChange]:
     """Every (prompt, sentence): the arm's text-relevant part minus the base's, averaged over the seeds both
     have; sorted from the largest gain to the largest loss."""
@@ -198,15 +183,10 @@ def sentence_changes(rows: list[dict], arm: str, base: str = BASE_ARM) -> list[S
     return sorted(changes, key=lambda c: (-c.delta, c.prompt, c.sentence))
 
 
-def summarize(rows: list[dict], n_boot: int = DEFAULT_BOOTSTRAP, boot_seed: int = 0, top: int = 5,
-              hacking_z: float | None = None) -> Summary:
+def summarize(rows: list[dict], n_boot: int = DEFAULT_BOOTSTRAP, boot_seed: int = 0, top: int = 5) -> Summary:
     """Per arm: the means with their intervals; per LoRA arm against the base, paired by prompt and seed: the
     differences with their intervals, the win rates (score and text-relevant; ties count half) with theirs,
     the reward-hacking check, and the ``top`` sentences whose text-relevant part gained and lost most."""
-    if hacking_z is None:
-        from .report import HACKING_Z
-
-        hacking_z = HACKING_Z
     if not rows:
         raise BadInputError("scores.csv holds no rows: nothing was evaluated yet")
     values = image_values(rows)
@@ -236,12 +216,12 @@ def summarize(rows: list[dict], n_boot: int = DEFAULT_BOOTSTRAP, boot_seed: int 
             for m in ("score", "text_relevant"):
                 wins = {k: win_values(images[k][col[m]], base[k][col[m]]) for k in keys}
                 summary.wins[m] = estimate(per_prompt(wins, paired_prompts), pidx)
-            flagged, checked = hacking_check(dpp[:, col["text_relevant"]], dpp[:, col["text_irrelevant"]],
-                                             hacking_z)
-            summary.hacking_checked = checked
-            if flagged:
-                summary.hacking = (f"possible reward hacking: {checked}. The arm gains through what all prompts "
-                                   f"share (aesthetics-like), not through alignment with the text")
+            verdict = hacking_verdict(dpp[:, col["text_relevant"]], dpp[:, col["text_irrelevant"]],
+                                      "the arm against the base")
+            summary.hacking_checked = verdict.checked + (f"; {verdict.explained}" if verdict.explained and
+                                                         not verdict.flagged else "")
+            if verdict.flagged:
+                summary.hacking = f"possible reward hacking: {verdict.checked}. {verdict.explained.capitalize()}"
             changes = sentence_changes(rows, name)
             summary.gained = [c for c in changes[:top] if c.delta > 0]
             summary.lost = [c for c in reversed(changes[-top:]) if c.delta < 0]

@@ -154,7 +154,7 @@ class Evaluation:
                      f"evaluate it as it was trained")
 
     def _load_judge(self) -> None:
-        from longalign_core.denscore import direction_cache_file, direction_from_prompts
+        from longalign_core.denscore import cached_direction
         from longalign_core.preference import load_preference_model
 
         from .models import reward_model_source
@@ -164,10 +164,9 @@ class Evaluation:
         self.reward = load_preference_model(self.reward_source, cfg.reward_model_kind, device=self.device,
                                             dtype=torch.float32)
         reference = default_reference_prompts()
-        digest = prompts_digest(reference) + ("" if cfg.split_mode == "sentence" else "-" + cfg.split_mode)
-        cache = direction_cache_file(self.reward_source, digest)
-        self.direction = direction_from_prompts(self.reward, reference, split_mode=cfg.split_mode,
-                                                cache_file=cache).to(self.device)
+        # computed at every start, never read from a cache: the scores of a fresh, a repeated and a resumed
+        # evaluation then come from the same computation (reading V instead moved their last bits on the CPU)
+        self.direction = cached_direction(self.reward, reference, cfg.split_mode, cfg.long_segments).to(self.device)
         overlap = len(set(self.prompts) & set(reference))
         if overlap:
             self.say(f"note: {overlap} of the evaluation prompts are in the reference set that defines V; "

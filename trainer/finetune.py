@@ -31,7 +31,7 @@ import torch
 
 from longalign_core.child_process import report_progress
 from longalign_core.clip_text import CLIPSegmentEncoder
-from longalign_core.denscore import default_reference_prompts, direction_from_prompts, prompts_digest
+from longalign_core.denscore import cached_direction, default_reference_prompts
 from longalign_core.dtypes import DTYPES
 from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora
@@ -48,7 +48,7 @@ from .conditioning import StepConditioning, StepEncoder
 from .direction import RewardDirection, resolve_direction
 from .memory import out_of_memory_advice
 from .lora_layers import add_lora_output_dropout, attach_lora
-from .outputs import export_run_lora, save_outputs
+from .outputs import check_output_dir, clear_run, export_run_lora, save_outputs
 from .models import check_model_sources, load_base_model, reward_model_source
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
 from .sampling import UNetConditioning
@@ -83,6 +83,7 @@ class Trainer:
         # Everything the user gave is checked before anything is written or loaded: a typo in a model path, a
         # bad prompts file (one message, not minutes of loading, and no empty output folder).
         check_model_sources(cfg)
+        check_output_dir(cfg)
         self._load_data()
         self.trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
         # cpu=True on a machine without an accelerator lets accelerate pick up torchrun's processes (gloo).
@@ -93,6 +94,8 @@ class Trainer:
                                project_config=ProjectConfiguration(project_dir=str(self.out),
                                                                    logging_dir=str(self.out / "logs")))
         if self.acc.is_main_process:
+            if cfg.overwrite_output_dir and not cfg.resume and (removed := clear_run(self.out)):
+                self.acc.print(f"--overwrite-output-dir: deleted the earlier run's {', '.join(removed)} in {self.out}")
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
         self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
@@ -199,10 +202,10 @@ class Trainer:
         self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
         reference = default_reference_prompts()
-        self.reference_direction = direction_from_prompts(
-            self.reward, reference, split_mode=cfg.split_mode,
-            cache_file=self.out / f"reference_direction-{cfg.split_mode}-{prompts_digest(reference)}.safetensors"
-            if self.acc.is_main_process else None).to(device)
+        # Computed at every start, never read from a cache: a resumed run then does exactly what the uninterrupted
+        # one did (reading V instead changed step 3's reward by 1 ulp on the CPU and AdamW amplified it).
+        self.reference_direction = cached_direction(self.reward, reference, cfg.split_mode,
+                                                    cfg.long_segments).to(device)
         if cfg.stage == "reward":
             per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
             mode, warning = resolve_direction(cfg.reward_direction, per_step)
@@ -210,7 +213,7 @@ class Trainer:
                 print(warning, flush=True)
             with self.acc.main_process_first():  # the main process computes and caches a training V first
                 self.direction = RewardDirection.build(mode, self.reward, cfg, self.prompts, self.acc.num_processes,
-                                                       self.reference_direction, self.out, device)
+                                                       self.reference_direction, None, device)
         if cfg.cache_text_embeddings:  # V is built: the preference model's text tower is needed no more
             pin_reward_texts(self)
 
@@ -379,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # one bar per weights file otherwise
     cfg = TrainConfig.from_args(argv, description=__doc__)
     if cfg.dry_run:
-        from .dry_run import dry_run
+        from .dry_run import dry_run, process_age
 
-        print(dry_run(cfg, Trainer)["report"], flush=True)
+        print(dry_run(cfg, Trainer, startup=process_age())["report"], flush=True)
         return 0
     if cfg.model in (None, *EMBEDDED_MODELS):
         which = "SDXL" if cfg.model == "embedded-sdxl" else "SD1.5"

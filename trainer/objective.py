@@ -22,6 +22,19 @@ from longalign_core.denscore import Decomposition, segment_score
 from .sampling import blocks_checkpointed, ddim_scheduler, decode, grad_step_indices, sample_truncated
 
 
+def draw_grad_offset(steps: int, grad_steps: int, gen: torch.Generator) -> int:
+    """The first DDIM step with gradients: uniform over ``0 .. steps // grad_steps − 1`` (the reference's
+    random offset: every step of the chain gets gradients equally often over the run)."""
+    return int(torch.randint(0, steps // grad_steps, (1,), generator=gen))
+
+
+def drop_captions(captions: list[str], rate: float, gen: torch.Generator) -> list[str]:
+    """Caption dropout: each caption replaced by the empty prompt with probability ``rate`` (so the LoRA also
+    learns the unconditional prediction classifier-free guidance needs)."""
+    keep = torch.rand(len(captions), generator=gen) >= rate
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
 def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
                 direction: torch.Tensor | None = None):
     """Loss of one micro-batch of ``prompts`` and its statistics. ``direction`` is V (default: the run's V for
@@ -35,8 +48,7 @@ def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None
     side = cfg.resolution // 8
     noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(device, run.weight_dtype)
     scheduler = ddim_scheduler(run.noise_scheduler, cfg.sample_steps)
-    every = cfg.sample_steps // cfg.sample_grad_steps
-    offset = int(torch.randint(0, every, (1,), generator=gen))
+    offset = draw_grad_offset(cfg.sample_steps, cfg.sample_grad_steps, gen)
     grad_idx = grad_step_indices(cfg.sample_steps, cfg.sample_grad_steps, offset)
     crop_seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # one crop position for the whole batch
     with run.acc.autocast():
@@ -113,8 +125,7 @@ def align_loss(run, batch, gen: torch.Generator):
     its statistics."""
     cfg, device = run.cfg, run.acc.device
     images, captions, time_ids = batch
-    keep = torch.rand(len(captions), generator=gen) >= cfg.caption_dropout
-    captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+    captions = drop_captions(captions, cfg.caption_dropout, gen)
     with torch.no_grad(), torch.autocast(device.type, enabled=False), run.phases("VAE encode"):  # in its own dtype
         latents = run.vae.encode(images.to(device, run.vae.dtype) * 2 - 1).latent_dist.sample(
             generator=gen).to(run.weight_dtype) * run.vae.config.scaling_factor

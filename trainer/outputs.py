@@ -3,13 +3,52 @@ at the end, the trained T5 adapter, the merged UNet if asked, and the report."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from longalign_core.errors import BadConfigError
 from longalign_core.denscore import prompts_digest
 from longalign_core.lora import load_lora, merge_lora
 
 from .lora_layers import LORA_FILE, export_lora, lora_metadata
 from .models import load_base_model
+
+#: What a run writes into --output-dir (besides config.json): a folder holding any of the first
+#: four holds a run; --overwrite-output-dir deletes all of them.
+RUN_MARKERS = ("train_log.csv", "validation.csv", "checkpoints", LORA_FILE)
+RUN_OUTPUTS = (*RUN_MARKERS, "validation_per_prompt.csv", "validation", "report.md", "report.png", "logs",
+               "t5_adapter", "unet_merged", "debug")
+
+
+def held_run(output_dir: Path) -> list[str]:
+    """The names in ``output_dir`` that show a run was made there."""
+    return [name for name in RUN_MARKERS if (Path(output_dir) / name).exists()]
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse an ``--output-dir`` that holds a run unless ``--resume`` continues it or ``--overwrite-output-dir``
+    starts afresh: a second run's logs would be appended to the first's and its report compare the two."""
+    found = held_run(Path(cfg.output_dir))
+    if found and not cfg.resume and not cfg.overwrite_output_dir:
+        raise BadConfigError(f"--output-dir {cfg.output_dir} already holds a run ({', '.join(found)}): a new run "
+                             f"there would append its logs to the old one's and its report would compare the two. "
+                             f"Pass --resume latest to continue it, --overwrite-output-dir to delete its outputs "
+                             f"and start again, or choose another --output-dir")
+
+
+def clear_run(output_dir: Path) -> list[str]:
+    """``--overwrite-output-dir``: delete the earlier run's outputs (only the names in :data:`RUN_OUTPUTS`)."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = Path(output_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def export_run_lora(run, folder: Path, steps: int) -> tuple[Path, dict]:

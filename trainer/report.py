@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-#: How many standard errors of the paired per-prompt difference a change must exceed to count (the peak is the
-#: best of several noisy validations, so a plain 2 would flag noise now and then).
-HACKING_Z = 3.0
+from .hacking import hacking_verdict
+
 #: Per-prompt values of each validation (step, prompt, text_relevant, text_irrelevant, denscore).
 PER_PROMPT_FILE = "validation_per_prompt.csv"
 
@@ -38,38 +37,25 @@ def _by_step(per_prompt: list[dict]) -> dict[float, dict[str, np.ndarray]]:
     return out
 
 
-def reward_hacking(per_prompt: list[dict], z: float = HACKING_Z) -> tuple[str | None, str]:
-    """(a warning or None, what was checked) over the whole run.
-
-    Reward hacking shows as the text-irrelevant part rising while the text-relevant part falls: the reward grows
-    through what every prompt shares (aesthetics-like drift), not through alignment. The check compares the last
-    validation with the best text-relevant one so far (the point to go back to), prompt by prompt: validation
-    uses the same held-out prompts and the same noise every time, so the per-prompt differences are paired and
-    their spread measures the validation noise. It warns when the text-relevant part fell by more than ``z``
-    standard errors of that mean difference and the text-irrelevant part rose by more than ``z`` of its own."""
+def reward_hacking(per_prompt: list[dict]) -> tuple[str | None, str]:
+    """(a warning or None, what was checked) over the whole run: the last validation against the first (step
+    0), prompt by prompt (validation uses the same held-out prompts and the same noise every time, so the
+    differences are paired), by the rule :func:`trainer.hacking.hacking_verdict` that ``trainer.evaluate`` uses
+    for a LoRA against the base. One comparison whatever the number of validations: a stated false-alarm rate."""
     steps = _by_step(per_prompt)
     if len(steps) < 2:
         return None, "fewer than two validations: nothing to compare"
-    n = min(len(v["text_relevant"]) for v in steps.values())
-    if n < 2:
-        return None, "one held-out prompt: the validation noise cannot be measured (use --validation-prompts 8)"
-    peak = max(steps, key=lambda s: steps[s]["text_relevant"].mean())
-    last = max(steps)
-    if peak == last:
-        return None, (f"the text-relevant part is at its best at the last validation (step {last:.0f}; {n} "
-                      f"held-out prompts)")
-    d = {k: steps[last][k][:n] - steps[peak][k][:n] for k in ("text_relevant", "text_irrelevant")}
-    mean = {k: float(v.mean()) for k, v in d.items()}
-    se = {k: max(float(v.std(ddof=1)) / np.sqrt(n), 1e-7) for k, v in d.items()}
-    checked = (f"from step {peak:.0f} (the best text-relevant validation) to step {last:.0f}: text-relevant "
-               f"{mean['text_relevant'] * 100:+.2f} ± {se['text_relevant'] * 100:.2f}, text-irrelevant "
-               f"{mean['text_irrelevant'] * 100:+.2f} ± {se['text_irrelevant'] * 100:.2f} (×100, mean ± standard "
-               f"error of the paired difference over {n} held-out prompts; a change counts beyond {z:g} standard "
-               f"errors)")
-    if mean["text_relevant"] < -z * se["text_relevant"] and mean["text_irrelevant"] > z * se["text_irrelevant"]:
-        return (f"possible reward hacking: {checked}. The reward grows through what all prompts share, not "
-                f"through alignment: use the checkpoint nearest step {peak:.0f} (checkpoints/*/"
-                f"longalign_lora.safetensors), or lower --reward-omega or the learning rate."), checked
+    start, last = min(steps), max(steps)
+    n = min(len(steps[start]["text_relevant"]), len(steps[last]["text_relevant"]))
+    d = {k: steps[last][k][:n] - steps[start][k][:n] for k in ("text_relevant", "text_irrelevant")}
+    verdict = hacking_verdict(d["text_relevant"], d["text_irrelevant"], f"from step {start:.0f} to step {last:.0f}")
+    checked = verdict.checked + (f"; {verdict.explained}" if verdict.explained and not verdict.flagged else "")
+    if verdict.flagged:
+        best = max(steps, key=lambda s: steps[s]["text_relevant"].mean())
+        return (f"possible reward hacking: {verdict.checked}. {verdict.explained[0].upper()}"
+                f"{verdict.explained[1:]}: use an earlier checkpoint (the best text-relevant validation was step "
+                f"{best:.0f}; checkpoints/*/longalign_lora.safetensors), or lower --reward-omega or the learning "
+                f"rate."), checked
     return None, checked
 
 

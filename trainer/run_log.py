@@ -81,12 +81,14 @@ def print_run_summary(run, start: int) -> None:
     """The "Running training" banner: models, data, processes, LoRA, text options and sampling."""
     cfg, acc = run.cfg, run.acc
     n_prompts = len(run.prompts) if run.prompts is not None else len(run.align_rows)
+    repeats = run.align_data.describe() if cfg.stage == "align" else None
     print(f"***** Running training ({cfg.stage} stage) *****\n"
           f"  base model = {run.base_source} ({'SDXL' if run.is_sdxl else 'SD1.x'}, "
           f"{run.prediction_type})\n"
           f"  reward model = {run.reward_source}"
           f"{'' if cfg.stage != 'reward' else ', V from ' + run.direction.describe()}\n"
           f"  training prompts = {n_prompts}, held-out validation prompts = {len(run.validation_prompts)}\n"
+          + (f"  {repeats}\n" if repeats else "") +
           f"  processes = {acc.num_processes}, batch per process = "
           f"{cfg.train_batch_size}, accumulation = {cfg.gradient_accumulation_steps}\n"
           f"  steps = {start} -> {cfg.train_steps}, LoRA rank = {cfg.lora_rank} on {len(run.targets)} "
