@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def random_lora(path: Path, seed: int = 0) -> Path:
     """Rank-4 random (up, down) pairs for every LongAlign target of the embedded SD1.5-shaped UNet."""
     from longalign_core.lora import lora_targets, save_kohya
-    from trainer.embedded import embedded_pipeline_dir
+    from trainer.loading.embedded import embedded_pipeline_dir
 
     targets = lora_targets(embedded_pipeline_dir(seed) / "unet")
     g = torch.Generator().manual_seed(1234)
@@ -62,7 +62,7 @@ def random_lora(path: Path, seed: int = 0) -> Path:
 
 
 def report(title: str, phases: dict, total: float) -> float:
-    from trainer.eval_report import GENERATION_PHASES
+    from trainer.evaluate.report import GENERATION_PHASES
 
     generation = sum(phases.get(k, 0.0) for k in GENERATION_PHASES)
     untimed = total - sum(v for k, v in phases.items() if k != "total")

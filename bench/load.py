@@ -1,5 +1,5 @@
 """Benchmark: peak memory of loading a real-size SDXL single-file checkpoint with the trainer's loader
-(``trainer.models.load_base_model``), in the training dtype, against the size of the weights.
+(``trainer.loading.models.load_base_model``), in the training dtype, against the size of the weights.
 
     python bench/load.py                       # build (once) a 6.9 GB bf16 SDXL-base file, load it in bf16
     python bench/load.py --stored fp16         # the file as SDXL base is published (fp16), loaded in bf16
@@ -74,12 +74,12 @@ def load_once(path: Path, dtype: str, cast_after: bool = False) -> dict:
     """In this (fresh) process: load ``path`` with the trainer's loader; the peak above the baseline.
     ``cast_after``: each component through ``from_pretrained(torch_dtype=...)`` instead (its own cast after
     reading), the baseline of ``--folder``."""
-    import trainer.models
+    import trainer.loading.models
     from trainer.memory import process_peak_bytes, rss_bytes
-    from trainer.models import load_base_model
+    from trainer.loading.models import load_base_model
 
     if cast_after:
-        trainer.models.from_pretrained_in_dtype = lambda cls, source, dtype, subfolder=None, **kw: \
+        trainer.loading.models.from_pretrained_in_dtype = lambda cls, source, dtype, subfolder=None, **kw: \
             cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, **kw)
 
     import diffusers  # noqa: F401  (imports counted in the baseline, not in the load)
@@ -125,7 +125,7 @@ def main() -> None:
         sys.exit(out.stderr[-3000:])
     r = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 2**30
-    print(f"[trainer.models.load_base_model, SDXL base single file ({path.stat().st_size / gib:.2f} GiB, "
+    print(f"[trainer.loading.models.load_base_model, SDXL base single file ({path.stat().st_size / gib:.2f} GiB, "
           f"{args.stored}), loaded in {args.dtype}]")
     print(f"  {r['params'] / 1e9:.2f} B parameters, {r['weights_bytes'] / gib:.2f} GiB as loaded ({', '.join(r['dtypes'])})")
     print(f"  peak resident memory while loading, above the imports: {r['peak_increase'] / gib:.2f} GiB = "
@@ -151,7 +151,7 @@ def compare_folder(args) -> None:
         rows[how] = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 2**30
     r = rows["shipped"]
-    print(f"[trainer.models.load_base_model, SDXL diffusers folder {folder} (fp16 variant), loaded in {args.dtype}]")
+    print(f"[trainer.loading.models.load_base_model, SDXL diffusers folder {folder} (fp16 variant), loaded in {args.dtype}]")
     print(f"  {r['params'] / 1e9:.2f} B parameters, {r['weights_bytes'] / gib:.2f} GiB as loaded")
     for how, label in (("shipped", "cast as read (shipped)"), ("cast_after", "from_pretrained's own cast")):
         q = rows[how]

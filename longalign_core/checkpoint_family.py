@@ -1,7 +1,7 @@
 """Which Stable Diffusion family a single-file checkpoint is, from its tensor names and shapes alone (a safetensors
 header): SD1.x or SDXL (base and the models built on it: Pony, Illustrious, NoobAI), the two the trainer
 fine-tunes; anything else (SD2.x, the SDXL refiner, SD3, Flux, a LoRA, a VAE…) is refused by name. Shared by the
-trainer (``trainer.single_file``) and the training node, which refuses a file before anything loads."""
+trainer (``trainer.loading.single_file``) and the training node, which refuses a file before anything loads."""
 
 from __future__ import annotations
 

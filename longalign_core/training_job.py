@@ -26,13 +26,13 @@ TRAIN_DEFAULTS = {"train_steps": 3750, "lora_rank": 32, "learning_rate": 3e-5, "
                   "gradient_accumulation_steps": 1, "sample_steps": 50, "sample_grad_steps": 5,
                   "reward_omega": 0.3, "seed": 0, "reward_direction": "auto", "checkpoint_every": 500,
                   "validation_every": 500}
-#: The evaluation's defaults the node shows (trainer.eval_config.EvalConfig).
+#: The evaluation's defaults the node shows (trainer.evaluate.config.EvalConfig).
 EVALUATE_DEFAULTS = {"seeds": 2, "seed": 0}
 NO_FILE = "(none)"
 PROMPT_FILE_EXTENSIONS = (".txt", ".jsonl")
 #: The trainer's LoRA file in its run folder (trainer.lora_layers.LORA_FILE).
 RUN_LORA_FILE = "longalign_lora.safetensors"
-#: The evaluation's settings file in its folder (trainer.eval_io.SETTINGS_FILE).
+#: The evaluation's settings file in its folder (trainer.evaluate.files.SETTINGS_FILE).
 EVALUATION_SETTINGS_FILE = "evaluation.json"
 _BAD_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 

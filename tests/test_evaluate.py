@@ -47,7 +47,7 @@ def random_lora(path, unet_dir, seed: int, scale: float = 0.1, metadata: dict | 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from trainer.embedded import embedded_pipeline_dir, embedded_sdxl_pipeline_dir
+    from trainer.loading.embedded import embedded_pipeline_dir, embedded_sdxl_pipeline_dir
 
     folder = tmp_path_factory.mktemp("eval_inputs")
     prompts = folder / "prompts.txt"
@@ -124,7 +124,7 @@ def lora_arm():
 
 
 def test_statistics_match_values_worked_out_by_hand(tmp_path):
-    from trainer.eval_stats import bootstrap_indices, interval, read_scores, summarize
+    from trainer.evaluate.stats import bootstrap_indices, interval, read_scores, summarize
 
     write_scores(tmp_path / "scores.csv", {"base": BASE, "lora": lora_arm()})
     summary = summarize(read_scores(tmp_path / "scores.csv"), n_boot=2000, boot_seed=7)
@@ -162,7 +162,7 @@ def test_statistics_match_values_worked_out_by_hand(tmp_path):
 
 def test_bootstrap_interval_agrees_with_the_normal_approximation():
     """Many prompts: the percentile interval of a mean is about mean ± 1.96 standard errors."""
-    from trainer.eval_stats import bootstrap_indices, interval
+    from trainer.evaluate.stats import bootstrap_indices, interval
 
     values = np.random.default_rng(3).normal(0.5, 2.0, size=400)
     lo, hi = interval(values, bootstrap_indices(400, 4000, 1))
@@ -174,7 +174,7 @@ def test_bootstrap_interval_agrees_with_the_normal_approximation():
 def test_reward_hacking_flag(tmp_path):
     """Text-relevant down and text-irrelevant up, prompt after prompt, beyond 3 standard errors: flagged; the
     same fall in the relevant part with the irrelevant part flat is not."""
-    from trainer.eval_stats import read_scores, summarize
+    from trainer.evaluate.stats import read_scores, summarize
 
     d_rel = [-0.020, -0.021, -0.019, -0.022, -0.018, -0.020]
     d_irr = [0.030, 0.031, 0.029, 0.032, 0.028, 0.030]
@@ -295,7 +295,7 @@ def test_no_arguments_picks_up_the_demo_lora(tmp_path, monkeypatch, files):
 def test_sdxl_shaped_model_and_the_lora_metadata_note(tmp_path, files):
     """The SDXL-shaped embedded model (two text encoders, size ids) runs; a LoRA trained with other text
     options than the evaluation's is evaluated, with a note saying so."""
-    from trainer.embedded import embedded_sdxl_pipeline_dir
+    from trainer.loading.embedded import embedded_sdxl_pipeline_dir
 
     lora = random_lora(tmp_path / "xl.safetensors", embedded_sdxl_pipeline_dir(0) / "unet", 4,
                        metadata={"longalign": "trainer-lora", "split_mode": "reference", "token_budget": "240"})

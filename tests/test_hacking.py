@@ -72,7 +72,7 @@ def test_the_demo_case_is_flagged(tmp_path):
 def test_evaluate_flags_the_same_numbers(tmp_path):
     """trainer.evaluate's arm-against-base verdict is the same rule on the same differences."""
     from test_evaluate import write_scores
-    from trainer.eval_stats import read_scores, summarize
+    from trainer.evaluate.stats import read_scores, summarize
 
     n = 8
     d_rel, d_irr = with_mean_and_se(0.000075, 0.0023, n, 1), with_mean_and_se(0.0419, 0.0040, n, 2)

@@ -85,7 +85,7 @@ def test_every_sd15_kohya_key_is_in_comfyui_key_map_at_full_size():
 
 
 def test_base_model_loads_in_the_training_dtype_with_the_vae_rule(tmp_path):
-    from trainer.models import load_base_model
+    from trainer.loading.models import load_base_model
 
     sd = load_base_model("embedded", dtype=torch.bfloat16)
     assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {torch.bfloat16}
@@ -108,7 +108,7 @@ def test_dry_run_reports_memory_time_and_projection_and_writes_only_its_report(t
     report = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["dry_run.md"]
     assert (out / "dry_run.md").read_text() in report
-    from trainer.embedded import embedded_pipeline_dir
+    from trainer.loading.embedded import embedded_pipeline_dir
 
     # the LoRA's size, counted here from the UNet's layer shapes: rank · (in (· k · k) + out) per layer
     targets = lora_targets(embedded_pipeline_dir() / "unet")

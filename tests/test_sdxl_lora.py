@@ -186,7 +186,7 @@ def test_trained_sdxl_lora_loads_in_stock_lora_loader_with_no_unloaded_key(tmp_p
     import comfy.utils
     from diffusers import UNet2DConditionModel
 
-    from trainer.embedded import embedded_sdxl_pipeline_dir
+    from trainer.loading.embedded import embedded_sdxl_pipeline_dir
 
     # the embedded SDXL UNet in ComfyUI's terms: the same levels, depths and widths, context 32 + 32
     ldm = dict(TINY_SDXL_LDM, context_dim=64)

@@ -145,7 +145,7 @@ def test_a_second_signal_stops_at_once_and_leaves_no_temporary_file(tmp_path):
 
 def test_sigint_in_the_evaluation_then_resume_gives_the_same_scores(tmp_path):
     from test_evaluate import PROMPTS, random_lora
-    from trainer.embedded import embedded_pipeline_dir
+    from trainer.loading.embedded import embedded_pipeline_dir
 
     prompts = tmp_path / "prompts.txt"  # 12 prompts, one group each per arm: 24 groups
     prompts.write_text("".join(f"{p} Number {k}.\n" for k in range(4) for p in PROMPTS))

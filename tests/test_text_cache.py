@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from trainer.conditioning import StepEncoder
 from trainer.config import TrainConfig
 from trainer.finetune import Trainer, cli, main
-from trainer.models import load_base_model
+from trainer.loading.models import load_base_model
 from trainer_support import FAST, SENTENCES, one_thread  # noqa: F401  (autouse fixture)
 
 BUDGET = 32  # small, so that a few sentences overflow it

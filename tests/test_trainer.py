@@ -19,8 +19,8 @@ from trainer.config import TrainConfig
 from longalign_core.errors import BadConfigError
 from trainer.checkpoints import checkpoints
 from trainer.finetune import Trainer, cli, main
-from trainer.embedded import embedded_pipeline_dir
-from trainer.models import load_base_model
+from trainer.loading.embedded import embedded_pipeline_dir
+from trainer.loading.models import load_base_model
 from trainer.sampling import ddim_scheduler, grad_step_indices, sample_truncated
 from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
 
@@ -235,7 +235,7 @@ def test_align_stage_trains_the_t5_adapter(tmp_path, tiny_t5_dir, tiny_adapter_d
     trainer = Trainer(cfg(tmp_path, "--stage", "align", "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
                           "--t5-model", str(tiny_t5_dir), "--t5-adapter", str(tiny_adapter_dir),
                           "--train-t5-adapter", "--caption-dropout", "0"))
-    assert trainer.conditioning(["a red fox."]).shape == (1, 480, 32)
+    assert trainer.text.encode(["a red fox."], with_uncond=False).cond.shape == (1, 480, 32)
     trainer.train()
     before = load_text_adapter(tiny_adapter_dir).state_dict()
     after = load_text_adapter(tmp_path / "run" / "t5_adapter").state_dict()

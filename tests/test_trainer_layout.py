@@ -11,23 +11,37 @@ TRAINER = REPO / "trainer"
 MAX_LINES = 400
 
 
+def module_name(path, package=TRAINER) -> str:
+    """``path``'s module under ``package``, dotted: ``finetune``, ``evaluate.stats``, ``evaluate`` (its __init__)."""
+    parts = list(path.relative_to(package).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules(package=TRAINER) -> dict[str, object]:
+    """Every module of ``package``, subfolders included (a moved file keeps its rules), by :func:`module_name`."""
+    return {module_name(p, package): p for p in sorted(package.rglob("*.py")) if p.name != "__main__.py"}
+
+
 def trainer_imports(path, package=TRAINER) -> set[str]:
     """The trainer modules ``path`` imports, at module level or inside functions (a lazy import is still an
-    edge of the graph: it only hides a circle until run time)."""
+    edge of the graph: it only hides a circle until run time), as :func:`module_name` names them."""
+    known = set(modules(package))
+    me = module_name(path, package)
+    here = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
-                names = [node.module] if node.module else [a.name for a in node.names]
-            elif node.module and node.module.split(".")[0] == "trainer":
-                names = [".".join(node.module.split(".")[1:])] if "." in node.module else [a.name for a in node.names]
-            else:
-                continue
-            found.update(n.split(".")[0] for n in names if n)
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[:len(here) - (node.level - 1)]
+            stem = base + (node.module.split(".") if node.module else [])
+            found.update(".".join(stem + [a.name]) if ".".join(stem + [a.name]) in known else ".".join(stem)
+                         for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "trainer":
+            stem = node.module.split(".")[1:]
+            found.update(".".join(stem + [a.name]) if ".".join(stem + [a.name]) in known else ".".join(stem)
+                         for a in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("trainer."))
-    modules = {p.stem for p in package.glob("*.py")}
-    return (found & modules) - {path.stem}
+            found.update(".".join(a.name.split(".")[1:]) for a in node.names if a.name.startswith("trainer."))
+    return (found & known) - {me}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -57,18 +71,25 @@ def test_find_cycle_sees_a_circle_through_a_lazy_import(tmp_path):
     (tmp_path / "a.py").write_text("from .b import x\n")
     (tmp_path / "b.py").write_text("def f():\n    from trainer.c import y\n")
     (tmp_path / "c.py").write_text("from . import a\n")
-    graph = {p.stem: trainer_imports(p, tmp_path) for p in tmp_path.glob("*.py")}
-    assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("")
+    (tmp_path / "sub" / "d.py").write_text("from ..a import x\nfrom .e import y\n")
+    (tmp_path / "sub" / "e.py").write_text("def f():\n    from trainer.sub import d\n")
+    graph = {name: trainer_imports(p, tmp_path) for name, p in modules(tmp_path).items()}
+    assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}, "sub": set(), "sub.d": {"a", "sub.e"}, "sub.e": {"sub.d"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_no_import_circle_in_the_trainer():
-    graph = {p.stem: trainer_imports(p) for p in TRAINER.glob("*.py")}
-    assert graph["finetune"] >= {"objective", "checkpoints", "validation", "models", "data"}
+    graph = {name: trainer_imports(p) for name, p in modules().items()}
+    assert graph["finetune"] >= {"objective", "checkpoints", "validation", "loading.models", "data"}
+    assert graph["evaluate.evaluation"] >= {"evaluate.files", "evaluate.arms", "config", "loading.models"}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_no_trainer_module_is_over_the_limit():
-    long = {p.name: n for p in TRAINER.glob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    long = {name: n for name, p in modules().items()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert {"evaluate.stats", "loading.single_file"} <= set(modules())  # the subfolders are read
     assert not long, f"split these by job: {long}"

@@ -185,7 +185,7 @@ def test_reference_settings_reproduce_the_released_conditioning_and_reward_segme
                 long_caption(300) + " Then 2.5 more."]
     t = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "1",
                                        "--split-mode", "reference", "--long-segments", "truncate"]))
-    step = t.encode_step(captions)
+    step = t.text.encode(captions, True)
     tok = load_clip_tokenizer()
     torch.testing.assert_close(step.cond, reference_caption2embed(captions, tok, t.text_encoder), atol=1e-5,
                                rtol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 
 from longalign_core.errors import BadConfigError
 from trainer.config import TrainConfig
-from trainer.eval_config import EvalConfig
+from trainer.evaluate.config import EvalConfig
 from trainer.options import add_field_options, coerce_fields, field_kinds, option, read_config_file
 
 

@@ -52,8 +52,8 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
 
     prompts = objective.PROMPTS
     unet = trainer.acc.unwrap_model(trainer.unet)
-    step = trainer.encode_step(prompts)
-    cond, uncond = trainer.unet_conditioning(step)
+    step = trainer.text.encode(prompts, True)
+    cond, uncond = trainer.text.unet_conditioning(step)
     steps, res = 4, trainer.cfg.resolution
     noise = torch.randn(len(prompts), 4, res // 8, res // 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_sdxl_long_captions(trainer, overflow):
     assert 300 <= m300 < 480 and 700 <= m700 < 720
     trainer.cfg.overflow = overflow
     try:
-        step = trainer.encode_step(captions)
+        step = trainer.text.encode(captions, True)
     finally:
         trainer.cfg.overflow = "truncate"
     length = 720 if overflow == "extend" else 240
@@ -127,7 +127,7 @@ def test_vae_is_upcast_for_fp16_and_decodes_in_fp32_under_autocast(trainer):
     upcast VAE still decodes in fp32: the same pixels as without autocast."""
     from diffusers import AutoencoderKL
 
-    from trainer.checkpoint_configs import sd15_config_dir
+    from trainer.loading.checkpoint_configs import sd15_config_dir
 
     sd15_vae = AutoencoderKL.load_config(sd15_config_dir(), subfolder="vae")
     assert "force_upcast" not in sd15_vae  # as in runwayml/stable-diffusion-v1-5 vae/config.json

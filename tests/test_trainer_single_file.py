@@ -46,7 +46,7 @@ def _shaping_fields(config: dict) -> dict:
 def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
     from test_sdxl_lora import SDXL_DIFFUSERS
 
-    from trainer.checkpoint_configs import unet_config_from_shapes
+    from trainer.loading.checkpoint_configs import unet_config_from_shapes
 
     shapes = unet_ldm_shapes(SDXL_DIFFUSERS)
     assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)
@@ -57,7 +57,7 @@ def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
     # the LDM reading is ComfyUI's description of SDXL base (its output depths listed outermost level first)
     from test_sdxl_lora import SDXL_LDM
 
-    from trainer.checkpoint_configs import ldm_unet_config_from_shapes
+    from trainer.loading.checkpoint_configs import ldm_unet_config_from_shapes
 
     ldm = ldm_unet_config_from_shapes(shapes)
     assert ldm == {k: SDXL_LDM[k] for k in ldm}
@@ -65,7 +65,7 @@ def test_sdxl_unet_config_inferred_from_shapes_is_the_published_one():
 
 def test_sd15_unet_config_inferred_from_shapes_is_the_published_one():
     from longalign_core.lora import load_unet_config
-    from trainer.checkpoint_configs import unet_config_from_shapes
+    from trainer.loading.checkpoint_configs import unet_config_from_shapes
 
     published = load_unet_config()
     shapes = unet_ldm_shapes(published)
@@ -79,7 +79,7 @@ def test_text_encoder_configs_inferred_from_full_size_shapes_are_the_published_o
     from open_clip.transformer import TextTransformer
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.checkpoint_configs import clip_text_config_from_shapes
+    from trainer.loading.checkpoint_configs import clip_text_config_from_shapes
 
     with torch.device("meta"):
         clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -101,7 +101,7 @@ def test_asymmetric_depths_are_inferred_per_block():
     """Up blocks deeper than their down blocks (diffusers' reverse_transformer_layers_per_block) and a middle
     block diffusers cannot build with its own depth."""
     from longalign_core.errors import BadModelFileError
-    from trainer.checkpoint_configs import unet_config_from_shapes
+    from trainer.loading.checkpoint_configs import unet_config_from_shapes
 
     config = dict(TINY_SDXL_UNET, reverse_transformer_layers_per_block=[[3, 3], [1, 1]])
     inferred = unet_config_from_shapes(unet_ldm_shapes(config), "sdxl")
@@ -135,7 +135,7 @@ def test_sd15_single_file_checkpoint_loads_offline(tmp_path, offline):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.single_file import load_single_file
+    from trainer.loading.single_file import load_single_file
 
     # one level, model_channels 320: SD1.x's layout shrunk (8 heads, 32 groups as SD1.5)
     unet_cfg = dict(block_out_channels=[320], layers_per_block=1, down_block_types=["CrossAttnDownBlock2D"],
@@ -213,7 +213,7 @@ def build_tiny_sdxl(tmp_path, seed: int = 0, bigg_layout=clip_open_clip_layout, 
 def test_sdxl_single_file_checkpoint_loads_offline(tmp_path, offline):
     from diffusers import DDPMScheduler
 
-    from trainer.single_file import load_single_file
+    from trainer.loading.single_file import load_single_file
 
     path, unet, vae, clip_l, clip_g = build_tiny_sdxl(tmp_path)
     stored = load_file(str(path))
@@ -259,7 +259,7 @@ def test_sdxl_single_file_checkpoint_loads_offline(tmp_path, offline):
 def test_sdxl_bigg_in_hugging_face_layout_is_not_read_as_open_clip(tmp_path):
     """A file whose bigG is not in open_clip layout is not an SDXL checkpoint as published: refused by name."""
     from longalign_core.errors import BadModelFileError
-    from trainer.single_file import checkpoint_family, read_checkpoint_shapes
+    from trainer.loading.single_file import checkpoint_family, read_checkpoint_shapes
 
     def hf_layout(model, prefix):
         return clip_hf_layout(model, prefix.replace(".model.", ".transformer."))
@@ -274,7 +274,7 @@ def test_sdxl_bigg_in_hugging_face_layout_is_not_read_as_open_clip(tmp_path):
 def test_sdxl_v_prediction_marker_sets_the_scheduler(tmp_path, offline):
     """A v-prediction SDXL fine-tune (NoobAI-XL V-Pred marks itself with ``v_pred`` and ``ztsnr`` tensors, which
     ComfyUI reads) loads with a v-prediction, zero-terminal-SNR noise scheduler; an unmarked file stays epsilon."""
-    from trainer.single_file import load_single_file
+    from trainer.loading.single_file import load_single_file
 
     path, *_ = build_tiny_sdxl(tmp_path, seed=1, markers=("v_pred", "ztsnr"))
     scheduler = load_single_file(path).noise_scheduler
@@ -316,7 +316,7 @@ NOT_SUPPORTED = {
 @pytest.mark.parametrize("kind", sorted(NOT_SUPPORTED))
 def test_unsupported_checkpoints_are_refused_by_name(tmp_path, kind):
     from longalign_core.errors import BadModelFileError
-    from trainer.single_file import load_single_file
+    from trainer.loading.single_file import load_single_file
 
     keys, looks_like = NOT_SUPPORTED[kind]
     path = tmp_path / f"{kind}.safetensors"
@@ -330,7 +330,7 @@ def test_unsupported_checkpoints_are_refused_by_name(tmp_path, kind):
 
 def test_ckpt_is_read_without_running_its_pickle(tmp_path):
     from longalign_core.errors import BadModelFileError
-    from trainer.single_file import checkpoint_family, read_checkpoint_shapes
+    from trainer.loading.single_file import checkpoint_family, read_checkpoint_shapes
 
     state = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
              "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(2, 3),
@@ -383,8 +383,8 @@ def test_trainer_reads_the_unet_comfyui_reads(standin_checkpoints, family):
     import comfy.sd
     import comfy.utils
 
-    from trainer.checkpoint_configs import ldm_unet_config_from_shapes
-    from trainer.single_file import load_single_file, read_checkpoint_shapes
+    from trainer.loading.checkpoint_configs import ldm_unet_config_from_shapes
+    from trainer.loading.single_file import load_single_file, read_checkpoint_shapes
 
     path = standin_checkpoints.path(family)
     patcher = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
@@ -406,7 +406,7 @@ def test_sdxl_fp16_file_in_a_bf16_run_is_cast_as_it_is_read(tmp_path, offline, m
     """SDXL base is published in fp16 and trained in bf16: the UNet and both text encoders are read through
     read_cast (one copy in memory; bench/load.py measures it) and hold exactly the stored values cast once."""
     from longalign_core import dtype_loading
-    from trainer.single_file import load_single_file
+    from trainer.loading.single_file import load_single_file
 
     path, unet, vae, clip_l, clip_g = build_tiny_sdxl(tmp_path)
     read = []

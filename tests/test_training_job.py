@@ -56,7 +56,7 @@ def test_node_defaults_are_the_trainers_and_the_evaluations():
     import dataclasses
 
     from trainer.config import TrainConfig
-    from trainer.eval_config import EvalConfig
+    from trainer.evaluate.config import EvalConfig
 
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     assert job.TRAIN_DEFAULTS == {k: train[k] for k in job.TRAIN_DEFAULTS}
@@ -69,7 +69,7 @@ def test_node_defaults_are_the_trainers_and_the_evaluations():
 
 
 def test_evaluate_arguments_are_read_by_the_evaluation():
-    from trainer.eval_config import EvalConfig
+    from trainer.evaluate.config import EvalConfig
 
     args = job.evaluate_arguments(mode="resume", checkpoint="/m/sd.safetensors",
                                   loras=[("/l/a.safetensors", 1.0), ("/l/b.safetensors", 0.5)],
@@ -79,7 +79,7 @@ def test_evaluate_arguments_are_read_by_the_evaluation():
     assert cfg.lora == ["/l/a.safetensors:1.0", "/l/b.safetensors:0.5"] and cfg.resume is True
     assert (cfg.num_prompts, cfg.steps, cfg.prompts, cfg.seeds, cfg.seed, cfg.resolution) == \
         (None, None, None, 3, 4, 64)
-    from trainer.eval_arms import parse_lora_spec
+    from trainer.evaluate.arms import parse_lora_spec
 
     assert parse_lora_spec(cfg.lora[1]) == ("/l/b.safetensors", 0.5)
 
@@ -154,7 +154,7 @@ def test_evaluation_folder_is_refused_or_resumed_by_name(tmp_path):
     with pytest.raises(BadInputError, match="already holds an evaluation"):
         job.prepare_evaluation("evaluate", tmp_path, "e")
     job.prepare_evaluation("resume", tmp_path, "e")
-    from trainer.eval_io import SETTINGS_FILE
+    from trainer.evaluate.files import SETTINGS_FILE
 
     assert job.EVALUATION_SETTINGS_FILE == SETTINGS_FILE
 

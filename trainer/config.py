@@ -44,7 +44,7 @@ MAX_TOKEN_BUDGET = 4096
 #: The trainer's command (in --help, and in the hint of an unknown config-file key).
 PROG = "python -m trainer.finetune"
 
-#: ``--model`` names of the built-in tiny random-weight pipelines (trainer.models builds them).
+#: ``--model`` names of the built-in tiny random-weight pipelines (trainer.loading.models builds them).
 EMBEDDED_MODELS = ("embedded", "embedded-sdxl")
 
 #: Settings of the CPU demo run when no --model (or an embedded one) is given (below the config file and flags).

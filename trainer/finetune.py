@@ -42,20 +42,20 @@ from longalign_core.preference import load_preference_model
 from . import checkpoints as ckpt
 from . import objective
 from .align_data import AlignData
+from .conditioning import StepEncoder
 from .config import EMBEDDED_MODELS, TrainConfig
 from .data import batch_prompts, load_prompts, split_validation
-from .conditioning import StepConditioning, StepEncoder
 from .direction import RewardDirection, resolve_direction
-from .memory import out_of_memory_advice
+from .disk import check_free_space
+from .loading.models import check_model_sources, load_base_model, reward_model_source
 from .lora_layers import add_lora_output_dropout, attach_lora
+from .memory import out_of_memory_advice
 from .outputs import check_output_dir, clear_run, export_run_lora, save_outputs
-from .models import check_model_sources, load_base_model, reward_model_source
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
 from .sampling import UNetConditioning
-from .text_cache import cache_text_embeddings, pin_reward_texts
 from .seeding import seed_global_rng, step_generator
 from .stop_signal import StopSignal, run_stoppable
-from .disk import check_free_space
+from .text_cache import cache_text_embeddings, pin_reward_texts
 from .validation import Validation
 
 PROG = "python -m trainer.finetune"
@@ -218,18 +218,6 @@ class Trainer:
             pin_reward_texts(self)
 
     # -- the pieces of a step (objective.py composes them) ----------------------------------------------------
-    def encode_step(self, prompts: list[str], with_uncond: bool = True) -> StepConditioning:
-        """The step's conditioning (see :meth:`trainer.conditioning.StepEncoder.encode`)."""
-        return self.text.encode(prompts, with_uncond)
-
-    def unet_conditioning(self, step_cond: StepConditioning, time_ids: torch.Tensor | None = None
-                          ) -> tuple[UNetConditioning, UNetConditioning | None]:
-        return self.text.unet_conditioning(step_cond, time_ids)
-
-    def conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """The conditioning ``(B, L, C)`` of ``prompts`` alone."""
-        return self.text.encode(prompts, with_uncond=False).cond
-
     def unet_eps(self, x, t, conditioning: UNetConditioning):
         """The UNet's prediction (ε, or v); the no-grad sampling steps go through the compiled UNet with
         ``--compile-unet``."""

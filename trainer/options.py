@@ -1,7 +1,7 @@
 """A dataclass as a command line and a config file: one ``--kebab-case`` option per field (its ``--help`` text, the
 allowed words and the default from the field), the values of a ``.toml`` / ``.json`` config file checked against
 the field types, and every mistake one :class:`~longalign_core.errors.BadConfigError` naming the option, or the
-file and key. A field added to :class:`~trainer.config.TrainConfig` or :class:`~trainer.eval_config.EvalConfig`
+file and key. A field added to :class:`~trainer.config.TrainConfig` or :class:`~trainer.evaluate.config.EvalConfig`
 is an option, a config-file key and a checked value with no other edit.
 
 Why argparse and not a library that builds it from the dataclass: transformers' ``HfArgumentParser`` (installed)
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from longalign_core.errors import BadConfigError
+
 
 def _bool(v):
     return v if isinstance(v, bool) else None

@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from longalign_core.errors import BadConfigError
 from longalign_core.denscore import prompts_digest
+from longalign_core.errors import BadConfigError
 from longalign_core.lora import load_lora, merge_lora
 
+from .loading.models import load_base_model
 from .lora_layers import LORA_FILE, export_lora, lora_metadata
-from .models import load_base_model
 
 #: What a run writes into --output-dir (besides config.json): a folder holding any of the first
 #: four holds a run; --overwrite-output-dir deletes all of them.

@@ -1,6 +1,6 @@
 """The processes of an evaluation: one, or several under ``accelerate launch`` / ``torchrun`` (accelerate's
 :class:`~accelerate.PartialState` reads their environment; gloo on the CPU, NCCL on GPUs). The prompt groups to
-do are dealt out in turn, each process writes its own rows (:func:`trainer.eval_io.part_file`), and the main
+do are dealt out in turn, each process writes its own rows (:func:`trainer.evaluate.files.part_file`), and the main
 process merges them in one order, so the scores do not depend on how many processes made them."""
 
 from __future__ import annotations

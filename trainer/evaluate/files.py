@@ -15,20 +15,20 @@ import torch
 
 from longalign_core.errors import BadConfigError
 
-from .eval_stats import SCORE_COLUMNS, read_scores_text
+from .stats import SCORE_COLUMNS, read_scores_text
 
 SETTINGS_FILE = "evaluation.json"
 SCORES_FILE = "scores.csv"
 #: The file names of the prompts of a folder of .txt files, by number (as prompts.txt).
 PROMPT_NAMES_FILE = "prompt_files.txt"
-#: What the token budget did to the prompts (:class:`~trainer.eval_report.PromptTokens`).
+#: What the token budget did to the prompts (:class:`~trainer.evaluate.report.PromptTokens`).
 TOKENS_FILE = "prompt_tokens.json"
 
 
 def image_seed(seed: int, prompt: str) -> int:
     """The noise seed of one image: from the image's seed and the prompt's text (not its position in the file),
     so a prompt gets the same noise in every arm, run and prompts file."""
-    from .seeding import step_seed
+    from ..seeding import step_seed
 
     return step_seed(seed, int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12], 16), 0)
 
@@ -87,7 +87,7 @@ def arm_folder(name: str) -> str:
 def start_files(out: Path, prompts: list[str], settings: dict, names: list[str] | None = None,
                 tokens=None) -> None:
     """A fresh evaluation's folder: the prompts by number (and their files' names), an empty scores.csv, the
-    settings, and what the token budget did to the prompts (:class:`~trainer.eval_report.PromptTokens`)."""
+    settings, and what the token budget did to the prompts (:class:`~trainer.evaluate.report.PromptTokens`)."""
     from longalign_core.io_utils import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +107,8 @@ def read_evaluation_prompts(cfg) -> tuple[list[str], list[str] | None, str]:
     prompts by default), the first ``--num-prompts``; a prompt given twice is refused."""
     from longalign_core.errors import BadInputError, check_input_file
 
-    from .data import read_prompts
-    from .eval_config import EVALUATION_PROMPTS
+    from ..data import read_prompts
+    from .config import EVALUATION_PROMPTS
 
     source = cfg.prompts or str(EVALUATION_PROMPTS)
     path = Path(source).expanduser()

@@ -1,6 +1,6 @@
 """Single-file checkpoints (what ComfyUI users have in ``models/checkpoints``) loaded offline through diffusers'
 single-file loader, with the configs it needs generated from the checkpoint's own tensor shapes
-(:mod:`trainer.checkpoint_configs`).
+(:mod:`trainer.loading.checkpoint_configs`).
 
 Two families are read: SD1.x (CLIP-L under ``cond_stage_model.transformer``) and SDXL base with the models
 built on it (Pony, Illustrious, NoobAI: the same architecture; CLIP-L in Hugging Face layout under
@@ -18,7 +18,6 @@ from longalign_core.errors import BadModelFileError
 
 from .base_model import BaseModel
 from .checkpoint_configs import SUPPORTED, UNET, VAE, Family, Shapes, config_dir_for
-
 
 # --------------------------------------------------------------------------------------------------------------
 # reading names and shapes only
@@ -146,7 +145,7 @@ def load_single_file(path: str | os.PathLike, dtype=None) -> BaseModel:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .sampling import vae_dtype
+    from ..sampling import vae_dtype
 
     dtype = dtype or torch.float32
     shapes = read_checkpoint_shapes(path)

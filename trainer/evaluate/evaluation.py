@@ -1,32 +1,9 @@
-"""Did the LoRA help? The base model against the same model with one or more LoRAs, on held-out long prompts,
-sentence by sentence, with confidence intervals.
-
-Demo on the CPU (the built-in tiny models; the LoRA ``./dev run`` trained, if there is one):
-
-    python -m trainer.evaluate
-
-A real comparison (SD1.5 or SDXL, any LoRA of this trainer or of the LongSD release, Denscore as the judge):
-
-    python -m trainer.evaluate --model /models/stable-diffusion-v1-5 --reward-model /models/denscore/Denscore \\
-        --lora outputs/reward/longalign_lora.safetensors --lora outputs/reward/longalign_lora.safetensors:0.5 \\
-        --seeds 2 --output-dir outputs/eval
-
-Every arm (the base, and each ``--lora FILE[:STRENGTH]``) samples every prompt from the same noise with the
-trainer's validation sampler (DDIM, CFG with the empty prompt, segment-level conditioning), and every image is
-scored with Denscore (or another preference model) against its prompt, decomposed along V from the shipped
-reference prompt set. ``<output-dir>`` gets the images, ``scores.csv`` (one row per arm, prompt, seed and
-sentence), ``report.md`` / ``report.png`` (means and differences with 95 % bootstrap intervals over prompts,
-win rates, the sentences that gained and lost most, a reward-hacking flag) and ``grids/`` (per prompt, the arms
-side by side with their scores). ``--resume`` continues an interrupted evaluation; ``--report-only`` rebuilds
-the report from ``scores.csv``. ``accelerate launch --num_processes N -m trainer.evaluate …`` (or torchrun) deals
-the prompt groups out to N processes; the scores are byte for byte one process's. User mistakes print one paragraph
-and exit with code 2 (``--debug`` keeps the traceback). docs/evaluate.md says what each number means.
-"""
+"""The evaluation itself (``python -m trainer.evaluate``, see :mod:`trainer.evaluate.cli`): :class:`Evaluation`
+checks what the user gave, loads the models, and samples, scores and writes every arm's prompt groups."""
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -35,18 +12,31 @@ import torch
 
 from longalign_core.child_process import report_progress
 from longalign_core.denscore import default_reference_prompts, prompts_digest
-from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, check_model_source, run_cli
+from longalign_core.errors import BadConfigError, BadModelFileError, check_model_source
 
-from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE
-from .eval_arms import Arm, WeightSwap, file_sha256, lora_metadata, plan_arms
-from .eval_config import DEMO_LORA, EVALUATION_PROMPTS, EvalConfig, _train_default
-from .eval_report import PromptTokens
-from .eval_io import SCORES_FILE, SETTINGS_FILE, arm_folder, check_settings, complete_units, csv_text, format_rows, \
-    image_noise, part_file, plan_units, read_evaluation_prompts, save_png, score_files, sentence_counts, start_files, \
-    write_scores
-from .eval_processes import Processes
-
-__all__ = ["EVALUATION_PROMPTS", "EvalConfig", "Evaluation", "cli", "main"]
+from ..config import EMBEDDED_MODELS, EMBEDDED_PROFILE
+from .arms import Arm, WeightSwap, file_sha256, lora_metadata, plan_arms
+from .config import DEMO_LORA, EvalConfig, _train_default
+from .files import (
+    SCORES_FILE,
+    SETTINGS_FILE,
+    arm_folder,
+    check_settings,
+    complete_units,
+    csv_text,
+    format_rows,
+    image_noise,
+    part_file,
+    plan_units,
+    read_evaluation_prompts,
+    save_png,
+    score_files,
+    sentence_counts,
+    start_files,
+    write_scores,
+)
+from .processes import Processes
+from .report import PromptTokens
 
 log = logging.getLogger("LongAlign")
 
@@ -99,7 +89,7 @@ class Evaluation:
     def _load_base(self) -> None:
         import dataclasses as dc
 
-        from .models import load_base_model
+        from ..loading.models import load_base_model
 
         cfg = self.cfg
         base = load_base_model(cfg.model, cfg.seed, self.dtype)
@@ -122,7 +112,7 @@ class Evaluation:
             from longalign_core.clip_text import CLIPSegmentEncoder
 
             encoder = CLIPSegmentEncoder(base.tokenizer, text_encoder)
-        from .conditioning import StepEncoder
+        from ..conditioning import StepEncoder
 
         self.text = StepEncoder(cfg, encoder, None, self.dtype, self.device, self.is_sdxl)
         self.swap = WeightSwap(self.unet)
@@ -157,7 +147,7 @@ class Evaluation:
         from longalign_core.denscore import cached_direction
         from longalign_core.preference import load_preference_model
 
-        from .models import reward_model_source
+        from ..loading.models import reward_model_source
 
         cfg = self.cfg
         self.reward_source = reward_model_source(cfg.reward_model, cfg.seed)
@@ -224,7 +214,7 @@ class Evaluation:
                 self.procs.wait()
 
     def _complete_units(self) -> tuple[list[dict], set]:
-        """The complete units of ``scores.csv`` and the part files (:func:`~trainer.eval_io.complete_units`)."""
+        """The complete units of ``scores.csv`` and the part files (:func:`~trainer.evaluate.files.complete_units`)."""
         cfg = self.cfg
         sentences = sentence_counts(self.reward, self.prompts, cfg.split_mode, cfg.long_segments)
         return complete_units(score_files(self.out), [a.name for a in self.arms],
@@ -269,7 +259,7 @@ class Evaluation:
                 if on_unit is not None:
                     on_unit(n)
                 if stop is not None and stop.requested and n < len(todo):
-                    from .stop_signal import Stopped
+                    from ..stop_signal import Stopped
 
                     kept = (f"{done_before + n} of {total} prompt groups are" if procs.world == 1 else
                             f"this process's finished prompt groups ({n} of {len(todo)}) are")
@@ -283,7 +273,7 @@ class Evaluation:
         with self.timer("writing"):
             self._merge_scores(total)
         with self.timer("report"):
-            from .eval_report import write_evaluation_report
+            from .report import write_evaluation_report
 
             summary = write_evaluation_report(self.out, cfg.bootstrap, cfg.bootstrap_seed,
                                               timings=self.timings(), tokens=tokens)
@@ -327,7 +317,7 @@ class Evaluation:
         """Sample, decode and score one prompt group for one arm; write its images, then its rows."""
         from longalign_core.denscore import segment_score
 
-        from .sampling import ddim_scheduler, decode, sample_truncated
+        from ..sampling import ddim_scheduler, decode, sample_truncated
 
         cfg = self.cfg
         seeds = [cfg.seed + k for k in range(cfg.seeds)]
@@ -365,55 +355,3 @@ class Evaluation:
             from longalign_core.io_utils import append_text
 
             append_text(self.part, csv_text(rows))  # one write per group, cut back if it fails
-
-
-def rebuild_report(cfg: EvalConfig) -> str:
-    """``--report-only``: the report of the evaluation in ``--output-dir``, from its scores.csv alone."""
-    from .eval_report import write_evaluation_report
-
-    out = Path(cfg.output_dir)
-    if not (out / SCORES_FILE).is_file():
-        raise BadInputError(f"--report-only: {out / SCORES_FILE} not found; run the evaluation first (or give its "
-                            f"--output-dir)")
-    return write_evaluation_report(out, cfg.bootstrap, cfg.bootstrap_seed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Evaluate; user mistakes raise :class:`~longalign_core.errors.LongAlignError` (see :func:`cli`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("accelerate", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    cfg = EvalConfig.from_args(argv, description=__doc__)
-    if cfg.report_only:
-        if Processes().is_main:
-            print(rebuild_report(cfg), flush=True)
-        return 0
-    evaluation = Evaluation(cfg)
-    if cfg.model is None and evaluation.procs.is_main:
-        lora = (f"the LoRA ./dev run trained ({evaluation.demo_lora}) against the base" if evaluation.demo_lora
-                else "the --lora arm(s) against the base" if cfg.lora
-                else f"the base alone (no LoRA at {DEMO_LORA}: run ./dev run first, or pass --lora)")
-        print(f"No --model given: evaluating the built-in tiny random-weight SD1.5-shaped pipeline on the CPU, "
-              f"{lora}, judged by the built-in tiny preference model (the pictures are noise; the numbers show "
-              f"the pipeline). Pass --model, --reward-model and --lora for a real comparison.", flush=True)
-    from .stop_signal import resume_command, run_stoppable  # a stop ends the group under way, exits 130 / 143
-
-    return run_stoppable(lambda stop: evaluation.run(stop=stop), "the prompt group under way", PROG, argv,
-                         after_disk_full=lambda: f"The prompt groups in {evaluation.scores_file} are kept; once there "
-                                                 f"is room, continue with: {resume_command(PROG, argv, ['--resume'])}")
-
-
-PROG = "python -m trainer.evaluate"
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``python -m trainer.evaluate``: user mistakes print one paragraph (no traceback) and exit with code 2."""
-    return run_cli(main, argv, prog=PROG)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -11,9 +11,9 @@ import torch
 from longalign_core.dtype_loading import from_pretrained_in_dtype
 from longalign_core.errors import BadModelFileError, check_input_file, check_model_source
 
+from ..sampling import vae_dtype
 from .base_model import BaseModel
 from .embedded import embedded_pipeline_dir, embedded_reward_dir, embedded_sdxl_pipeline_dir
-from .sampling import vae_dtype
 from .single_file import load_single_file
 
 log = logging.getLogger("LongAlign")

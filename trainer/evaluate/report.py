@@ -14,8 +14,8 @@ import numpy as np
 
 from longalign_core.io_utils import atomic_path, atomic_write_text, read_json_file
 
-from .eval_io import SETTINGS_FILE, read_settings
-from .eval_stats import BASE_ARM, METRICS, Estimate, Summary, image_values, read_scores, summarize
+from .files import SETTINGS_FILE, read_settings
+from .stats import BASE_ARM, METRICS, Estimate, Summary, image_values, read_scores, summarize
 
 LABELS = {"score": "Denscore", "text_relevant": "text-relevant", "text_irrelevant": "text-irrelevant",
           "reweighted": "reweighted"}
@@ -113,7 +113,7 @@ def write_evaluation_report(out: str | Path, n_boot: int, boot_seed: int, timing
     """report.md, report.png and grids/ in ``out``; returns a short text summary for the console."""
     import time
 
-    from .eval_io import PROMPT_NAMES_FILE, TOKENS_FILE
+    from .files import PROMPT_NAMES_FILE, TOKENS_FILE
 
     started = time.perf_counter()
     out = Path(out)
@@ -231,7 +231,7 @@ def _plot(summary: Summary, path: Path) -> None:
     the report is part of the evaluation's overhead)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .eval_io import save_png
+    from .files import save_png
 
     arms, others = summary.arms, [a for a in summary.arms if a.diffs]
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
@@ -290,7 +290,7 @@ def _grids(out: Path, rows: list[dict], prompts: list[str], arms: list[str], nam
     image (JPEG: a grid is for looking; the images themselves are PNGs in images/)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .eval_io import arm_folder
+    from .files import arm_folder
 
     values = image_values(rows)
     by_prompt: dict[int, set[int]] = {}

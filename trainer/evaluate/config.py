@@ -14,11 +14,11 @@ from longalign_core.denscore import DEFAULT_REWEIGHT
 from longalign_core.errors import BadConfigError
 from longalign_core.segment_encoding import DEFAULT_TOKEN_BUDGET
 
-from .config import CHOICES as TRAIN_CHOICES
-from .config import EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig
-from .eval_stats import DEFAULT_BOOTSTRAP
-from .options import add_field_options, coerce_fields
-from .options import option as _f  # a field that is also a --flag (its help text, aliases, nargs)
+from ..config import CHOICES as TRAIN_CHOICES
+from ..config import EMBEDDED_MODELS, EMBEDDED_PROFILE, MAX_TOKEN_BUDGET, TrainConfig
+from ..options import add_field_options, coerce_fields
+from ..options import option as _f  # a field that is also a --flag (its help text, aliases, nargs)
+from .stats import DEFAULT_BOOTSTRAP
 
 #: The held-out long prompts shipped with the pack (not the reference set that defines V).
 EVALUATION_PROMPTS = Path(denscore.__file__).with_name("data") / "evaluation_prompts.txt"
@@ -117,7 +117,7 @@ class EvalConfig:
 
     @classmethod
     def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
-        from .stop_signal import stop_help
+        from ..stop_signal import stop_help
 
         ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -20,7 +20,7 @@ import numpy as np
 
 from longalign_core.errors import BadInputError
 
-from .hacking import hacking_verdict
+from ..hacking import hacking_verdict
 
 #: The per-sentence values in scores.csv, in the order of the report's tables.
 METRICS = ("score", "text_relevant", "text_irrelevant", "reweighted")

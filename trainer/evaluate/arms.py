@@ -12,7 +12,7 @@ import torch
 
 from longalign_core.errors import BadConfigError, BadModelFileError, check_input_file
 
-from .eval_stats import BASE_ARM
+from .stats import BASE_ARM
 
 
 @dataclass

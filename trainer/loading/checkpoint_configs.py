@@ -12,8 +12,19 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from longalign_core.checkpoint_family import (FAMILY_NAMES, SD1_TEXT, SDXL_ADM_IN, SDXL_REFINER_ADM_IN,  # noqa: F401
-                                              SDXL_TEXT_G, SDXL_TEXT_L, SUPPORTED, UNET, VAE, Family, Shapes)
+from longalign_core.checkpoint_family import (  # noqa: F401
+    FAMILY_NAMES,
+    SD1_TEXT,
+    SDXL_ADM_IN,
+    SDXL_REFINER_ADM_IN,
+    SDXL_TEXT_G,
+    SDXL_TEXT_L,
+    SUPPORTED,
+    UNET,
+    VAE,
+    Family,
+    Shapes,
+)
 from longalign_core.errors import BadModelFileError
 from longalign_core.io_utils import publish_dir
 
