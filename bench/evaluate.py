@@ -131,8 +131,8 @@ def cost(steps: int = 25) -> None:
               f"{f['decode'] / 1e12:.2f}, judge {f['judge'] / 1e12:.2f} -> {total / 1e12:.1f} TFLOP; at the measured "
               f"H100 rate ({rate / 1e12:.1f} TFLOP/s: {H100_SD15_STEP:.3f} s per SD1.5 CFG step, batch 1) "
               f"{per_image[shape]:.1f} s per image")
-    print(f"\n| prompt set | images per arm | SD1.5 512 px, 1 GPU | 8 GPUs | SDXL 1024 px, 1 GPU | 8 GPUs |\n"
-          f"|---|---|---|---|---|---|")
+    print("\n| prompt set | images per arm | SD1.5 512 px, 1 GPU | 8 GPUs | SDXL 1024 px, 1 GPU | 8 GPUs |\n"
+          "|---|---|---|---|---|---|")
     for name, (prompts, seeds) in PROMPT_SETS.items():
         images = prompts * seeds
         cells = [duration(images * per_image[s] / g) for s in ("sd15", "sdxl") for g in (1, 8)]

@@ -75,8 +75,8 @@ def load_once(path: Path, dtype: str, cast_after: bool = False) -> dict:
     ``cast_after``: each component through ``from_pretrained(torch_dtype=...)`` instead (its own cast after
     reading), the baseline of ``--folder``."""
     import trainer.loading.models
-    from trainer.memory import process_peak_bytes, rss_bytes
     from trainer.loading.models import load_base_model
+    from trainer.memory import process_peak_bytes, rss_bytes
 
     if cast_after:
         trainer.loading.models.from_pretrained_in_dtype = lambda cls, source, dtype, subfolder=None, **kw: \

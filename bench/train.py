@@ -132,7 +132,7 @@ def clip_h_folder(cache: Path) -> Path:
 
 def prompts_file(cache: Path) -> Path:
     """The training prompts of the real-shape runs: the shipped reference prompts, as a file."""
-    from longalign_core.denscore import default_reference_prompts
+    from longalign_core.reference_direction import default_reference_prompts
 
     path = cache / "prompts.txt"
     if not path.is_file():
@@ -146,7 +146,7 @@ def align_folder(cache: Path, resolution: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from longalign_core.denscore import default_reference_prompts
+    from longalign_core.reference_direction import default_reference_prompts
 
     folder = cache / f"align-pairs-{resolution}"
     if not (folder / "dataset_info.json").is_file():

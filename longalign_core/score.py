@@ -138,8 +138,9 @@ def _image_to_tensor(img, path: Path) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from .denscore import DEFAULT_REWEIGHT, cached_direction, segment_score
+    from .denscore import DEFAULT_REWEIGHT, segment_score
     from .preference import MODEL_KINDS, load_preference_model
+    from .reference_direction import cached_direction
     from .score_chart import format_report, render_segment_chart, result_rows, write_csv
 
     ap = argparse.ArgumentParser(prog="python -m longalign_core.score", description=__doc__,
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BadConfigError(f"--reference-prompts {args.reference_prompts} holds no prompts (one per line)")
     dtype = DTYPES[args.dtype]
     model = load_preference_model(args.model, args.kind, args.processor, args.arch, args.device, dtype)
-    from .denscore import default_reference_prompts
+    from .reference_direction import default_reference_prompts
 
     ref_list = reference if reference is not None else default_reference_prompts()
     with tqdm(total=1, desc="common direction V", disable=None) as bar:  # segment_score's defaults below

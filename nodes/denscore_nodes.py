@@ -9,17 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from comfy_api.latest import io, ui
 
-from ..longalign_core.denscore import (
-    DEFAULT_REWEIGHT,
-    ScoreResult,
-    cached_direction,
-    default_reference_prompts,
-    prompts_digest,
-    segment_score,
-)
+from ..longalign_core.denscore import DEFAULT_REWEIGHT, ScoreResult, segment_score
 from ..longalign_core.dtypes import PRECISIONS
 from ..longalign_core.model_files import missing_model_message
 from ..longalign_core.preference import MODEL_KINDS, PreferenceModel, load_preference_model
+from ..longalign_core.reference_direction import cached_direction, default_reference_prompts, prompts_digest
 from ..longalign_core.score_chart import format_report, render_segment_chart
 from ..longalign_core.segmentation import SPLIT_MODES
 from . import host

@@ -10,7 +10,6 @@ from torchvision.transforms import v2 as T
 from longalign_core.denscore import (
     batch_common_direction,
     common_direction,
-    direction_from_prompts,
     pin_prompt_features,
     preprocess_images,
     prompt_features,
@@ -18,6 +17,7 @@ from longalign_core.denscore import (
     segment_score,
 )
 from longalign_core.preference import PreferenceModelError, load_preference_model
+from longalign_core.reference_direction import direction_from_prompts
 from longalign_core.segmentation import split_segments
 
 PROMPT = "A red fox sits on a mossy rock. Behind it a waterfall drops into a pool! The sky is orange."

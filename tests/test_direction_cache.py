@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longalign_core.denscore import (
+from longalign_core.preference import load_preference_model
+from longalign_core.reference_direction import (
     cached_direction,
     direction_cache_file,
     direction_from_prompts,
     direction_key,
 )
-from longalign_core.preference import load_preference_model
 from longalign_core.segmentation import fit_segments, split_segments
 
 RUN_ON = "A market square where " + " ".join(["lanterns and awnings and stalls"] * 24) + " glow at dusk."

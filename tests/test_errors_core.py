@@ -16,9 +16,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-
 from errors_support import (
     api_error,
     assert_unchanged,
@@ -30,6 +27,9 @@ from errors_support import (
     truncate,
     watched,
 )
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
 from longalign_core import encode, lora, score
 from longalign_core.denscore import segment_score
 from longalign_core.errors import BadConfigError, BadInputError, BadModelFileError, LongAlignError, run_cli
@@ -472,7 +472,8 @@ class TestImages:
 class TestScoreCli:
     def test_sixteen_bit_grey_png_scores_as_the_independent_conversion(self, tmp_path, tiny_clip_dir, denscore,
                                                                         ref_prompts, capsys):
-        from longalign_core.denscore import direction_from_prompts, segment_score
+        from longalign_core.denscore import segment_score
+        from longalign_core.reference_direction import direction_from_prompts
 
         rng = np.random.default_rng(5)
         grey = (np.linspace(0, 65535, 40 * 40).reshape(40, 40) * rng.uniform(0.2, 1, (40, 40))).astype(np.uint16)
@@ -622,7 +623,7 @@ class TestScoreCli:
 class TestDirectionCache:
     @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no direction"])
     def test_corrupt_cache_is_recomputed_with_a_warning(self, tmp_path, denscore, ref_prompts, damage, caplog):
-        from longalign_core.denscore import direction_from_prompts, direction_key
+        from longalign_core.reference_direction import direction_from_prompts, direction_key
 
         prompts = ref_prompts.read_text().splitlines()
         expected = direction_from_prompts(denscore, prompts)

@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 
 pytest.importorskip("diffusers")
@@ -310,7 +309,7 @@ def test_sdxl_shaped_model_and_the_lora_metadata_note(tmp_path, files):
 
 def test_shipped_evaluation_prompts_are_held_out_and_long():
     from longalign_core.clip_vocab import load_clip_tokenizer
-    from longalign_core.denscore import default_reference_prompts
+    from longalign_core.reference_direction import default_reference_prompts
     from trainer.evaluate import EVALUATION_PROMPTS
 
     prompts = [p for p in EVALUATION_PROMPTS.read_text(encoding="utf-8").splitlines() if p.strip()]

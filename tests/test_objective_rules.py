@@ -9,11 +9,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
 
 from trainer.config import TrainConfig
 from trainer.finetune import Trainer
-from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
 
 CAPTIONS = ["A cat sleeps on a red chair. The window is open.", "A lighthouse on a cliff. Waves crash below.",
             "A tram climbs a steep street. Washing hangs above."]
@@ -82,7 +81,7 @@ def test_caption_dropout_empties_the_stated_share():
 
 def test_every_decode_piece_takes_the_same_random_crop(tmp_path):
     """--reward-crop random: scoring in pieces of one image gives what scoring the batch whole gives."""
-    from longalign_core.denscore import direction_from_prompts
+    from longalign_core.reference_direction import direction_from_prompts
     from trainer.objective import decode_and_score
 
     path = tmp_path / "p.txt"

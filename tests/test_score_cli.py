@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from longalign_core.denscore import default_reference_prompts, direction_from_prompts, segment_score
+from longalign_core.denscore import segment_score
 from longalign_core.preference import load_preference_model
+from longalign_core.reference_direction import default_reference_prompts, direction_from_prompts
 from longalign_core.score import load_image, main
 
 PROMPTS = {"a.png": "A red fox on a rock. The sky is orange.", "b.png": "A blue boat. Calm sea! Gulls fly.",

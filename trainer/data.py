@@ -40,7 +40,7 @@ def read_prompts(source: str | None, column: str = "caption", field: str | None 
     """:func:`load_prompts` with each prompt's name: its file's name for a folder of .txt files (None for the
     other sources, whose prompts are numbered by line or row)."""
     if source is None:
-        from longalign_core.denscore import default_reference_prompts
+        from longalign_core.reference_direction import default_reference_prompts
 
         return default_reference_prompts(), None
     path = Path(source)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from longalign_core.denscore import cached_direction, common_direction, prompt_features
+from longalign_core.denscore import common_direction, prompt_features
+from longalign_core.reference_direction import cached_direction
 
 from .data import batch_prompts
 

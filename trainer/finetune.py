@@ -31,13 +31,13 @@ import torch
 
 from longalign_core.child_process import report_progress
 from longalign_core.clip_text import CLIPSegmentEncoder
-from longalign_core.denscore import cached_direction, default_reference_prompts
 from longalign_core.dtypes import DTYPES
 from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora
 from longalign_core.out_of_memory import is_out_of_memory
 from longalign_core.phase_timer import PhaseTimer
 from longalign_core.preference import load_preference_model
+from longalign_core.reference_direction import cached_direction, default_reference_prompts
 
 from . import checkpoints as ckpt
 from . import objective

@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from longalign_core.denscore import prompts_digest
 from longalign_core.errors import BadConfigError
 from longalign_core.lora import load_lora, merge_lora
+from longalign_core.reference_direction import prompts_digest
 
 from .loading.models import load_base_model
 from .lora_layers import LORA_FILE, export_lora, lora_metadata

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from longalign_core.child_process import report_progress
-from longalign_core.denscore import default_reference_prompts, prompts_digest
 from longalign_core.errors import BadConfigError, BadModelFileError, check_model_source
+from longalign_core.reference_direction import default_reference_prompts, prompts_digest
 
 from ..config import EMBEDDED_MODELS, EMBEDDED_PROFILE
 from .arms import Arm, WeightSwap, file_sha256, lora_metadata, plan_arms
@@ -144,8 +144,8 @@ class Evaluation:
                      f"evaluate it as it was trained")
 
     def _load_judge(self) -> None:
-        from longalign_core.denscore import cached_direction
         from longalign_core.preference import load_preference_model
+        from longalign_core.reference_direction import cached_direction
 
         from ..loading.models import reward_model_source
 
