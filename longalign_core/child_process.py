@@ -30,8 +30,9 @@ PROGRESS_ENV = "LONGALIGN_PROGRESS"
 PROGRESS_PREFIX = "LONGALIGN_PROGRESS "
 #: A user mistake: the child printed one paragraph (``<prog>: error: …``) and no traceback.
 EXIT_USER_ERROR = 2
-#: Stopped by SIGINT/SIGTERM after keeping the step under way (the trainer's contract; 130 = 128 + SIGINT).
-EXIT_INTERRUPTED = 130
+#: Stopped by a signal after keeping the step under way (the trainer's contract, trainer/stop_signal.py: 128 + the
+#: signal's number, as a shell reports it).
+EXIT_STOPPED = {130: "SIGINT", 143: "SIGTERM"}
 #: The trainer's checkpoints: ``<run>/checkpoints/checkpoint-<step>/`` holding this file when complete.
 CHECKPOINT_STATE_FILE = "trainer_state.json"
 #: The trainer's dependencies beyond the pack's requirements.txt, as (module, pip requirement).
@@ -259,8 +260,9 @@ def outcome_message(result: ChildResult, what: str, prog: str, kept: str) -> str
         paragraph = user_error_paragraph(result.tail, prog)
         if paragraph:
             return paragraph
-    if result.returncode == EXIT_INTERRUPTED:
-        return f"{what} was interrupted from outside ComfyUI (SIGINT/SIGTERM to its process): {kept}."
+    if result.returncode in EXIT_STOPPED:
+        return (f"{what} was stopped from outside ComfyUI ({EXIT_STOPPED[result.returncode]} to its process, exit "
+                f"code {result.returncode}): {kept}.")
     how = (f"was killed by {signal_name(result.returncode)} (from outside ComfyUI: out of system memory, the OS "
            f"or a user)" if result.returncode < 0 else f"stopped with exit code {result.returncode}")
     last = "\n".join(result.tail[-15:])

@@ -265,6 +265,10 @@ def test_a_child_killed_from_outside_is_named_with_the_last_checkpoint(tmp_path)
     odd = cp.outcome_message(cp.ChildResult(1, False, ["Traceback …", "RuntimeError: boom"]), "evaluation",
                              "python -m trainer.evaluate", "nothing kept")
     assert "stopped with exit code 1: nothing kept" in odd and odd.endswith("RuntimeError: boom")
+    for code, name in ((130, "SIGINT"), (143, "SIGTERM")):  # the trainer kept the step (trainer/stop_signal.py)
+        stopped = cp.outcome_message(cp.ChildResult(code, False, ["…"]), "training", "python -m trainer.finetune",
+                                     "the checkpoint of step 3 is kept")
+        assert f"stopped from outside ComfyUI ({name}" in stopped and stopped.endswith("step 3 is kept.")
 
 
 def test_missing_training_packages_give_the_exact_commands():
