@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 PROMPTS = ["A lighthouse on a cliff. Waves crash below. Gulls circle the tower at dawn.",
@@ -69,19 +68,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="first pairs not counted (they create the embedded "
                                                            "models' cache and warm the disk cache)")
     args = ap.parse_args()
-    import comfy_support as cs
     import torch
     from transformers import CLIPImageProcessor, CLIPModel
 
-    import conftest
     from longalign_core.clip_vocab import load_clip_tokenizer
+    from standins import comfy_server as cs
+    from standins.comfy_checkpoints import build_tiny_sd15_checkpoint
+    from standins.tiny_clip import tiny_clip_config
 
     base = Path(tempfile.mkdtemp(prefix="longalign-bench-node-"))
     models = base / "models"
-    cs.build_tiny_sd15_checkpoint(models / "checkpoints" / "sd15_standin.safetensors")
+    build_tiny_sd15_checkpoint(models / "checkpoints" / "sd15_standin.safetensors")
     torch.manual_seed(1)
     denscore = models / "denscore" / "tiny_denscore"
-    CLIPModel(conftest.tiny_clip_config()).save_pretrained(denscore, safe_serialization=True)
+    CLIPModel(tiny_clip_config()).save_pretrained(denscore, safe_serialization=True)
     load_clip_tokenizer().save_pretrained(denscore)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(denscore)
     cs.install_pack(base / "custom_nodes")

@@ -20,17 +20,8 @@ if str(REPO) not in sys.path:
 # The `comfyui` marker, the ComfyUI import check and version in the summary line (see comfy_support.py).
 from comfy_support import (  # noqa: E402,F401
     pytest_collection_finish, pytest_collection_modifyitems, pytest_configure, pytest_report_header)
-
-
-def tiny_clip_text_config(**overrides):
-    """A CLIP-L-shaped text config shrunk in width and depth; vocabulary, positions and ids are the real ones."""
-    from transformers import CLIPTextConfig
-
-    cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-               max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-               pad_token_id=49407, projection_dim=32)
-    cfg.update(overrides)
-    return CLIPTextConfig(**cfg)
+# The tiny CLIP configs live in standins/, shared with bench/; tests import them from here as well.
+from standins.tiny_clip import tiny_clip_config, tiny_clip_text_config  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -67,16 +58,6 @@ def segment_encoder(clip_tokenizer, tiny_text_encoder):
     from longalign_core import CLIPSegmentEncoder
 
     return CLIPSegmentEncoder(clip_tokenizer, tiny_text_encoder)
-
-
-def tiny_clip_config():
-    """A tiny two-tower ``CLIPConfig`` (real vocabulary and text positions; 32 px images, 8 px patches)."""
-    from transformers import CLIPConfig
-
-    text = tiny_clip_text_config().to_dict()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, hidden_act="quick_gelu")
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
 
 
 @pytest.fixture(scope="session")
