@@ -240,3 +240,27 @@ def test_align_stage_trains_the_t5_adapter(tmp_path, tiny_t5_dir, tiny_adapter_d
     before = load_text_adapter(tiny_adapter_dir).state_dict()
     after = load_text_adapter(tmp_path / "run" / "t5_adapter").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_judge_given_from_python_is_the_one_trained_against(tmp_path):
+    """``Trainer(cfg, judge=…)`` trains against that preference model (issue 29.1): the built-in judge's weights
+    given in memory train the LoRA that the same weights given as --reward-model train, bit for bit, and the
+    judge's name is recorded; another judge trains another LoRA."""
+    from transformers import CLIPModel
+
+    from longalign_core.clip_vocab import load_clip_tokenizer
+    from longalign_core.preference import wrap_hf_clip
+    from trainer.loading.embedded import embedded_reward_dir
+
+    folder = embedded_reward_dir(0)
+    judge = wrap_hf_clip(CLIPModel.from_pretrained(folder), load_clip_tokenizer(), name="my judge")
+    given = Trainer(cfg(tmp_path / "given", "--train-steps", "1", "--reward-model", "my judge"), judge=judge).train()
+    loaded = Trainer(cfg(tmp_path / "loaded", "--train-steps", "1", "--reward-model", str(folder))).train()
+    a, b = load_file(str(given)), load_file(str(loaded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(given), "pt") as f:
+        assert f.metadata()["reward_model"] == "my judge"
+    torch.manual_seed(5)
+    other = wrap_hf_clip(CLIPModel(CLIPModel.from_pretrained(folder).config), load_clip_tokenizer(), name="other")
+    c = load_file(str(Trainer(cfg(tmp_path / "other", "--train-steps", "1"), judge=other).train()))
+    assert any(not torch.equal(a[k], c[k]) for k in a)

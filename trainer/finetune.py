@@ -36,7 +36,7 @@ from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
 from longalign_core.lora import load_lora, lora_targets, merge_lora
 from longalign_core.out_of_memory import is_out_of_memory
 from longalign_core.phase_timer import PhaseTimer
-from longalign_core.preference import load_preference_model
+from longalign_core.preference import PreferenceModel, load_preference_model
 from longalign_core.reference_direction import cached_direction, default_reference_prompts
 
 from . import checkpoints as ckpt
@@ -68,7 +68,9 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """One run: the models and the accelerate state (set up in ``__init__``), :meth:`train` is the loop."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, judge: PreferenceModel | None = None):
+        """``judge``: a :class:`~longalign_core.preference.PreferenceModel` to train against instead of loading
+        ``--reward-model`` (which is then only a label; the judge's ``name`` goes in the logs and the LoRA)."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -78,11 +80,11 @@ class Trainer:
         if cfg.mixed_precision == "fp16" and not has_gpu:
             raise BadConfigError("--mixed-precision fp16 needs a CUDA GPU: torch cannot run this model in fp16 on "
                                  "the CPU. Use --mixed-precision no (the CPU default) or bf16")
-        self.cfg = cfg
+        self.cfg, self.judge = cfg, judge
         self.out = Path(cfg.output_dir)
         # Everything the user gave is checked before anything is written or loaded: a typo in a model path, a
         # bad prompts file (one message, not minutes of loading, and no empty output folder).
-        check_model_sources(cfg)
+        check_model_sources(cfg if judge is None else dataclasses.replace(cfg, reward_model=None))  # a label then
         check_output_dir(cfg)
         self._load_data()
         self.trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
@@ -126,7 +128,7 @@ class Trainer:
         # rank-aware in transformers, so other ranks must not write them), the others then read them.
         with self.acc.main_process_first():
             base = load_base_model(cfg.model, cfg.seed, dtype)
-            reward_path = reward_model_source(cfg.reward_model, cfg.seed)
+            reward_path = reward_model_source(cfg.reward_model, cfg.seed) if self.judge is None else self.judge.name
         self.base_source, self.is_sdxl = base.source, base.is_sdxl
         if self.is_sdxl and cfg.t5_model:
             raise BadConfigError("--t5-model/--t5-adapter: the LongSD T5 branch is made for SD1.5's 768-channel "
@@ -198,7 +200,8 @@ class Trainer:
         del encoder  # self.text holds it (and drops it with --cache-text-embeddings)
         if cfg.cache_text_embeddings:  # before the preference model loads: the encoders' memory is free for it
             cache_text_embeddings(self, base)
-        self.reward = load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
+        self.reward = (load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
+                       if self.judge is None else self.judge.to(device, dtype))
         self.reward.model.requires_grad_(False).eval()
         self.reward_source = reward_path
         reference = default_reference_prompts()
