@@ -9,9 +9,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
+from trainer_support import FAST, align_batch, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from trainer.config import TrainConfig
+from trainer import objective
 from trainer.finetune import Trainer
 
 CAPTIONS = ["A cat sleeps on a red chair. The window is open.", "A lighthouse on a cliff. Waves crash below.",
@@ -38,8 +39,8 @@ def test_align_loss_is_the_noise_prediction_mse_with_the_vae_scaling_factor(alig
     """loss = mean ‖ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε, t, c) − ε‖², z = scaling_factor · (μ + σ·n) the VAE posterior's
     sample of the image in [-1, 1]; the draws in the objective's order (dropout, posterior, ε, t)."""
     run = align_run
-    images, captions, time_ids = run.align_batch(0)
-    loss, _ = run.align_loss((images, captions, time_ids), torch.Generator().manual_seed(11))
+    images, captions, time_ids = align_batch(run, 0)
+    loss, _ = objective.align_loss(run, (images, captions, time_ids), torch.Generator().manual_seed(11))
 
     gen = torch.Generator().manual_seed(11)
     keep = torch.rand(len(captions), generator=gen) >= 0.0  # --caption-dropout 0 keeps every caption

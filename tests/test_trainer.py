@@ -142,7 +142,9 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(Trainer, "reward_loss", lambda self, prompts, gen, dump=None, direction=None: (
+    from trainer import objective
+
+    monkeypatch.setattr(objective, "reward_loss", lambda run, prompts, gen, direction, dump=None: (
         torch.tensor(float("nan"), requires_grad=True), {}))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "3"]) == 3

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from trainer.config import TrainConfig
 from trainer.finetune import Trainer
 from trainer.seeding import step_generator
-from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
+from trainer_support import FAST, one_thread, reward_loss  # noqa: F401  (one_thread: autouse fixture)
 
 # Prompts of plain sentences: their segments are written out below, independently of the splitter.
 PROMPTS = ["A red fox sits on a mossy rock. The sky is orange.",
@@ -75,9 +75,9 @@ def objective_from_definitions(trainer, images: torch.Tensor, omega: float) -> t
 
 
 def check_reward_loss_against_definitions(trainer, monkeypatch):
-    """Trainer.reward_loss on PROMPTS: its loss and its gradient on every LoRA parameter equal the objective
-    written out from the definitions on the images it generated; the plain score (ω = 1) is measurably
-    different. Returns the statistics and the LoRA gradients of the loss."""
+    """trainer.objective.reward_loss on PROMPTS (with the V the loop gives them): its loss and its gradient on every
+    LoRA parameter equal the objective written out from the definitions on the images it generated; the plain
+    score (ω = 1) is measurably different. Returns the statistics and the LoRA gradients of the loss."""
     import trainer.objective as objective
 
     captured = {}
@@ -88,7 +88,7 @@ def check_reward_loss_against_definitions(trainer, monkeypatch):
         return captured["images"]
 
     monkeypatch.setattr(objective, "decode", spy)
-    loss, stats = trainer.reward_loss(PROMPTS, step_generator(0, 0, 0))
+    loss, stats = reward_loss(trainer, PROMPTS, step_generator(0, 0, 0))
     images = captured["images"]
     g_loss = torch.autograd.grad(loss, trainer.params, retain_graph=True)
     expected = objective_from_definitions(trainer, images, OMEGA)
@@ -201,7 +201,7 @@ def test_reference_settings_reproduce_the_released_conditioning_and_reward_segme
         return seen["result"]
 
     monkeypatch.setattr(objective, "segment_score", spy)
-    t.reward_loss(captions, step_generator(0, 0, 0))
+    reward_loss(t, captions, step_generator(0, 0, 0))
     clip = t.reward.model
     for caption, feats in zip(captions, seen["result"].prompts):
         segments = reference_split(caption)

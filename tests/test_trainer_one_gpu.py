@@ -19,7 +19,7 @@ from test_trainer_objective import clip_preprocess, tensor_of
 from trainer.config import TrainConfig
 from trainer.finetune import Trainer, cli
 from trainer.seeding import step_generator
-from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
+from trainer_support import FAST, one_thread, reward_loss  # noqa: F401  (one_thread: autouse fixture)
 
 # Training prompts of plain sentences, their segments written out (independently of the splitter).
 SEGMENTS = [["A red fox sits on a mossy rock.", "The sky is orange."],
@@ -80,7 +80,7 @@ def test_at_batch_one_the_text_relevant_part_is_the_decomposition_along_the_trai
     assert t.direction.mode == "training"  # auto at 1 prompt per step
     pieces = spy_on_decode(monkeypatch)
     prompt = [PROMPTS[1]]
-    loss, stats = t.reward_loss(prompt, step_generator(0, 0, 0))
+    loss, stats = reward_loss(t, prompt, step_generator(0, 0, 0))
     clip = t.reward.model
     v = F.normalize(torch.stack([t_bar_of(clip, segs) for segs in SEGMENTS]).mean(0), dim=0)
     t_bar = t_bar_of(clip, SEGMENTS[1])
@@ -101,7 +101,7 @@ def test_the_per_batch_v_of_the_release_collapses_at_batch_one_and_says_so(tmp_p
 
     t = trainer_with(tmp_path, prompt_file, "--reward-direction", "batch")
     assert "warning: --reward-direction batch with 1 prompts per optimizer step" in capsys.readouterr().out
-    _, stats = t.reward_loss([PROMPTS[1]], step_generator(0, 0, 0))
+    _, stats = reward_loss(t, [PROMPTS[1]], step_generator(0, 0, 0))
     assert abs(stats["text_relevant"]) < 1e-6  # V is the prompt itself: t⊥ = 0
     assert resolve_direction("auto", 48) == ("batch", None)  # the release's 8 × 6 GPUs
     assert resolve_direction("auto", 31)[0] == "training"
@@ -112,14 +112,16 @@ def test_the_per_batch_v_covers_every_micro_batch_of_the_step(tmp_path, prompt_f
     """--reward-direction batch with 2 micro-batches of 1: V of the step is normalize(mean t̄) over both
     micro-batches' prompts (the prompts each micro-batch really drew), the same V for both."""
     t = trainer_with(tmp_path, prompt_file, "--reward-direction", "batch", "--gradient-accumulation-steps", "2")
+    from trainer import objective
+
     seen = []
-    real = Trainer.reward_loss
+    real = objective.reward_loss
 
-    def spy(self, prompts, gen, dump=None, direction=None):
+    def spy(run, prompts, gen, direction, dump=None):
         seen.append((list(prompts), direction))
-        return real(self, prompts, gen, dump, direction)
+        return real(run, prompts, gen, direction, dump)
 
-    monkeypatch.setattr(Trainer, "reward_loss", spy)
+    monkeypatch.setattr(objective, "reward_loss", spy)
     t.optimizer_step(0)
     (p0, v0), (p1, v1) = seen
     clip = t.reward.model
@@ -181,7 +183,7 @@ def test_reward_stage_checkpoints_unet_blocks_and_decodes_in_pieces_with_the_sam
     pieces = spy_on_decode(monkeypatch)
 
     def loss_and_grad():
-        loss, stats = t.reward_loss(PROMPTS[:3], step_generator(0, 0, 0))
+        loss, stats = reward_loss(t, PROMPTS[:3], step_generator(0, 0, 0))
         return loss.detach(), stats, torch.cat([g.flatten() for g in torch.autograd.grad(loss, t.params)])
 
     in_pieces = loss_and_grad()

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from trainer.config import TrainConfig
 from trainer.finetune import Trainer
 from trainer.sampling import ddim_scheduler, decode, sample_truncated, vae_dtype
-from trainer_support import FAST, long_caption, merged_tokens, one_thread, run_module  # noqa: F401
+from trainer_support import FAST, align_batch, long_caption, merged_tokens, one_thread, reward_loss, run_module  # noqa: F401
 
 import test_trainer_objective as objective
+from trainer import objective as objective_loop
 
 SDXL = ["--model", "embedded-sdxl"]
 
@@ -172,7 +173,7 @@ def test_align_stage_time_ids_describe_the_crop(tmp_path):
     t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path / "run"), *FAST, "--stage", "align",
                                        "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
                                        "--validation-prompts", "0"]))
-    images, captions, time_ids = t.align_batch(0)
+    images, captions, time_ids = align_batch(t, 0)
     # 80x72 resized to a short side of 32 is 35x32 (torchvision: int(32 * 80 / 72)); centre crop from row
     # round(3 / 2) = 2, column 0
     assert time_ids.tolist() == [[80, 72, 2, 0, 32, 32]] * 2
@@ -263,7 +264,8 @@ def test_v_prediction_models_get_their_own_target_and_x0(trainer, monkeypatch):
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
     with torch.no_grad():
-        loss, _ = trainer.align_loss((images, ["A cat.", "A dog."], time_ids), torch.Generator().manual_seed(3))
+        loss, _ = objective_loop.align_loss(trainer, (images, ["A cat.", "A dog."], time_ids),
+                                            torch.Generator().manual_seed(3))
     a = abar[seen["t"]].view(-1, 1, 1, 1)
     v_target = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["x0"]
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen["pred"].float(), v_target.float()))
@@ -288,7 +290,7 @@ def test_reward_stage_on_a_v_prediction_model_decodes_x0_from_v(trainer, monkeyp
     from trainer.seeding import step_generator
 
     with torch.no_grad():
-        trainer.reward_loss(["A cat. A dog."], step_generator(0, 0, 0))
+        reward_loss(trainer, ["A cat. A dog."], step_generator(0, 0, 0))
     x_in, t, out = calls[-1]
     x_t = x_in.chunk(2)[0]
     v_u, v_c = out.chunk(2)

@@ -90,3 +90,15 @@ def run_cli_cases(cases: dict[str, list[str]], timeout: float = 600) -> dict:
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CASES ")), None)
     assert proc.returncode == 0 and line, (proc.stdout + proc.stderr)[-3000:]
     return {k: SimpleNamespace(**v) for k, v in json.loads(line[len("CASES "):]).items()}
+
+
+def reward_loss(trainer, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
+    """The reward loss of ``prompts`` with the V the run's loop would give a step of them."""
+    from trainer import objective
+
+    return objective.reward_loss(trainer, prompts, gen, trainer.direction.for_prompts(prompts), dump)
+
+
+def align_batch(trainer, step: int, micro: int = 0):
+    """The align-stage micro-batch the loop takes at (step, micro) on this process."""
+    return trainer.align_data.batch(step, micro, trainer.acc.process_index, trainer.acc.num_processes)

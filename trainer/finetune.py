@@ -229,16 +229,6 @@ class Trainer:
         with self.phases("UNet, with gradients" if grad else "UNet, no gradients"):
             return unet(x, t, **conditioning.unet_kwargs()).sample
 
-    def reward_loss(self, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
-                    direction: torch.Tensor | None = None):
-        return objective.reward_loss(self, prompts, gen, dump, direction)
-
-    def align_loss(self, batch, gen: torch.Generator):
-        return objective.align_loss(self, batch, gen)
-
-    def align_batch(self, step: int, micro: int = 0):
-        return self.align_data.batch(step, micro, self.acc.process_index, self.acc.num_processes)
-
     # -- the loop ---------------------------------------------------------------------------------------------
     def optimizer_step(self, step: int) -> dict[str, float]:
         """One optimizer step (all its micro-batches): loss, backward, clip, AdamW, LR schedule. Returns this
@@ -255,9 +245,10 @@ class Trainer:
                 if cfg.stage == "reward":
                     prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
                                             acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
-                    loss, stats = self.reward_loss(prompts, gen, dump, direction=step_v)
+                    loss, stats = objective.reward_loss(self, prompts, gen, step_v, dump)
                 else:
-                    loss, stats = self.align_loss(self.align_batch(step, micro), gen)
+                    batch = self.align_data.batch(step, micro, acc.process_index, acc.num_processes)
+                    loss, stats = objective.align_loss(self, batch, gen)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "

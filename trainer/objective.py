@@ -35,10 +35,10 @@ def drop_captions(captions: list[str], rate: float, gen: torch.Generator) -> lis
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None = None,
-                direction: torch.Tensor | None = None):
-    """Loss of one micro-batch of ``prompts`` and its statistics. ``direction`` is V (default: the run's V for
-    these prompts, see :class:`~trainer.direction.RewardDirection`). ``dump`` (a dict) receives diagnostics."""
+def reward_loss(run, prompts: list[str], gen: torch.Generator, direction: torch.Tensor, dump: dict | None = None):
+    """Loss of one micro-batch of ``prompts`` and its statistics. ``direction`` is V: the step's
+    (:meth:`~trainer.direction.RewardDirection.for_step`), the one way V reaches the loss. ``dump`` (a dict)
+    receives diagnostics."""
     cfg, device = run.cfg, run.acc.device
     # 1. the conditioning of the prompts and of the empty prompt (CFG)
     with run.phases("text encoding"):
@@ -57,7 +57,7 @@ def reward_loss(run, prompts: list[str], gen: torch.Generator, dump: dict | None
                               recompute_context=lambda: blocks_checkpointed(run.acc.unwrap_model(run.unet)),
                               params=run.params)
     # 3.–4. decode with gradients, score segment by segment, decompose along V, reweight the text-irrelevant part
-    v = run.direction.for_prompts(prompts) if direction is None else direction
+    v = direction
     loss, parts, features = decode_and_score(run, x0, prompts, v, crop_seed)
     if dump is not None:
         t_bar = torch.stack([f.mean for f in features])
