@@ -5,7 +5,7 @@ A checkpoint (trainer/checkpoints.py) holds the trained parameters in fp32 (4 by
 (8 bytes each), the LoRA file of that step (fp16 kohya pairs: 2 bytes each) and a few small files (RNG states,
 the schedule, the step) and about 1 KB of headers per tensor: about 14 bytes per trained parameter. On the
 embedded model at rank 4 (63,232 parameters in 130 tensors) this gives 1.12 MB for a checkpoint of 1.05 MB
-(tests/test_stop_and_disk.py measures it). ``checkpoints_keep`` of them are kept, and a new
+(tests/test_disk.py measures it). ``checkpoints_keep`` of them are kept, and a new
 one is written before the oldest is deleted."""
 
 from __future__ import annotations
@@ -57,6 +57,6 @@ def run_disk_bytes(cfg, checkpoint: int, lora: int, image: int, validations: int
     """The disk a whole run will use at most, from a measured checkpoint, LoRA file and validation image: the
     kept checkpoints (one more while the newest is written), the LoRA, the validation images and the logs."""
     written = (cfg.train_steps - 1) // cfg.checkpoint_every
-    parts = {"checkpoints": min(cfg.checkpoints_keep + 1, written) * checkpoint, "LoRA": lora, "validation images": validations * image,
-             "logs": cfg.train_steps // cfg.log_every * LOG_BYTES_PER_STEP}
+    parts = {"checkpoints": min(cfg.checkpoints_keep + 1, written) * checkpoint, "LoRA": lora,
+             "validation images": validations * image, "logs": cfg.train_steps // cfg.log_every * LOG_BYTES_PER_STEP}
     return {**parts, "total": sum(parts.values())}

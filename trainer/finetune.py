@@ -37,7 +37,7 @@ from longalign_core.lora import load_lora, lora_targets, merge_lora
 from longalign_core.out_of_memory import is_out_of_memory
 from longalign_core.phase_timer import PhaseTimer
 from longalign_core.preference import PreferenceModel, load_preference_model
-from longalign_core.reference_direction import cached_direction, default_reference_prompts
+from longalign_core.reference_direction import default_reference_prompts, direction_from_prompts
 
 from . import checkpoints as ckpt
 from . import objective
@@ -207,8 +207,8 @@ class Trainer:
         reference = default_reference_prompts()
         # Computed at every start, never read from a cache: a resumed run then does exactly what the uninterrupted
         # one did (reading V instead changed step 3's reward by 1 ulp on the CPU and AdamW amplified it).
-        self.reference_direction = cached_direction(self.reward, reference, cfg.split_mode,
-                                                    cfg.long_segments).to(device)
+        self.reference_direction = direction_from_prompts(self.reward, reference, cfg.split_mode,
+                                                          cfg.long_segments).to(device)
         if cfg.stage == "reward":
             per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
             mode, warning = resolve_direction(cfg.reward_direction, per_step)

@@ -145,7 +145,7 @@ class Evaluation:
 
     def _load_judge(self) -> None:
         from longalign_core.preference import load_preference_model
-        from longalign_core.reference_direction import cached_direction
+        from longalign_core.reference_direction import direction_from_prompts
 
         from ..loading.models import reward_model_source
 
@@ -156,7 +156,8 @@ class Evaluation:
         reference = default_reference_prompts()
         # computed at every start, never read from a cache: the scores of a fresh, a repeated and a resumed
         # evaluation then come from the same computation (reading V instead moved their last bits on the CPU)
-        self.direction = cached_direction(self.reward, reference, cfg.split_mode, cfg.long_segments).to(self.device)
+        self.direction = direction_from_prompts(self.reward, reference, cfg.split_mode,
+                                                cfg.long_segments).to(self.device)
         overlap = len(set(self.prompts) & set(reference))
         if overlap:
             self.say(f"note: {overlap} of the evaluation prompts are in the reference set that defines V; "
