@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import shlex
 import signal
 import subprocess
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .run_folder import complete_checkpoints
+
 PROGRESS_ENV = "LONGALIGN_PROGRESS"
 PROGRESS_PREFIX = "LONGALIGN_PROGRESS "
 #: A user mistake: the child printed one paragraph (``<prog>: error: …``) and no traceback.
@@ -33,8 +34,6 @@ EXIT_USER_ERROR = 2
 #: Stopped by a signal after keeping the step under way (the trainer's contract, trainer/stop_signal.py: 128 + the
 #: signal's number, as a shell reports it).
 EXIT_STOPPED = {130: "SIGINT", 143: "SIGTERM"}
-#: The trainer's checkpoints: ``<run>/checkpoints/checkpoint-<step>/`` holding this file when complete.
-CHECKPOINT_STATE_FILE = "trainer_state.json"
 #: The trainer's dependencies beyond the pack's requirements.txt, as (module, pip requirement).
 TRAINING_PACKAGES = (("peft", "peft>=0.12,<1"), ("accelerate", "accelerate>=0.33,<2"))
 
@@ -210,18 +209,8 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, int] | None:
     """(folder, step) of the newest complete trainer checkpoint in ``run_dir``, or None."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / CHECKPOINT_STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
+    found = complete_checkpoints(run_dir)
+    return (found[-1], int(found[-1].name.split("-")[1])) if found else None
 
 
 def user_error_paragraph(tail: Sequence[str], prog: str) -> str | None:

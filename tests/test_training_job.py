@@ -14,6 +14,7 @@ import pytest
 from longalign_core import child_process as cp
 from longalign_core import training_job as job
 from longalign_core.errors import BadInputError
+from longalign_core.run_folder import CHECKPOINT_STATE_FILE
 
 NODE_INPUTS = dict(mode="train", checkpoint="/m/sd15.safetensors", preference_model="/m/denscore/Denscore",
                    prompts_path="/runs/x/prompts.txt", output_dir="/runs/x", steps=7, lora_rank=6,
@@ -111,7 +112,7 @@ def test_training_prompts(tmp_path):
 def _checkpoint(run: Path, step: int) -> None:
     folder = run / "checkpoints" / f"checkpoint-{step:06d}"
     folder.mkdir(parents=True)
-    (folder / cp.CHECKPOINT_STATE_FILE).write_text(json.dumps({"step": step}))
+    (folder / CHECKPOINT_STATE_FILE).write_text(json.dumps({"step": step}))
 
 
 def test_a_used_name_is_refused_unless_resume_or_overwrite(tmp_path):

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from longalign_core.errors import BadConfigError, BadModelFileError, disk_error, is_disk_error
+from longalign_core.run_folder import CHECKPOINT_STATE_FILE, complete_checkpoints
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = CHECKPOINT_STATE_FILE
 #: The trainable parameters of the UNet (the LoRA), by parameter name, fp32: what resume restores exactly.
 LORA_WEIGHTS = "lora_weights.safetensors"
 
@@ -61,11 +62,7 @@ def save_only_what_trains(acc, unet) -> None:
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (an interrupted save leaves only a ``.tmp`` folder, ignored here)."""
-    folder = Path(output_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-                  and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file())
+    return complete_checkpoints(output_dir)
 
 
 def save_checkpoint(acc, output_dir: Path, step: int, state: dict, keep: int,
