@@ -182,6 +182,15 @@ def segment_text_features(model: PreferenceModel, texts: Sequence[str],
                       for i in range(0, len(texts), max(step, 1))])
 
 
+def judge_segments(model: PreferenceModel, prompt: str, split_mode: SplitMode = "sentence",
+                   long_segments: LongSegmentPolicy = "truncate",
+                   count: Callable[[str], int] | None = None) -> list[Segment]:
+    """The segments of ``prompt`` the judge scores: sentences fitted to its text window (``count``: a cached
+    ``model.count_tokens``). What :func:`prompt_features` encodes, and what a ``scores.csv`` has a row for."""
+    return fit_segments(split_segments(prompt, split_mode), count or model.count_tokens, model.context_length - 2,
+                        long_segments)
+
+
 @torch.no_grad()
 def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: SplitMode = "sentence",
                     long_segments: LongSegmentPolicy = "truncate", cache_size: int = 256,
@@ -205,8 +214,7 @@ def prompt_features(model: PreferenceModel, prompts: Sequence[str], split_mode: 
             raise BadInputError(f"prompt {i} is {kind_of(p)} ({p!r:.40}), not a string")
         key = (p, split_mode, long_segments)
         if key not in cache and key not in pinned and key not in todo:
-            segs = split_segments(p, split_mode)
-            todo[key] = fit_segments(segs, count, window, long_segments)
+            todo[key] = judge_segments(model, p, split_mode, long_segments, count)
     if todo:
         distinct = list(dict.fromkeys(s.text for segs in todo.values() for s in segs))
         by_text = dict(zip(distinct, segment_text_features(model, distinct, texts_per_forward)))

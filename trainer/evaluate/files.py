@@ -155,11 +155,10 @@ def check_settings(out: Path, settings: dict) -> None:
 def sentence_counts(reward, prompts: list[str], split_mode: str, long_segments: str) -> list[int]:
     """The rows each image of each prompt has in ``scores.csv``: its segments as the judge scores them (the
     splitter and the text window alone; no text features are computed, so nothing the scores use is touched)."""
-    from longalign_core.segmentation import fit_segments, split_segments
+    from longalign_core.denscore import judge_segments
 
     count = functools.lru_cache(maxsize=None)(reward.count_tokens)
-    return [len(fit_segments(split_segments(p, split_mode), count, reward.context_length - 2, long_segments))
-            for p in prompts]
+    return [len(judge_segments(reward, p, split_mode, long_segments, count)) for p in prompts]
 
 
 def part_file(out: Path, rank: int, world: int) -> Path:
