@@ -197,14 +197,14 @@ def one_run(args) -> dict:
 
         objective.blocks_checkpointed = lambda unet: contextlib.nullcontext()
     trainer = finetune.Trainer(TrainConfig.from_args(flags))
-    result = measure_step(trainer)
+    result = measure_step(trainer.optimizer_step, trainer.parts, trainer.acc.device)
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     cuda = trainer.acc.device.type == "cuda"
     return {"mode": args.mode, "steps": args.steps, "seconds": result["seconds"], "peak_bytes": result["peak_bytes"],
             "held_bytes": result["held_bytes"], "phases": result["phases"], "process_peak_bytes": process_peak_bytes(),
-            "parts": [list(r) for r in model_parts(trainer)],
+            "parts": [list(r) for r in model_parts(trainer.parts)],
             "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": trainer.cfg.mixed_precision}
 
 
@@ -248,6 +248,8 @@ def main() -> None:
     ap.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="truncated", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps % 5 and args.steps > 5:  # gradients at 5 of the steps (the paper's K), and 2x the steps too
+        ap.error(f"--steps {args.steps}: use a multiple of 5 (gradients are taken at 5 of the steps) or at most 5")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.single:

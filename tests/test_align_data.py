@@ -101,8 +101,9 @@ def test_every_layout_gives_the_same_pairs(tmp_path, images):
 
 def test_a_missing_or_broken_image_is_named_before_any_model_loads(tmp_path, images, monkeypatch):
     import trainer.finetune as finetune
+    import trainer.parts as parts
 
-    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(parts, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     table = tmp_path / "pairs.csv"
     table.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(images[:2], CAPTIONS)) +
                      "gone.png,A missing image.\n")
@@ -196,7 +197,7 @@ def test_align_stage_trains_on_sdxl_buckets_from_a_caption_folder(tmp_path, imag
                                        "--output-dir", str(tmp_path / "run"), *FAST, "--buckets",
                                        "--train-steps", "2", "--validation-prompts", "0"]))
     lora = t.train()
-    assert len(load_file(str(lora))) == 3 * len(t.targets)
+    assert len(load_file(str(lora))) == 3 * len(t.parts.unet.targets)
 
 
 def kohya_folder(root, images, layout: dict[str, list[int]]):
@@ -234,9 +235,10 @@ def test_kohya_zero_repeats_is_refused(tmp_path, images):
 def test_a_missing_held_out_image_is_named_up_front(tmp_path, images, monkeypatch):
     """The held-out validation rows' images are checked too, before any model loads."""
     import trainer.finetune as finetune
+    import trainer.parts as parts
     from trainer.data import split_validation
 
-    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(parts, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     held = [CAPTIONS.index(c) for c in split_validation(CAPTIONS, 1, 0, "t")[0]]
     assert len(held) == 1
     paths = [str(p) for p in images]

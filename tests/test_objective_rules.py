@@ -9,10 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from trainer_support import FAST, align_batch, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from trainer_support import FAST, align_batch, align_loss, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from trainer.config import TrainConfig
-from trainer import objective
 from trainer.finetune import Trainer
 
 CAPTIONS = ["A cat sleeps on a red chair. The window is open.", "A lighthouse on a cliff. Waves crash below.",
@@ -31,7 +30,7 @@ def align_run(tmp_path_factory):
     run = Trainer(TrainConfig.from_args(["--output-dir", str(folder / "run"), *FAST, "--stage", "align",
                                          "--prompts", str(folder), "--validation-prompts", "0", "--train-steps", "1",
                                          "--train-batch-size", "3", "--caption-dropout", "0"]))
-    run.unet.eval()  # no LoRA dropout
+    run.parts.unet.unet.eval()  # no LoRA dropout
     return run
 
 
@@ -40,12 +39,12 @@ def test_align_loss_is_the_noise_prediction_mse_with_the_vae_scaling_factor(alig
     sample of the image in [-1, 1]; the draws in the objective's order (dropout, posterior, ε, t)."""
     run = align_run
     images, captions, time_ids = align_batch(run, 0)
-    loss, _ = objective.align_loss(run, (images, captions, time_ids), torch.Generator().manual_seed(11))
+    loss, _ = align_loss(run, (images, captions, time_ids), torch.Generator().manual_seed(11))
 
     gen = torch.Generator().manual_seed(11)
     keep = torch.rand(len(captions), generator=gen) >= 0.0  # --caption-dropout 0 keeps every caption
     assert keep.all()
-    vae, unet = run.vae, run.acc.unwrap_model(run.unet)
+    vae, unet = run.parts.base.vae, run.parts.unet.module
     scaling = vae.config.scaling_factor
     assert scaling == pytest.approx(0.18215)
     with torch.no_grad():
@@ -53,9 +52,9 @@ def test_align_loss_is_the_noise_prediction_mse_with_the_vae_scaling_factor(alig
         z = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)) * scaling
         eps = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, 1000, (z.shape[0],), generator=gen)
-        alpha_bar = run.noise_scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        alpha_bar = run.parts.base.noise_scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * z + (1 - alpha_bar).sqrt() * eps
-        cond = run.text.encode(captions, with_uncond=False).cond
+        cond = run.parts.text.encode(captions, with_uncond=False).cond
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
         expected = ((pred.float() - eps) ** 2).mean()
     torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-5)
@@ -90,14 +89,15 @@ def test_every_decode_piece_takes_the_same_random_crop(tmp_path):
     run = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--prompts", str(path),
                                          "--validation-prompts", "0", "--train-steps", "1", "--train-batch-size",
                                          "3", "--reward-crop", "random", "--resolution", "64"]))
-    v = direction_from_prompts(run.reward, CAPTIONS)
+    v = direction_from_prompts(run.parts.judge.model, CAPTIONS)
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     crops_seen = set()
     for crop_seed in range(6):
-        run.cfg = dataclasses.replace(run.cfg, decode_batch=3)
-        _, whole, _ = decode_and_score(run, x0.clone().requires_grad_(), CAPTIONS, v, crop_seed)
-        run.cfg = dataclasses.replace(run.cfg, decode_batch=1)
-        _, pieces, _ = decode_and_score(run, x0.clone().requires_grad_(), CAPTIONS, v, crop_seed)
+        vae, judge = run.parts.base.vae, run.parts.judge.model
+        _, whole, _ = decode_and_score(dataclasses.replace(run.cfg, decode_batch=3), vae, judge,
+                                       x0.clone().requires_grad_(), CAPTIONS, v, crop_seed)
+        _, pieces, _ = decode_and_score(dataclasses.replace(run.cfg, decode_batch=1), vae, judge,
+                                        x0.clone().requires_grad_(), CAPTIONS, v, crop_seed)
         torch.testing.assert_close(pieces.score, whole.score, atol=1e-6, rtol=1e-5)
         crops_seen.add(round(float(whole.score.sum()), 5))
     assert len(crops_seen) > 1  # the crop really moves with the seed

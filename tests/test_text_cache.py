@@ -66,7 +66,7 @@ def test_cached_conditioning_equals_the_batch_encode(family, overflow):
 
 
 def test_a_run_frees_the_text_encoders_and_trains_the_same_lora(tmp_path, monkeypatch):
-    import trainer.finetune as finetune
+    import trainer.parts as parts
 
     refs, alive_when_the_reward_model_loads = [], []
 
@@ -82,25 +82,25 @@ def test_a_run_frees_the_text_encoders_and_trains_the_same_lora(tmp_path, monkey
 
     from longalign_core.preference import load_preference_model
 
-    monkeypatch.setattr(finetune, "load_base_model", loading)
-    monkeypatch.setattr(finetune, "load_preference_model", loading_reward)
+    monkeypatch.setattr(parts, "load_base_model", loading)
+    monkeypatch.setattr(parts, "load_preference_model", loading_reward)
     args = ["--train-steps", "2", *FAST, "--validation-prompts", "2"]
     plain = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "plain"), *args]))
     cached = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "cached"), *args,
                                             "--cache-text-embeddings"]))
     assert alive_when_the_reward_model_loads == [True, False]
     gc.collect()
-    assert refs[1]() is None and cached.text.encoder is None and cached.text_encoder is None
+    assert refs[1]() is None and cached.parts.text.encoder is None and cached.parts.base.text_encoder is None
     # every training and validation prompt and the empty prompt are cached
-    assert set(cached.text.cache.rows) == set(cached.prompts) | set(cached.validation_prompts) | {""}
+    assert set(cached.parts.text.cache.rows) == set(cached.parts.data.prompts) | set(cached.parts.data.validation_prompts) | {""}
     # the preference model scores against pinned features: its text tower is gone, its image tower stays
-    assert cached.reward.text_tower_dropped and cached.reward.model.text_model is None
-    assert not plain.reward.text_tower_dropped and plain.reward.model.text_model is not None
-    assert {k[0] for k in cached.reward._longalign_pinned_text} == set(cached.prompts) | set(cached.validation_prompts)
-    tower = sum(p.numel() for m in (plain.reward.model.text_model, plain.reward.model.text_projection)
+    assert cached.parts.judge.model.text_tower_dropped and cached.parts.judge.model.model.text_model is None
+    assert not plain.parts.judge.model.text_tower_dropped and plain.parts.judge.model.model.text_model is not None
+    assert {k[0] for k in cached.parts.judge.model._longalign_pinned_text} == set(cached.parts.data.prompts) | set(cached.parts.data.validation_prompts)
+    tower = sum(p.numel() for m in (plain.parts.judge.model.model.text_model, plain.parts.judge.model.model.text_projection)
                 for p in m.parameters())
-    assert sum(p.numel() for p in cached.reward.model.parameters()) == \
-        sum(p.numel() for p in plain.reward.model.parameters()) - tower
+    assert sum(p.numel() for p in cached.parts.judge.model.model.parameters()) == \
+        sum(p.numel() for p in plain.parts.judge.model.model.parameters()) - tower
     a, b = load_file(str(plain.train())), load_file(str(cached.train()))
     assert a.keys() == b.keys()
     for key in a:

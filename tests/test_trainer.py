@@ -94,7 +94,7 @@ def test_gradients_come_only_from_the_chosen_steps():
 
 def test_one_reward_step_changes_only_lora_weights(tmp_path):
     trainer = Trainer(cfg(tmp_path, "--train-steps", "1"))
-    unet = trainer.acc.unwrap_model(trainer.unet)
+    unet = trainer.parts.unet.module
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     trainer.train()
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
@@ -144,7 +144,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
     from trainer import objective
 
-    monkeypatch.setattr(objective, "reward_loss", lambda run, prompts, gen, direction, dump=None: (
+    monkeypatch.setattr(objective, "reward_loss", lambda *args, **kwargs: (
         torch.tensor(float("nan"), requires_grad=True), {}))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "3"]) == 3
@@ -237,7 +237,7 @@ def test_align_stage_trains_the_t5_adapter(tmp_path, tiny_t5_dir, tiny_adapter_d
     trainer = Trainer(cfg(tmp_path, "--stage", "align", "--prompts", str(tmp_path / "pairs"), "--train-steps", "2",
                           "--t5-model", str(tiny_t5_dir), "--t5-adapter", str(tiny_adapter_dir),
                           "--train-t5-adapter", "--caption-dropout", "0"))
-    assert trainer.text.encode(["a red fox."], with_uncond=False).cond.shape == (1, 480, 32)
+    assert trainer.parts.text.encode(["a red fox."], with_uncond=False).cond.shape == (1, 480, 32)
     trainer.train()
     before = load_text_adapter(tiny_adapter_dir).state_dict()
     after = load_text_adapter(tmp_path / "run" / "t5_adapter").state_dict()

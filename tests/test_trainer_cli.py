@@ -57,16 +57,14 @@ def test_type_errors_name_the_file_and_key(tmp_path):
 
 
 def test_validation_prompts_are_held_out(tmp_path):
-    from trainer.finetune import Trainer
+    from trainer.parts import TrainingData
 
     prompts = [f"Prompt number {i}. It has two sentences." for i in range(20)]
     (tmp_path / "p.txt").write_text("\n".join(prompts))
 
     def split(*extra):
-        t = Trainer.__new__(Trainer)  # only the data split, no models
-        t.cfg = TrainConfig.from_args(["--prompts", str(tmp_path / "p.txt"), *extra])
-        t._load_data()
-        return t.prompts, t.validation_prompts
+        data = TrainingData.load(TrainConfig.from_args(["--prompts", str(tmp_path / "p.txt"), *extra]))
+        return data.prompts, data.validation_prompts
 
     train, val = split("--validation-prompts", "3")
     assert len(val) == 3 and val != prompts[:3] and not set(val) & set(train)

@@ -93,3 +93,30 @@ def test_no_trainer_module_is_over_the_limit():
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert {"evaluate.stats", "loading.single_file"} <= set(modules())  # the subfolders are read
     assert not long, f"split these by job: {long}"
+
+
+def takers_of_the_whole_run(path) -> list[str]:
+    """The functions of ``path`` that take the whole run: a parameter named ``run``/``trainer`` or annotated with
+    ``Trainer`` (each should take the typed parts it uses, trainer/parts.py)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            for a in args:
+                note = ast.unparse(a.annotation) if a.annotation is not None else ""
+                if a.arg in ("run", "trainer") or "Trainer" in note:
+                    found.append(f"{path.name}:{node.lineno} {getattr(node, 'name', 'lambda')}({a.arg})")
+    return found
+
+
+def test_takers_of_the_whole_run_are_found(tmp_path):
+    (tmp_path / "m.py").write_text("def ok(cfg, parts): ...\ndef bad(run, step): ...\n"
+                                   "def typed(x: 'Trainer'): ...\nf = lambda trainer: trainer.cfg\n")
+    assert takers_of_the_whole_run(tmp_path / "m.py") == ["m.py:2 bad(run)", "m.py:3 typed(x)", "m.py:4 lambda(trainer)"]
+
+
+def test_no_trainer_module_takes_the_trainer_object():
+    """Issue 29.1: the objective, the validation, the dry run, the outputs, the run log, the disk check and the
+    text cache take the typed parts they use; only finetune.py (the Trainer's own module) handles the Trainer."""
+    found = [hit for name, p in modules().items() if name != "finetune" for hit in takers_of_the_whole_run(p)]
+    assert not found, found

@@ -106,9 +106,9 @@ def test_align_stage(tmp_path, pairs_folder, captions, t5, overflow, length, tin
                                  str(pairs_folder / length), "--caption-dropout", "0", "--overflow", overflow,
                                  *t5_args(t5, tiny_t5_dir, tiny_adapter_dir)])
     trainer = Trainer(cfg)
-    held_out = trainer.validation_prompts
-    assert len(held_out) == 1 and len(trainer.align_rows) == 2
-    training = [trainer.align_data.captions[i] for i in trainer.align_rows]
+    held_out = trainer.parts.data.validation_prompts
+    assert len(held_out) == 1 and len(trainer.parts.data.align_rows) == 2
+    training = [trainer.parts.data.align.captions[i] for i in trainer.parts.data.align_rows]
     assert held_out[0] not in training
     trainer.train()
     merged = [merged_tokens(c) for c in training]

@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 from trainer.config import TrainConfig
 from trainer.finetune import Trainer
 from trainer.sampling import ddim_scheduler, decode, sample_truncated, vae_dtype
-from trainer_support import FAST, align_batch, long_caption, merged_tokens, one_thread, reward_loss, run_module  # noqa: F401
+from trainer_support import FAST, align_batch, align_loss, long_caption, merged_tokens, one_thread, reward_loss, run_module  # noqa: F401
 
 import test_trainer_objective as objective
-from trainer import objective as objective_loop
 
 SDXL = ["--model", "embedded-sdxl"]
 
@@ -27,22 +26,22 @@ def trainer(tmp_path_factory):
                                        "--reward-direction", "batch"]))
     with torch.no_grad():  # a non-zero LoRA, so that gradients reach both of its factors
         g = torch.Generator().manual_seed(0)
-        for p in t.params:
+        for p in t.parts.unet.params:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    t.unet.eval()
+    t.parts.unet.unet.eval()
     return t
 
 
 def test_embedded_sdxl_is_an_sdxl_pipeline(trainer):
-    unet = trainer.acc.unwrap_model(trainer.unet)
-    assert trainer.is_sdxl and unet.config.addition_embed_type == "text_time"
+    unet = trainer.parts.unet.module
+    assert trainer.parts.base.is_sdxl and unet.config.addition_embed_type == "text_time"
     # SDXL's extra conditioning: the 1280-d pooled bigG vector and six 256-channel size/crop embeddings
     assert unet.add_embedding.linear_1.in_features == 1280 + 6 * 256 == 2816
-    assert trainer.text_encoder_2.config.projection_dim == 1280
-    assert trainer.vae.config.scaling_factor == 0.13025 and trainer.vae.config.force_upcast
+    assert trainer.parts.base.text_encoder_2.config.projection_dim == 1280
+    assert trainer.parts.base.vae.config.scaling_factor == 0.13025 and trainer.parts.base.vae.config.force_upcast
     assert trainer.cfg.resolution == 32  # FAST's; without it the model's own (below)
-    assert any(".attn2.to_k" in t.path for t in trainer.targets) and any("ff.net.0.proj" in t.path
-                                                                           for t in trainer.targets)
+    assert any(".attn2.to_k" in t.path for t in trainer.parts.unet.targets) and any("ff.net.0.proj" in t.path
+                                                                           for t in trainer.parts.unet.targets)
 
 
 def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
@@ -52,19 +51,19 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
     from diffusers import StableDiffusionXLPipeline
 
     prompts = objective.PROMPTS
-    unet = trainer.acc.unwrap_model(trainer.unet)
-    step = trainer.text.encode(prompts, True)
-    cond, uncond = trainer.text.unet_conditioning(step)
+    unet = trainer.parts.unet.module
+    step = trainer.parts.text.encode(prompts, True)
+    cond, uncond = trainer.parts.text.unet_conditioning(step)
     steps, res = 4, trainer.cfg.resolution
     noise = torch.randn(len(prompts), 4, res // 8, res // 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = sample_truncated(trainer.unet_eps, ddim_scheduler(trainer.noise_scheduler, steps), noise, cond, uncond,
+        ours = sample_truncated(trainer.parts.unet.eps, ddim_scheduler(trainer.parts.base.noise_scheduler, steps), noise, cond, uncond,
                                 7.5, [])
 
-    pipe = StableDiffusionXLPipeline(vae=trainer.vae, text_encoder=trainer.text_encoder,
-                                     text_encoder_2=trainer.text_encoder_2, tokenizer=trainer.text.encoder.encoders[0].tokenizer,
-                                     tokenizer_2=trainer.text.encoder.encoders[1].tokenizer, unet=unet,
-                                     scheduler=ddim_scheduler(trainer.noise_scheduler, steps))
+    pipe = StableDiffusionXLPipeline(vae=trainer.parts.base.vae, text_encoder=trainer.parts.base.text_encoder,
+                                     text_encoder_2=trainer.parts.base.text_encoder_2, tokenizer=trainer.parts.text.encoder.encoders[0].tokenizer,
+                                     tokenizer_2=trainer.parts.text.encoder.encoders[1].tokenizer, unet=unet,
+                                     scheduler=ddim_scheduler(trainer.parts.base.noise_scheduler, steps))
     pipe.set_progress_bar_config(disable=True)
     recorded = []
     real_step = pipe.scheduler.step
@@ -83,7 +82,7 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
     # the extra conditioning matters: without the pooled vectors' CFG split the result differs
     swapped = type(cond)(cond.context, uncond.text_embeds, cond.time_ids)
     with torch.no_grad():
-        other = sample_truncated(trainer.unet_eps, ddim_scheduler(trainer.noise_scheduler, steps), noise, swapped,
+        other = sample_truncated(trainer.parts.unet.eps, ddim_scheduler(trainer.parts.base.noise_scheduler, steps), noise, swapped,
                                  uncond, 7.5, [])
     assert (other - ours).abs().max() > 1e-3
 
@@ -93,7 +92,7 @@ def test_sdxl_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkey
     from the definitions (test_trainer_objective) on the images the SDXL model generated."""
     stats, g_loss = objective.check_reward_loss_against_definitions(trainer, monkeypatch)
     # every LoRA layer of the SDXL UNet gets a gradient (cross-attention, GEGLU and ResNet layers alike)
-    names = [n for n, p in trainer.acc.unwrap_model(trainer.unet).named_parameters() if p.requires_grad]
+    names = [n for n, p in trainer.parts.unet.module.named_parameters() if p.requires_grad]
     zero = [n for n, g in zip(names, g_loss) if "lora_B" in n and float(g.abs().max()) == 0]
     assert not zero, zero[:5]
     assert stats["cond_length"] == 240
@@ -109,7 +108,7 @@ def test_sdxl_long_captions(trainer, overflow):
     assert 300 <= m300 < 480 and 700 <= m700 < 720
     trainer.cfg.overflow = overflow
     try:
-        step = trainer.text.encode(captions, True)
+        step = trainer.parts.text.encode(captions, True)
     finally:
         trainer.cfg.overflow = "truncate"
     length = 720 if overflow == "extend" else 240
@@ -134,22 +133,22 @@ def test_vae_is_upcast_for_fp16_and_decodes_in_fp32_under_autocast(trainer):
     assert "force_upcast" not in sd15_vae  # as in runwayml/stable-diffusion-v1-5 vae/config.json
     assert AutoencoderKL.from_config(sd15_vae).config.force_upcast is True
     assert vae_dtype(torch.float16, AutoencoderKL.from_config(sd15_vae).config) == torch.float32
-    assert vae_dtype(torch.float16, trainer.vae.config) == torch.float32
-    assert vae_dtype(torch.bfloat16, trainer.vae.config) == torch.bfloat16
+    assert vae_dtype(torch.float16, trainer.parts.base.vae.config) == torch.float32
+    assert vae_dtype(torch.bfloat16, trainer.parts.base.vae.config) == torch.bfloat16
     assert vae_dtype(torch.float16, {"force_upcast": False}) == torch.float16
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        plain = decode(trainer.vae, latents)
+        plain = decode(trainer.parts.base.vae, latents)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = decode(trainer.vae, latents)
-    assert trainer.vae.dtype == torch.float32
+            autocast = decode(trainer.parts.base.vae, latents)
+    assert trainer.parts.base.vae.dtype == torch.float32
     torch.testing.assert_close(autocast, plain, atol=0, rtol=0)
 
 
 def test_resolution_defaults_to_the_models_own(tmp_path):
     t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path), "--train-steps", "1",
                                        "--validation-prompts", "0"]))
-    unet = t.acc.unwrap_model(t.unet)
+    unet = t.parts.unet.module
     assert t.cfg.resolution == unet.config.sample_size * 8 == 64
     import json
 
@@ -181,7 +180,7 @@ def test_align_stage_time_ids_describe_the_crop(tmp_path):
     assert resized.shape[-2:] == (35, 32)
     torch.testing.assert_close(images[0], resized[:, 2:34, :])
     lora = t.train()
-    assert len(load_file(str(lora))) == 3 * len(t.targets)
+    assert len(load_file(str(lora))) == 3 * len(t.parts.unet.targets)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
@@ -204,7 +203,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "longalign_lora.safetensors").exists()
     resumed = Trainer(TrainConfig.from_args([*args, "--output-dir", str(tmp_path / "b"), "--resume", "latest"])).train()
     a, b = load_file(str(straight)), load_file(str(resumed))
-    assert a.keys() == b.keys() and len(a) == 3 * len(stopped.targets)
+    assert a.keys() == b.keys() and len(a) == 3 * len(stopped.parts.unet.targets)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-4, msg=k)
 
@@ -245,7 +244,7 @@ def test_v_prediction_models_get_their_own_target_and_x0(trainer, monkeypatch):
     x̂0 = sqrt(ᾱ_t)·x_t − sqrt(1 − ᾱ_t)·v — both written out here from ᾱ."""
     from diffusers import DDPMScheduler
 
-    vpred = DDPMScheduler.from_config(trainer.noise_scheduler.config, prediction_type="v_prediction")
+    vpred = DDPMScheduler.from_config(trainer.parts.base.noise_scheduler.config, prediction_type="v_prediction")
     abar = vpred.alphas_cumprod
     # DDIM step with a v output
     scheduler = ddim_scheduler(vpred, 4)
@@ -255,17 +254,16 @@ def test_v_prediction_models_get_their_own_target_and_x0(trainer, monkeypatch):
     torch.testing.assert_close(x0, abar[t].sqrt() * x_t - (1 - abar[t]).sqrt() * v)
 
     # align target
-    monkeypatch.setattr(trainer, "noise_scheduler", vpred)
-    monkeypatch.setattr(trainer, "prediction_type", "v_prediction")
+    monkeypatch.setattr(trainer.parts.base, "noise_scheduler", vpred)  # its prediction_type follows
+    assert trainer.parts.base.prediction_type == "v_prediction"
     seen = {}
-    real_add_noise, real_eps = vpred.add_noise, trainer.unet_eps
+    real_add_noise, real_eps = vpred.add_noise, trainer.parts.unet.eps
     monkeypatch.setattr(vpred, "add_noise", lambda x, n, ts: seen.update(x0=x, noise=n, t=ts) or real_add_noise(x, n, ts))
-    monkeypatch.setattr(trainer, "unet_eps", lambda *a: seen.setdefault("pred", real_eps(*a)))
+    monkeypatch.setattr(trainer.parts.unet, "eps", lambda *a: seen.setdefault("pred", real_eps(*a)))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
     with torch.no_grad():
-        loss, _ = objective_loop.align_loss(trainer, (images, ["A cat.", "A dog."], time_ids),
-                                            torch.Generator().manual_seed(3))
+        loss, _ = align_loss(trainer, (images, ["A cat.", "A dog."], time_ids), torch.Generator().manual_seed(3))
     a = abar[seen["t"]].view(-1, 1, 1, 1)
     v_target = a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["x0"]
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen["pred"].float(), v_target.float()))
@@ -280,12 +278,11 @@ def test_reward_stage_on_a_v_prediction_model_decodes_x0_from_v(trainer, monkeyp
 
     import trainer.objective as objective
 
-    vpred = DDPMScheduler.from_config(trainer.noise_scheduler.config, prediction_type="v_prediction")
-    monkeypatch.setattr(trainer, "noise_scheduler", vpred)
-    monkeypatch.setattr(trainer, "prediction_type", "v_prediction")
+    vpred = DDPMScheduler.from_config(trainer.parts.base.noise_scheduler.config, prediction_type="v_prediction")
+    monkeypatch.setattr(trainer.parts.base, "noise_scheduler", vpred)
     calls, decoded = [], []
-    real_eps, real_decode = trainer.unet_eps, objective.decode
-    monkeypatch.setattr(trainer, "unet_eps", lambda x, t, c: calls.append((x, t, real_eps(x, t, c))) or calls[-1][2])
+    real_eps, real_decode = trainer.parts.unet.eps, objective.decode
+    monkeypatch.setattr(trainer.parts.unet, "eps", lambda x, t, c: calls.append((x, t, real_eps(x, t, c))) or calls[-1][2])
     monkeypatch.setattr(objective, "decode", lambda vae, x: decoded.append(x) or real_decode(vae, x))
     from trainer.seeding import step_generator
 

@@ -93,12 +93,22 @@ def run_cli_cases(cases: dict[str, list[str]], timeout: float = 600) -> dict:
 
 
 def reward_loss(trainer, prompts: list[str], gen: torch.Generator, dump: dict | None = None):
-    """The reward loss of ``prompts`` with the V the run's loop would give a step of them."""
+    """The reward loss of ``prompts`` with the run's parts and the V the run's loop would give a step of them."""
     from trainer import objective
 
-    return objective.reward_loss(trainer, prompts, gen, trainer.direction.for_prompts(prompts), dump)
+    parts = trainer.parts
+    return objective.reward_loss(trainer.cfg, trainer.acc, parts.unet, parts.text, parts.base, parts.judge.model,
+                                 prompts, gen, parts.judge.direction.for_prompts(prompts), dump)
+
+
+def align_loss(trainer, batch, gen: torch.Generator):
+    """The align-stage loss of ``batch`` with the run's parts."""
+    from trainer import objective
+
+    parts = trainer.parts
+    return objective.align_loss(trainer.cfg, trainer.acc, parts.unet, parts.text, parts.base, batch, gen)
 
 
 def align_batch(trainer, step: int, micro: int = 0):
     """The align-stage micro-batch the loop takes at (step, micro) on this process."""
-    return trainer.align_data.batch(step, micro, trainer.acc.process_index, trainer.acc.num_processes)
+    return trainer.parts.data.align.batch(step, micro, trainer.acc.process_index, trainer.acc.num_processes)

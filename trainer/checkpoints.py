@@ -100,20 +100,20 @@ def save_checkpoint(acc, output_dir: Path, step: int, state: dict, keep: int,
     return final
 
 
-def stopped(run, signum: int, step: int, saved: Path | None):
-    """The :class:`~trainer.stop_signal.Stopped` of a run stopped by ``signum`` after ``step`` (``saved``: the
-    checkpoint of that step, None when the stop came before the first step)."""
+def stopped(acc, output_dir: Path, signum: int, step: int, total: int, saved: Path | None):
+    """The :class:`~trainer.stop_signal.Stopped` of a run in ``output_dir`` stopped by ``signum`` after ``step`` of
+    ``total`` (``saved``: the checkpoint of that step, None when the stop came before the first step)."""
     from .stop_signal import Stopped
 
-    found = checkpoints(run.out)
+    found = checkpoints(output_dir)
     if saved is not None:
-        detail = f"checkpoint {saved} holds step {step} of {run.cfg.train_steps}"
+        detail = f"checkpoint {saved} holds step {step} of {total}"
     elif found:
         detail = f"no step ran; the latest checkpoint, {found[-1]}, is unchanged"
     else:
         detail = "no step ran and nothing was saved"
     return Stopped(signum, detail, ["--resume", "latest"] if saved is not None or found else [],
-                   run.acc.num_processes, run.acc.is_main_process)
+                   acc.num_processes, acc.is_main_process)
 
 
 def find_checkpoint(output_dir: Path, which: str) -> Path:

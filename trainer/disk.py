@@ -10,7 +10,13 @@ one is written before the oldest is deleted."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from longalign_core.errors import DiskFullError, format_bytes, free_space
+
+if TYPE_CHECKING:
+    from .parts import LoRAUNet
 
 #: Room left over for the logs, a validation image and the report (bytes).
 MARGIN = 16 * 2**20
@@ -18,32 +24,30 @@ MARGIN = 16 * 2**20
 SMALL_FILES = 64 * 2**10
 
 
-def lora_file_bytes(run) -> int:
+def lora_file_bytes(lora: LoRAUNet) -> int:
     """The LoRA file (kohya keys, fp16 up/down pairs and an alpha per layer): 2 bytes a LoRA parameter, plus its
     header (about 200 bytes of JSON a tensor)."""
-    unet = run.acc.unwrap_model(run.unet)
-    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    return 2 * n + 3 * 200 * len(run.targets) + 2 * len(run.targets) + 4096
+    return 2 * lora.lora_parameters + 3 * 200 * len(lora.targets) + 2 * len(lora.targets) + 4096
 
 
-def checkpoint_bytes(run) -> int:
-    """One checkpoint of this run: fp32 parameters, AdamW's moments, the LoRA file and the small files."""
-    n = sum(p.numel() for p in run.params)
-    return 12 * n + lora_file_bytes(run) + SMALL_FILES * run.acc.num_processes + 1000 * len(run.params)
+def checkpoint_bytes(lora: LoRAUNet, processes: int) -> int:
+    """One checkpoint of a run on ``processes`` processes: fp32 parameters, AdamW's moments, the LoRA file and the
+    small files."""
+    n = sum(p.numel() for p in lora.params)
+    return 12 * n + lora_file_bytes(lora) + SMALL_FILES * processes + 1000 * len(lora.params)
 
 
-def check_free_space(run) -> None:
-    """Refuse to start (every process alike) when the output folder cannot hold one checkpoint, the LoRA and
-    :data:`MARGIN`: a run that would fail at its first checkpoint, hours in."""
-    one, lora = checkpoint_bytes(run), lora_file_bytes(run)
-    need = one + lora + MARGIN
-    folder, free = free_space(run.out)
+def check_free_space(out: Path, lora: LoRAUNet, processes: int, keep: int) -> None:
+    """Refuse to start (every process alike) when the output folder ``out`` cannot hold one checkpoint, the LoRA
+    and :data:`MARGIN`: a run that would fail at its first checkpoint, hours in. ``keep``: ``--checkpoints-keep``."""
+    one, lora_bytes = checkpoint_bytes(lora, processes), lora_file_bytes(lora)
+    need = one + lora_bytes + MARGIN
+    folder, free = free_space(out)
     if free < need:
-        keep = run.cfg.checkpoints_keep
-        raise DiskFullError(f"--output-dir {run.out}: {folder} has {format_bytes(free)} free, and this run needs at "
+        raise DiskFullError(f"--output-dir {out}: {folder} has {format_bytes(free)} free, and this run needs at "
                             f"least {format_bytes(need)} (one checkpoint, about {format_bytes(one)}; the LoRA, "
-                            f"{format_bytes(lora)}; {format_bytes(MARGIN)} for logs and images), and "
-                            f"{format_bytes((keep + 1) * one + lora + MARGIN)} to keep {keep} checkpoint(s) "
+                            f"{format_bytes(lora_bytes)}; {format_bytes(MARGIN)} for logs and images), and "
+                            f"{format_bytes((keep + 1) * one + lora_bytes + MARGIN)} to keep {keep} checkpoint(s) "
                             f"(--checkpoints-keep). Free space there or choose another --output-dir; refused before "
                             f"the first step")
 

@@ -16,6 +16,7 @@ import io
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -28,52 +29,52 @@ from .memory import GiB, PeakMemory, module_bytes, out_of_memory_advice, process
 from .run_log import CSVLog
 from .validation import validate
 
+if TYPE_CHECKING:
+    from .parts import RunParts
+
 REPORT_FILE = "dry_run.md"
 
 
-def model_parts(run) -> list[tuple[str, int, int, str]]:
+def model_parts(parts: RunParts) -> list[tuple[str, int, int, str]]:
     """(part, parameters, bytes, dtype) of what the run holds: frozen parts, the LoRA, its gradients and AdamW's
     moments (measured from the optimizer's state after a step)."""
-    unet = run.acc.unwrap_model(run.unet)
-    rows = [("UNet (frozen)", *module_bytes(unet, trainable=False)), ("VAE", *module_bytes(run.vae))]
-    cache = run.text.cache
-    if cache is not None:  # --cache-text-embeddings: the encoders are gone, their outputs held on the CPU
-        rows.append((f"text embeddings of {len(cache)} prompts (cached on the CPU; text encoders freed)", 0,
-                     cache.nbytes, str(cache.pad.dtype).replace("torch.", "")))
+    lora, base, text, judge = parts.unet, parts.base, parts.text, parts.judge
+    rows = [("UNet (frozen)", *module_bytes(lora.module, trainable=False)), ("VAE", *module_bytes(base.vae))]
+    if text.cache is not None:  # --cache-text-embeddings: the encoders are gone, their outputs held on the CPU
+        rows.append((f"text embeddings of {len(text.cache)} prompts (cached on the CPU; text encoders freed)", 0,
+                     text.cache.nbytes, str(text.cache.pad.dtype).replace("torch.", "")))
     else:
-        rows.append(("text encoder", *module_bytes(run.text_encoder)))
-        if getattr(run, "text_encoder_2", None) is not None:
-            rows.append(("text encoder 2 (bigG)", *module_bytes(run.text_encoder_2)))
-    if run.t5 is not None:
-        rows += [("T5 encoder", *module_bytes(run.t5.encoder)),
-                 ("T5 adapter", *module_bytes(run.acc.unwrap_model(run.t5.adapter)))]
-    dropped = "; image tower only, text features cached" if run.reward.text_tower_dropped else ""
-    rows.append((f"preference model ({Path(run.reward_source).name}{dropped})", *module_bytes(run.reward.model)))
-    n_lora = sum(p.numel() for p in run.params)
-    lora_bytes = sum(p.numel() * p.element_size() for p in run.params)
-    rows.append((f"LoRA, rank {run.cfg.lora_rank} on {len(run.targets)} layers (trained)", n_lora, lora_bytes,
-                 "float32"))
+        rows.append(("text encoder", *module_bytes(base.text_encoder)))
+        if base.text_encoder_2 is not None:
+            rows.append(("text encoder 2 (bigG)", *module_bytes(base.text_encoder_2)))
+    if parts.t5 is not None:
+        rows += [("T5 encoder", *module_bytes(parts.t5.encoder)), ("T5 adapter", *module_bytes(parts.t5_adapter))]
+    dropped = "; image tower only, text features cached" if judge.model.text_tower_dropped else ""
+    rows.append((f"preference model ({Path(judge.source).name}{dropped})", *module_bytes(judge.model.model)))
+    n_lora = sum(p.numel() for p in lora.params)
+    lora_bytes = sum(p.numel() * p.element_size() for p in lora.params)
+    rows.append((f"LoRA, rank {lora.rank} on {len(lora.targets)} layers (trained)", n_lora, lora_bytes, "float32"))
     rows.append(("LoRA gradients", n_lora, lora_bytes, "float32"))
-    state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    state = [t for s in parts.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
     rows.append(("AdamW state (2 moments)", sum(t.numel() for t in state),
                  sum(t.numel() * t.element_size() for t in state), "float32"))
     return rows
 
 
-def measure_step(run) -> dict:
-    """One warm-up and one measured optimizer step: seconds, per-phase seconds, peak memory of the step above
-    what was held before it, and what was held."""
-    run.unet.train()
+def measure_step(optimizer_step: Callable[[int], dict], parts: RunParts, device: torch.device) -> dict:
+    """One warm-up and one measured ``optimizer_step``: seconds, per-phase seconds (``parts.phases``), peak
+    memory of the step above what was held before it, and what was held."""
+    parts.unet.unet.train()
     t0 = time.perf_counter()
-    run.optimizer_step(0)  # warm-up: optimizer state, kernels, one-time buffers
+    optimizer_step(0)  # warm-up: optimizer state, kernels, one-time buffers
     warmup = time.perf_counter() - t0
-    timer = run.phases
+    timer = parts.phases
     timer.reset()
     timer.enabled = True
     try:
-        with PeakMemory(run.acc.device) as mem:
+        with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            run.optimizer_step(1)
+            optimizer_step(1)
             seconds = time.perf_counter() - t0
     finally:
         timer.enabled = False
@@ -107,10 +108,11 @@ def project(cfg, load: float, step: float, validation: float, checkpoint: float,
 
 
 def dry_run(cfg, trainer_class, startup: float = 0.0) -> dict:
-    """Measure a run of ``cfg`` (``trainer_class``: :class:`~trainer.finetune.Trainer`) without running it; the
-    result's ``report`` is the markdown printed and written to ``<output_dir>/dry_run.md``. ``startup``: the
-    seconds a run's process spends before it builds the Trainer (the command line passes :func:`process_age`,
-    measured in its own fresh process)."""
+    """Measure a run of ``cfg`` without running it; the result's ``report`` is the markdown printed and written to
+    ``<output_dir>/dry_run.md``. ``trainer_class`` (:class:`~trainer.finetune.Trainer`) builds the run, which is
+    then driven through its public surface only: its ``cfg``, ``acc``, ``out`` and ``parts``, one
+    ``optimizer_step``, one ``save_checkpoint``. ``startup``: the seconds a run's process spends before it builds
+    the Trainer (the command line passes :func:`process_age`, measured in its own fresh process)."""
     with tempfile.TemporaryDirectory(prefix="longalign-dry-run-") as work:
         t0 = time.perf_counter()
         run = trainer_class(dataclasses.replace(cfg, output_dir=work, resume=None))
@@ -118,10 +120,10 @@ def dry_run(cfg, trainer_class, startup: float = 0.0) -> dict:
         device = run.acc.device
         where = f"a {run.cfg.stage}-stage step ({run.cfg.train_batch_size} per process, {run.cfg.resolution} px)"
         try:
-            step = measure_step(run)
+            step = measure_step(run.optimizer_step, run.parts, device)
             t0 = time.perf_counter()
             with PeakMemory(device) as val_mem:
-                validate(run, 0, CSVLog(Path(work) / "v.csv", [], False))
+                validate(run.cfg, run.acc, run.parts, run.out, 0, CSVLog(Path(work) / "v.csv", [], False))
             validation = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 — only running out of memory is turned into advice
             if is_out_of_memory(exc):
@@ -138,12 +140,12 @@ def dry_run(cfg, trainer_class, startup: float = 0.0) -> dict:
 
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # its "wrote …" line names the trial's folder
-            save_outputs(run)
+            save_outputs(run.cfg, run.acc, run.parts, run.out)
         outputs = time.perf_counter() - t0
         result = {"config": run.cfg, "device": device, "load_seconds": load, "step": step,
                   "validation_seconds": validation, "validation_peak_bytes": val_mem.increase,
                   "checkpoint_seconds": checkpoint, "checkpoint_bytes": checkpoint_bytes,
-                  "parts": model_parts(run), "process_peak_bytes": process_peak_bytes(),
+                  "parts": model_parts(run.parts), "process_peak_bytes": process_peak_bytes(),
                   "device_bytes": total_memory(device), "processes": run.acc.num_processes,
                   "is_main_process": run.acc.is_main_process, "startup_seconds": startup,
                   "outputs_seconds": outputs,

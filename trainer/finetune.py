@@ -30,32 +30,22 @@ from pathlib import Path
 import torch
 
 from longalign_core.child_process import report_progress
-from longalign_core.clip_text import CLIPSegmentEncoder
-from longalign_core.dtypes import DTYPES
-from longalign_core.errors import BadConfigError, BadModelFileError, run_cli
-from longalign_core.lora import load_lora, lora_targets, merge_lora
+from longalign_core.errors import BadConfigError, run_cli
 from longalign_core.out_of_memory import is_out_of_memory
-from longalign_core.phase_timer import PhaseTimer
-from longalign_core.preference import PreferenceModel, load_preference_model
-from longalign_core.reference_direction import default_reference_prompts, direction_from_prompts
+from longalign_core.preference import PreferenceModel
 
 from . import checkpoints as ckpt
 from . import objective
-from .align_data import AlignData
-from .conditioning import StepEncoder
 from .config import EMBEDDED_MODELS, TrainConfig
-from .data import batch_prompts, load_prompts, split_validation
-from .direction import RewardDirection, resolve_direction
+from .data import batch_prompts
 from .disk import check_free_space
-from .loading.models import check_model_sources, load_base_model, reward_model_source
-from .lora_layers import add_lora_output_dropout, attach_lora
+from .loading.models import check_model_sources
 from .memory import out_of_memory_advice
 from .outputs import check_output_dir, clear_run, export_run_lora, save_outputs
+from .parts import TrainingData, load_parts
 from .run_log import TRAIN_COLUMNS, TRAIN_STATS, CSVLog, dump_debug, print_run_summary, reduce_stats
-from .sampling import UNetConditioning
 from .seeding import seed_global_rng, step_generator
 from .stop_signal import StopSignal, run_stoppable
-from .text_cache import cache_text_embeddings, pin_reward_texts
 from .validation import Validation
 
 PROG = "python -m trainer.finetune"
@@ -66,7 +56,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    """One run: the models and the accelerate state (set up in ``__init__``), :meth:`train` is the loop."""
+    """One run: the accelerate state and the run's parts (:class:`~trainer.parts.RunParts`, set up in
+    ``__init__``), and the loop (:meth:`train`). Its public surface: ``cfg`` (with the model's own resolution
+    filled in), ``acc``, ``out``, ``parts``, :meth:`optimizer_step`, :meth:`save_checkpoint`, :meth:`train`."""
 
     def __init__(self, cfg: TrainConfig, judge: PreferenceModel | None = None):
         """``judge``: a :class:`~longalign_core.preference.PreferenceModel` to train against instead of loading
@@ -80,13 +72,13 @@ class Trainer:
         if cfg.mixed_precision == "fp16" and not has_gpu:
             raise BadConfigError("--mixed-precision fp16 needs a CUDA GPU: torch cannot run this model in fp16 on "
                                  "the CPU. Use --mixed-precision no (the CPU default) or bf16")
-        self.cfg, self.judge = cfg, judge
+        self.cfg = cfg
         self.out = Path(cfg.output_dir)
         # Everything the user gave is checked before anything is written or loaded: a typo in a model path, a
         # bad prompts file (one message, not minutes of loading, and no empty output folder).
         check_model_sources(cfg if judge is None else dataclasses.replace(cfg, reward_model=None))  # a label then
         check_output_dir(cfg)
-        self._load_data()
+        data = TrainingData.load(cfg)  # every training image is opened here, before a model loads
         self.trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
         # cpu=True on a machine without an accelerator lets accelerate pick up torchrun's processes (gloo).
         has_accelerator = has_gpu or torch.backends.mps.is_available()
@@ -100,172 +92,50 @@ class Trainer:
                 self.acc.print(f"--overwrite-output-dir: deleted the earlier run's {', '.join(removed)} in {self.out}")
             self.out.mkdir(parents=True, exist_ok=True)
         self.acc.wait_for_everyone()
-        self.weight_dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
-        self.phases = PhaseTimer(self.acc.device, enabled=False)  # off unless a dry run or a benchmark measures a step
         self.totals = {"prompts_cut": 0, "tokens_lost": 0}
-        self._load_models()
+        self.parts, self.cfg = load_parts(cfg, self.acc, data, judge)
         if self.acc.is_main_process:  # after loading: the resolution default comes from the model
             self.cfg.save(self.out / "config.json")
-
-    # -- set-up -----------------------------------------------------------------------------------------------
-    def _load_data(self) -> None:
-        """Training prompts (reward) or dataset rows (align), and the held-out validation prompts."""
-        cfg = self.cfg
-        if cfg.stage == "reward":
-            pool, source = load_prompts(cfg.prompts, cfg.caption_column), cfg.prompts or "the built-in prompts"
-        else:
-            self.align_data = AlignData(cfg)
-            pool, source = self.align_data.captions, cfg.prompts
-        self.validation_prompts, train_rows = split_validation(pool, cfg.validation_prompts, cfg.seed, source)
-        self.prompts = [pool[i] for i in train_rows] if cfg.stage == "reward" else None
-        self.align_rows = train_rows if cfg.stage == "align" else None
-        if cfg.stage == "align":  # every training image opened before a model loads
-            self.align_data.check(train_rows)
-
-    def _load_models(self) -> None:
-        cfg, device, dtype = self.cfg, self.acc.device, self.weight_dtype
-        # The main process first: it creates the embedded models once (saving under torch.distributed is
-        # rank-aware in transformers, so other ranks must not write them), the others then read them.
-        with self.acc.main_process_first():
-            base = load_base_model(cfg.model, cfg.seed, dtype)
-            reward_path = reward_model_source(cfg.reward_model, cfg.seed) if self.judge is None else self.judge.name
-        self.base_source, self.is_sdxl = base.source, base.is_sdxl
-        if self.is_sdxl and cfg.t5_model:
-            raise BadConfigError("--t5-model/--t5-adapter: the LongSD T5 branch is made for SD1.5's 768-channel "
-                                 f"conditioning, and {base.source} is an SDXL model (2048 channels); drop the T5 "
-                                 "options for SDXL")
-        unet = base.unet
-        if cfg.resolution is None:  # the model's own: SD1.5 512, SDXL 1024 (the embedded ones 64)
-            self.cfg = cfg = dataclasses.replace(cfg, resolution=int(unet.config.sample_size) * 8)
-        if cfg.stage == "align":
-            self.align_data.cfg = cfg
-            self.align_data.bucket(cfg.resolution, cfg.buckets)
-        unet.requires_grad_(False)
-        self.targets = lora_targets(unet)
-        for path in cfg.init_lora:  # e.g. the stage-1 LoRA under the reward stage, merged and frozen
-            merge_lora(unet, load_lora(path, self.targets))
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)  # right before the LoRA's initial weights; every later draw is seeded per step
-        self.params = attach_lora(unet, self.targets, cfg.lora_rank, dtype)
-        self.dropout_hooks = add_lora_output_dropout(unet, self.targets, cfg.lora_dropout) if cfg.lora_dropout else []
-        if cfg.gradient_checkpointing and cfg.stage == "align":  # per block: a backward holds one block at a time
-            unet.enable_gradient_checkpointing()  # (reward stage: only while a gradient step is recomputed)
-        if device.type == "cuda":  # NHWC convolutions: faster with cuDNN for the UNet and the VAE
-            unet.to(memory_format=torch.channels_last)
-            base.vae.to(memory_format=torch.channels_last)
-        # The compiled UNet shares the (LoRA) parameters: optimizer updates reach it.
-        self.compiled_unet = torch.compile(unet) if cfg.compile_unet else None
-        self.t5 = None
-        if cfg.t5_model:
-            from longalign_core.t5_branch import load_t5_branch  # imports diffusers: only when used
-
-            self.t5 = load_t5_branch(cfg.t5_model, cfg.t5_adapter, device=device, dtype=dtype)
-        adapter = None
-        if cfg.train_t5_adapter:
-            adapter = self.t5.adapter.float().train().requires_grad_(True)
-            self.params += list(adapter.parameters())
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-                                      **({"fused": True} if device.type == "cuda" else {}))
-        from diffusers.optimization import get_scheduler
-
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                     num_warmup_steps=cfg.lr_warmup_steps * self.acc.num_processes)
-        if adapter is not None:
-            self.unet, self.t5.adapter, self.optimizer, self.lr_scheduler = self.acc.prepare(
-                unet, adapter, optimizer, lr_scheduler)
-        else:
-            self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, lr_scheduler)
-        ckpt.save_only_what_trains(self.acc, unet)
-        # SDXL's VAE stays fp32 in an fp16 run (it overflows to NaN in fp16), as diffusers does
-        self.vae = base.vae.to(device).requires_grad_(False).eval()  # loaded in vae_dtype(dtype, its config)
-        if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
-            self.vae.enable_gradient_checkpointing()
-        self.text_encoder = base.text_encoder.to(device).requires_grad_(False).eval()
-        self.noise_scheduler = base.noise_scheduler
-        # ε or v: the reward stage's DDIM steps read it from the scheduler config, the align stage's target too
-        self.prediction_type = self.noise_scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise BadModelFileError(f"{base.source}: its scheduler predicts {self.prediction_type!r}; the trainer "
-                                    f"supports epsilon and v_prediction models")
-        if self.is_sdxl:  # both text encoders, pooled bigG from the first segment (docs/method.md §1)
-            from longalign_core.sdxl_text import SDXLSegmentEncoder
-
-            self.text_encoder_2 = base.text_encoder_2.to(device).requires_grad_(False).eval()
-            encoder = SDXLSegmentEncoder(base.tokenizer, self.text_encoder, base.tokenizer_2, self.text_encoder_2)
-        else:
-            encoder = CLIPSegmentEncoder(base.tokenizer, self.text_encoder)
-        self.text = StepEncoder(cfg, encoder, self.t5, dtype, device, self.is_sdxl)
-        del encoder  # self.text holds it (and drops it with --cache-text-embeddings)
-        if cfg.cache_text_embeddings:  # before the preference model loads: the encoders' memory is free for it
-            cache_text_embeddings(self, base)
-        self.reward = (load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
-                       if self.judge is None else self.judge.to(device, dtype))
-        self.reward.model.requires_grad_(False).eval()
-        self.reward_source = reward_path
-        reference = default_reference_prompts()
-        # Computed at every start, never read from a cache: a resumed run then does exactly what the uninterrupted
-        # one did (reading V instead changed step 3's reward by 1 ulp on the CPU and AdamW amplified it).
-        self.reference_direction = direction_from_prompts(self.reward, reference, cfg.split_mode,
-                                                          cfg.long_segments).to(device)
-        if cfg.stage == "reward":
-            per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
-            mode, warning = resolve_direction(cfg.reward_direction, per_step)
-            if warning and self.acc.is_main_process:
-                print(warning, flush=True)
-            with self.acc.main_process_first():  # the main process computes and caches a training V first
-                self.direction = RewardDirection.build(mode, self.reward, cfg, self.prompts, self.acc.num_processes,
-                                                       self.reference_direction, None, device)
-        if cfg.cache_text_embeddings:  # V is built: the preference model's text tower is needed no more
-            pin_reward_texts(self)
-
-    # -- the pieces of a step (objective.py composes them) ----------------------------------------------------
-    def unet_eps(self, x, t, conditioning: UNetConditioning):
-        """The UNet's prediction (ε, or v); the no-grad sampling steps go through the compiled UNet with
-        ``--compile-unet``."""
-        grad = torch.is_grad_enabled()
-        unet = self.compiled_unet if self.compiled_unet is not None and not grad else self.unet
-        with self.phases("UNet, with gradients" if grad else "UNet, no gradients"):
-            return unet(x, t, **conditioning.unet_kwargs()).sample
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def optimizer_step(self, step: int) -> dict[str, float]:
         """One optimizer step (all its micro-batches): loss, backward, clip, AdamW, LR schedule. Returns this
         process's statistics summed over the micro-batches."""
-        cfg, acc = self.cfg, self.acc
+        cfg, acc, parts = self.cfg, self.acc, self.parts
+        lora, data, phases = parts.unet, parts.data, parts.phases
         sums: dict[str, float] = {}
-        step_v = self.direction.for_step(step) if cfg.stage == "reward" else None  # V of the whole step
+        step_v = parts.judge.direction.for_step(step) if cfg.stage == "reward" else None  # V of the whole step
         for micro in range(cfg.gradient_accumulation_steps):
             draw = step * cfg.gradient_accumulation_steps + micro
             gen = step_generator(cfg.seed, draw, acc.process_index)
             seed_global_rng(cfg.seed, draw, acc.process_index)
             dump = {} if cfg.dump_debug else None
-            with acc.accumulate(self.unet):
+            with acc.accumulate(lora.unet):
                 if cfg.stage == "reward":
-                    prompts = batch_prompts(self.prompts, cfg.seed, step, micro, cfg.train_batch_size,
+                    prompts = batch_prompts(data.prompts, cfg.seed, step, micro, cfg.train_batch_size,
                                             acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
-                    loss, stats = objective.reward_loss(self, prompts, gen, step_v, dump)
+                    loss, stats = objective.reward_loss(cfg, acc, lora, parts.text, parts.base, parts.judge.model,
+                                                        prompts, gen, step_v, dump, phases)
                 else:
-                    batch = self.align_data.batch(step, micro, acc.process_index, acc.num_processes)
-                    loss, stats = objective.align_loss(self, batch, gen)
+                    batch = data.align.batch(step, micro, acc.process_index, acc.num_processes)
+                    loss, stats = objective.align_loss(cfg, acc, lora, parts.text, parts.base, batch, gen, phases)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"the loss became {float(loss.detach())} at step {step}: stopping. Lower --learning-rate, use "
                         f"--mixed-precision no (or bf16 instead of fp16), or check the models; the last good "
                         f"checkpoint is in {self.out / 'checkpoints'}")
-                with self.phases("backward"):
+                with phases("backward"):
                     acc.backward(loss)
-                with self.phases("optimizer"):
+                with phases("optimizer"):
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                        acc.clip_grad_norm_(lora.params, cfg.max_grad_norm)
+                    parts.optimizer.step()
+                    parts.lr_scheduler.step()
+                    parts.optimizer.zero_grad(set_to_none=True)
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if dump is not None:
-                dump_debug(self, step, dump)
+                dump_debug(self.out, acc.process_index, lora.params, step, dump)
         return sums
 
     def train(self, stop: StopSignal | None = None) -> Path:
@@ -277,27 +147,28 @@ class Trainer:
         main = acc.is_main_process
         stop = (stop or StopSignal("the step under way")).arm()  # (not entered: never requested)
         start = self.load_checkpoint(cfg.resume) if cfg.resume else 0
-        check_free_space(self)
+        check_free_space(self.out, self.parts.unet, acc.num_processes, cfg.checkpoints_keep)
         if self.trackers:  # a resumed run hides the events it is about to log again
             acc.init_trackers("longalign", config={k: v for k, v in cfg.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))},
                               init_kwargs={"tensorboard": {"purge_step": start + 1}} if start else {})
         tlog = CSVLog(self.out / "train_log.csv", TRAIN_COLUMNS, main)
-        validate = Validation(self)
+        validate = Validation(cfg, acc, self.parts, self.out)
         if start:
             tlog.keep_until(start)
             validated = validate.keep_until(start)
         acc.wait_for_everyone()
         if main:
-            print_run_summary(self, start)
+            print_run_summary(cfg, acc, self.parts, start)
         due = start == 0 or (cfg.validation_every and start % cfg.validation_every == 0 and start not in validated
                              and start < cfg.train_steps)
         early = stop.agreed(acc)
         if early:  # during loading: nothing new to keep
-            raise ckpt.stopped(self, early, start, None)
+            raise ckpt.stopped(acc, self.out, early, start, cfg.train_steps, None)
         if due:  # a run killed between a checkpoint and its validation validates on resume
             validate(start)
-        self.unet.train()
+        unet = self.parts.unet.unet
+        unet.train()
         bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, disable=not main,
                    desc="training")
         started = time.time()
@@ -316,7 +187,7 @@ class Trainer:
             for k in self.totals:
                 self.totals[k] += int(row.get(k, 0))
             row.update(prompts_cut_total=self.totals["prompts_cut"], tokens_lost_total=self.totals["tokens_lost"],
-                       lr=self.lr_scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
+                       lr=self.parts.lr_scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 3))
             if main:  # for a parent that asked for them (the ComfyUI node): step, pace, time left
                 per_step = (time.time() - started) / (done - start)
                 report_progress(step=done, total=cfg.train_steps, seconds_per_step=round(per_step, 3),
@@ -331,19 +202,19 @@ class Trainer:
             if halt:
                 bar.close()
                 acc.end_training()
-                raise ckpt.stopped(self, halt, done, saved)
+                raise ckpt.stopped(acc, self.out, halt, done, cfg.train_steps, saved)
             if cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.train_steps:
                 validate(done)
-                self.unet.train()
+                unet.train()
         validate(cfg.train_steps)
-        lora_file = save_outputs(self)
+        lora_file = save_outputs(cfg, acc, self.parts, self.out)
         acc.end_training()
         return lora_file
 
     # -- checkpoints, validation, outputs ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         return ckpt.save_checkpoint(self.acc, self.out, step, {"seed": self.cfg.seed, "totals": self.totals},
-                                    self.cfg.checkpoints_keep, export=lambda folder: export_run_lora(self, folder, step))
+                                    self.cfg.checkpoints_keep, export=lambda folder: export_run_lora(self.cfg, self.parts, folder, step))
 
     def load_checkpoint(self, which: str) -> int:
         """Restore a checkpoint (``latest`` or a folder); returns its step."""

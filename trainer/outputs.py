@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from longalign_core.errors import BadConfigError
 from longalign_core.lora import load_lora, merge_lora
@@ -12,6 +13,9 @@ from longalign_core.reference_direction import prompts_digest
 
 from .loading.models import load_base_model
 from .lora_layers import LORA_FILE, export_lora, lora_metadata
+
+if TYPE_CHECKING:
+    from .parts import RunParts
 
 #: What a run writes into --output-dir (besides config.json): a folder holding any of the first
 #: four holds a run; --overwrite-output-dir deletes all of them.
@@ -51,34 +55,35 @@ def clear_run(output_dir: Path) -> list[str]:
     return removed
 
 
-def export_run_lora(run, folder: Path, steps: int) -> tuple[Path, dict]:
-    """The LoRA as trained so far, as ``folder/longalign_lora.safetensors`` (kohya keys; ComfyUI loads it)."""
-    meta = lora_metadata(run.cfg, base_source=run.base_source, reward_source=run.reward_source,
-                         prompts_sha256=prompts_digest(run.prompts) if run.prompts else "",
-                         is_sdxl=run.is_sdxl, steps=steps)
+def export_run_lora(cfg, parts: RunParts, folder: Path, steps: int) -> tuple[Path, dict]:
+    """The LoRA as trained so far, as ``folder/longalign_lora.safetensors`` (kohya keys; ComfyUI loads it), with
+    metadata naming the base model, the judge and the prompts it was trained on."""
+    prompts = parts.data.prompts
+    meta = lora_metadata(cfg, base_source=parts.base.source, reward_source=parts.judge.source,
+                         prompts_sha256=prompts_digest(prompts) if prompts else "", is_sdxl=parts.base.is_sdxl,
+                         steps=steps)
     path = Path(folder) / LORA_FILE
-    return path, export_lora(run.acc.unwrap_model(run.unet), run.targets, path, meta)
+    return path, export_lora(parts.unet.module, parts.unet.targets, path, meta)
 
 
-def save_outputs(run) -> Path:
-    """The LoRA file (kohya keys), the trained T5 adapter, the merged UNet if asked, and the report."""
-    cfg, acc = run.cfg, run.acc
+def save_outputs(cfg, acc, parts: RunParts, out: Path) -> Path:
+    """The LoRA file (kohya keys), the trained T5 adapter, the merged UNet if asked, and the report, in ``out``."""
     acc.wait_for_everyone()
-    lora_file = run.out / LORA_FILE
+    lora_file = out / LORA_FILE
     if acc.is_main_process:
-        lora_file, pairs = export_run_lora(run, run.out, cfg.train_steps)
+        lora_file, pairs = export_run_lora(cfg, parts, out, cfg.train_steps)
         if cfg.train_t5_adapter:
-            acc.unwrap_model(run.t5.adapter).save_pretrained(run.out / "t5_adapter")
+            parts.t5_adapter.save_pretrained(out / "t5_adapter")
         if cfg.merge_checkpoint:
             merged = load_base_model(cfg.model, cfg.seed).unet
             for path in cfg.init_lora:
-                merge_lora(merged, load_lora(path, run.targets))
+                merge_lora(merged, load_lora(path, parts.unet.targets))
             merge_lora(merged, pairs)
-            merged.save_pretrained(run.out / "unet_merged")
+            merged.save_pretrained(out / "unet_merged")
         from .report import write_report
 
-        write_report(run.out)
+        write_report(out)
         print(f"wrote {lora_file} ({len(pairs)} LoRA layers, kohya keys: loads in ComfyUI's LoraLoader and "
-              f"in LongAlign's Load LongSD LoRA) and {run.out / 'report.png'}", flush=True)
+              f"in LongAlign's Load LongSD LoRA) and {out / 'report.png'}", flush=True)
     acc.wait_for_everyone()
     return lora_file

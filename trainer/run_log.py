@@ -6,8 +6,12 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .parts import RunParts
 
 #: Columns of ``train_log.csv`` and how each is combined over processes.
 TRAIN_STATS = {
@@ -77,33 +81,31 @@ def reduce_stats(acc, stats: dict) -> dict:
     return {k: float(how[TRAIN_STATS[k]](every[:, i])) for i, k in enumerate(keys)}
 
 
-def print_run_summary(run, start: int) -> None:
+def print_run_summary(cfg, acc, parts: RunParts, start: int) -> None:
     """The "Running training" banner: models, data, processes, LoRA, text options and sampling."""
-    cfg, acc = run.cfg, run.acc
-    n_prompts = len(run.prompts) if run.prompts is not None else len(run.align_rows)
-    repeats = run.align_data.describe() if cfg.stage == "align" else None
+    data, base, lora, judge = parts.data, parts.base, parts.unet, parts.judge
+    repeats = data.align.describe() if cfg.stage == "align" else None
     print(f"***** Running training ({cfg.stage} stage) *****\n"
-          f"  base model = {run.base_source} ({'SDXL' if run.is_sdxl else 'SD1.x'}, "
-          f"{run.prediction_type})\n"
-          f"  reward model = {run.reward_source}"
-          f"{'' if cfg.stage != 'reward' else ', V from ' + run.direction.describe()}\n"
-          f"  training prompts = {n_prompts}, held-out validation prompts = {len(run.validation_prompts)}\n"
+          f"  base model = {base.source} ({'SDXL' if base.is_sdxl else 'SD1.x'}, {base.prediction_type})\n"
+          f"  reward model = {judge.source}"
+          f"{'' if cfg.stage != 'reward' else ', V from ' + judge.direction.describe()}\n"
+          f"  training prompts = {len(data)}, held-out validation prompts = {len(data.validation_prompts)}\n"
           + (f"  {repeats}\n" if repeats else "") +
           f"  processes = {acc.num_processes}, batch per process = "
           f"{cfg.train_batch_size}, accumulation = {cfg.gradient_accumulation_steps}\n"
-          f"  steps = {start} -> {cfg.train_steps}, LoRA rank = {cfg.lora_rank} on {len(run.targets)} "
+          f"  steps = {start} -> {cfg.train_steps}, LoRA rank = {cfg.lora_rank} on {len(lora.targets)} "
           f"layers (dropout {cfg.lora_dropout} on the branch output), trainable parameters = "
-          f"{sum(p.numel() for p in run.params):,} (fp32), frozen weights {cfg.mixed_precision}\n"
+          f"{sum(p.numel() for p in lora.params):,} (fp32), frozen weights {cfg.mixed_precision}\n"
           f"  text: budget {cfg.token_budget}, overflow {cfg.overflow}, split {cfg.split_mode}, long "
-          f"segments {cfg.long_segments}{', + T5 branch' if run.t5 is not None else ''}\n"
+          f"segments {cfg.long_segments}{', + T5 branch' if parts.t5 is not None else ''}\n"
           f"  DDIM {cfg.sample_steps} steps, gradients at {cfg.sample_grad_steps}, CFG "
           f"{cfg.sample_guidance}, ω = {cfg.reward_omega}, {cfg.resolution}px", flush=True)
 
 
-def dump_debug(run, step: int, dump: dict) -> None:
-    """``--dump-debug``: this process's diagnostics of a step (V, batch text means, LoRA checksum)."""
-    folder = run.out / "debug"
+def dump_debug(out: Path, process_index: int, params: list[torch.nn.Parameter], step: int, dump: dict) -> None:
+    """``--dump-debug``: this process's diagnostics of a step (V, batch text means, checksum of the trained
+    ``params``) as ``out/debug/rank<process_index>-step<step>.pt``."""
+    folder = out / "debug"
     folder.mkdir(exist_ok=True)
-    checksum = sum(float(p.detach().double().sum()) for p in run.params)
-    torch.save({**dump, "lora_checksum": checksum, "step": step},
-               folder / f"rank{run.acc.process_index}-step{step:06d}.pt")
+    checksum = sum(float(p.detach().double().sum()) for p in params)
+    torch.save({**dump, "lora_checksum": checksum, "step": step}, folder / f"rank{process_index}-step{step:06d}.pt")

@@ -102,34 +102,32 @@ class TextEmbeddingCache:
         return len(self.rows)
 
 
-def cache_text_embeddings(run, base) -> None:
-    """``--cache-text-embeddings`` at set-up, before the preference model loads: every text ``run`` (a
-    :class:`~trainer.finetune.Trainer`) will encode (training prompts or captions, validation prompts, the empty
-    prompt) into its text cache, then the CLIP text encoders out of memory."""
+def cache_text_embeddings(text, base, data, main: bool) -> None:
+    """``--cache-text-embeddings`` at set-up, before the preference model loads: every text a step will encode
+    (``data``'s training prompts or captions, its validation prompts, the empty prompt) into ``text``'s cache
+    (:class:`~trainer.conditioning.StepEncoder`), then ``base``'s CLIP text encoders out of memory."""
     import gc
 
-    train = run.prompts if run.cfg.stage == "reward" else [run.align_data.captions[i] for i in run.align_rows]
-    run.text.cache_prompts(list(train) + list(run.validation_prompts))
-    run.text_encoder = run.text_encoder_2 = base.text_encoder = base.text_encoder_2 = None
+    text.cache_prompts(data.training_texts() + list(data.validation_prompts))
+    base.text_encoder = base.text_encoder_2 = None
     gc.collect()
-    cache = run.text.cache
-    if run.acc.is_main_process:
-        print(f"text embeddings cached: {len(cache)} prompts, {cache.nbytes / 2**20:.1f} MiB on the CPU; the "
-              f"text encoders are freed", flush=True)
+    if main:
+        print(f"text embeddings cached: {len(text.cache)} prompts, {text.cache.nbytes / 2**20:.1f} MiB on the CPU; "
+              f"the text encoders are freed", flush=True)
 
 
-def pin_reward_texts(run) -> None:
-    """``--cache-text-embeddings`` once V is built: the segment features of every text the preference model will
-    score against (the reward stage's prompts, the validation prompts) computed once and pinned, then its text
-    tower out of memory (0.66 GiB of bf16 weights on a CLIP-H/14-sized model such as Denscore)."""
+def pin_reward_texts(judge, texts: list[str], cfg, main: bool) -> None:
+    """``--cache-text-embeddings`` once V is built: the segment features of every text the preference model
+    ``judge`` will score against (the reward stage's prompts, the validation prompts) computed once and pinned,
+    segmented as ``cfg`` says, then its text tower out of memory (0.66 GiB of bf16 weights on a CLIP-H/14-sized
+    model such as Denscore)."""
     import gc
 
     from longalign_core.denscore import pin_prompt_features
 
-    texts = (list(run.prompts) if run.cfg.stage == "reward" else []) + list(run.validation_prompts)
-    held = pin_prompt_features(run.reward, texts, run.cfg.split_mode, run.cfg.long_segments)
-    freed = run.reward.drop_text_tower()
+    held = pin_prompt_features(judge, texts, cfg.split_mode, cfg.long_segments)
+    freed = judge.drop_text_tower()
     gc.collect()
-    if run.acc.is_main_process:
+    if main:
         print(f"preference text features cached: {len(set(texts))} prompts, {held / 2**20:.1f} MiB; its text "
               f"tower ({freed / 2**30:.2f} GiB) is freed", flush=True)

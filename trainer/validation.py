@@ -3,6 +3,9 @@ reference prompt set, so the text-relevant and text-irrelevant parts are compara
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -14,6 +17,9 @@ from .run_log import PER_PROMPT_COLUMNS, VALIDATION_COLUMNS, CSVLog
 from .sampling import ddim_scheduler, decode, sample_truncated
 from .seeding import step_generator
 
+if TYPE_CHECKING:
+    from .parts import RunParts
+
 #: The generator step of the validation noise (no training step uses it).
 VALIDATION_DRAW = 10**6
 
@@ -23,11 +29,11 @@ class Validation:
     held-out prompts and their standard errors) and ``validation_per_prompt.csv`` (each prompt's parts, for the
     reward-hacking check's paired differences)."""
 
-    def __init__(self, run):
-        main = run.acc.is_main_process
-        self.run = run
-        self.log = CSVLog(run.out / "validation.csv", VALIDATION_COLUMNS, main)
-        self.per_prompt = CSVLog(run.out / PER_PROMPT_FILE, PER_PROMPT_COLUMNS, main)
+    def __init__(self, cfg, acc, parts: RunParts, out: Path):
+        main = acc.is_main_process
+        self.cfg, self.acc, self.parts, self.out = cfg, acc, parts, out
+        self.log = CSVLog(out / "validation.csv", VALIDATION_COLUMNS, main)
+        self.per_prompt = CSVLog(out / PER_PROMPT_FILE, PER_PROMPT_COLUMNS, main)
 
     def keep_until(self, step: int) -> set[float]:
         """Drop validations after ``step`` (a resumed run repeats them); returns the steps kept."""
@@ -36,41 +42,41 @@ class Validation:
 
     def __call__(self, step: int) -> dict | None:
         """Validate at ``step`` on the main process; every process waits for it."""
-        row = validate(self.run, step, self.log, self.per_prompt)
-        self.run.acc.wait_for_everyone()
+        row = validate(self.cfg, self.acc, self.parts, self.out, step, self.log, self.per_prompt)
+        self.acc.wait_for_everyone()
         return row
 
 
 @torch.no_grad()
-def validate(run, step: int, log: CSVLog, per_prompt: CSVLog | None = None) -> dict | None:
-    """Sample and score ``run.validation_prompts`` (main process only, on the unwrapped UNet in eval mode: no
-    LoRA dropout); write the row to ``log`` (each prompt's to ``per_prompt``), TensorBoard and
-    ``validation/step-NNNNNN.png``."""
-    cfg, acc = run.cfg, run.acc
-    prompts = run.validation_prompts
+def validate(cfg, acc, parts: RunParts, out: Path, step: int, log: CSVLog,
+             per_prompt: CSVLog | None = None) -> dict | None:
+    """Sample and score the held-out ``parts.data.validation_prompts`` (main process only, on the unwrapped UNet
+    in eval mode: no LoRA dropout) with V of the reference prompts; write the row to ``log`` (each prompt's to
+    ``per_prompt``), TensorBoard and ``out/validation/step-NNNNNN.png``."""
+    prompts = parts.data.validation_prompts
     if not prompts or not acc.is_main_process:
         return None
-    unet = acc.unwrap_model(run.unet)
+    unet, base, text, t5 = parts.unet.module, parts.base, parts.text, parts.t5
     unet.eval()
-    if run.t5 is not None:
-        run.t5.adapter.eval()
+    if t5 is not None:
+        t5.adapter.eval()
     try:
         gen = step_generator(cfg.seed, VALIDATION_DRAW, 0)  # the same noise at every validation
-        step_cond = run.text.encode(prompts, with_uncond=True)
-        cond, uncond = run.text.unet_conditioning(step_cond)
+        step_cond = text.encode(prompts, with_uncond=True)
+        cond, uncond = text.unet_conditioning(step_cond)
         side = cfg.resolution // 8
-        noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(acc.device, run.weight_dtype)
-        scheduler = ddim_scheduler(run.noise_scheduler, cfg.validation_steps)
+        noise = torch.randn(len(prompts), 4, side, side, generator=gen).to(acc.device, base.dtype)
+        scheduler = ddim_scheduler(base.noise_scheduler, cfg.validation_steps)
         eps = lambda x, t, c: unet(x, t, **c.unet_kwargs()).sample  # noqa: E731
         with acc.autocast():
             x0 = sample_truncated(eps, scheduler, noise, cond, uncond, cfg.sample_guidance, [])
-            images = decode(run.vae, x0)
-        result = segment_score(run.reward, images, prompts, direction=run.reference_direction, crop="center",
-                               split_mode=cfg.split_mode, long_segments=cfg.long_segments)
+            images = decode(base.vae, x0)
+        result = segment_score(parts.judge.model, images, prompts, direction=parts.judge.reference_direction,
+                               crop="center", split_mode=cfg.split_mode, long_segments=cfg.long_segments)
     finally:
         unet.train()
         if cfg.train_t5_adapter:
-            run.t5.adapter.train()
+            t5.adapter.train()
     p = result.parts
     n = len(prompts)
     se = (lambda x: float(x.std() / n**0.5)) if n > 1 else (lambda x: "")  # noqa: E731
@@ -83,7 +89,7 @@ def validate(run, step: int, log: CSVLog, per_prompt: CSVLog | None = None) -> d
     grid = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
     from longalign_core.io_utils import atomic_path
 
-    picture = run.out / "validation" / f"step-{step:06d}.png"
+    picture = out / "validation" / f"step-{step:06d}.png"
     with atomic_path(picture) as tmp:
         Image.fromarray(np.concatenate(list(grid), axis=1)).save(tmp, format="PNG")
     report_progress(step=step, total=cfg.train_steps, image=str(picture))

@@ -17,7 +17,7 @@ from longalign_core.checkpoint_family import FAMILY_NAMES, checkpoint_family, sa
 from longalign_core.errors import BadModelFileError
 
 from .base_model import BaseModel
-from .checkpoint_configs import SUPPORTED, UNET, VAE, Family, Shapes, config_dir_for
+from .checkpoint_configs import SUPPORTED, UNET, Family, Shapes, config_dir_for
 
 # --------------------------------------------------------------------------------------------------------------
 # reading names and shapes only
