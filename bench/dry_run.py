@@ -4,7 +4,7 @@
     python bench/dry_run.py --model embedded-sdxl --train-steps 10
 
 Both halves run the shipped code in fresh processes with the same options (the CPU demo profile, ``--train-steps``
-steps, a checkpoint and validations as the profile sets them): one ``trainer.dry_run.dry_run`` (its projection:
+steps, a checkpoint and validations as the profile sets them): one ``trainer.finetune.dry_run`` (its projection:
 start-up (interpreter and imports, the process's age when the dry run begins) + loading + the first step's warm-up
 + steps × the measured step + validations + checkpoints + writing the outputs), one real ``Trainer(cfg).train()``
 timed from the launch of its process to its exit, as a user waits for it. Target: the projection within 25 % of
@@ -32,9 +32,10 @@ def single(mode: str, flags: list[str]) -> dict:
 
     cfg = TrainConfig.from_args(flags)
     if mode == "dry":
-        from trainer.dry_run import dry_run, process_age
+        from trainer.dry_run import process_age
+        from trainer.finetune import dry_run
 
-        r = dry_run(cfg, Trainer, startup=process_age())
+        r = dry_run(cfg, startup=process_age())
         return {"projected": r["total_seconds"], "startup": r["startup_seconds"], "load": r["load_seconds"],
                 "warmup": max(0.0, r["step"]["warmup_seconds"] - r["step"]["seconds"]),
                 "step": r["step"]["seconds"], "validation": r["validation_seconds"],

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from .clip_text import check_clip_skip
+from .errors import BadModelFileError
 from .segment_encoding import (
     DEFAULT_TOKEN_BUDGET,
     PAD_EMBEDDING_POSITIONS,
@@ -78,7 +79,7 @@ class SDXLSegmentEncoder:
 
     def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, clip_skip: int = 0):
         if not hasattr(text_encoder_2, "text_projection"):
-            raise ValueError(f"text_encoder_2 must be a CLIPTextModelWithProjection (SDXL's OpenCLIP-bigG), got "
+            raise BadModelFileError(f"text_encoder_2 must be a CLIPTextModelWithProjection (SDXL's OpenCLIP-bigG), got "
                              f"{type(text_encoder_2).__name__}")
         self.encoders = (_HiddenLayerCLIP(tokenizer, text_encoder, clip_skip),
                          _HiddenLayerCLIP(tokenizer_2, text_encoder_2, clip_skip))

@@ -197,7 +197,7 @@ def test_align_stage_trains_on_sdxl_buckets_from_a_caption_folder(tmp_path, imag
                                        "--output-dir", str(tmp_path / "run"), *FAST, "--buckets",
                                        "--train-steps", "2", "--validation-prompts", "0"]))
     lora = t.train()
-    assert len(load_file(str(lora))) == 3 * len(t.parts.unet.targets)
+    assert len(load_file(str(lora))) == 3 * len(t.parts.lora.targets)
 
 
 def kohya_folder(root, images, layout: dict[str, list[int]]):

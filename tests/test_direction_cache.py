@@ -68,12 +68,12 @@ def test_split_and_truncate_give_different_v(denscore):
     assert (split - truncate).norm() > 1e-3
 
 
-def test_trainer_builds_training_v_with_its_long_segment_rule(denscore, tmp_path):
+def test_trainer_builds_training_v_with_its_long_segment_rule(denscore):
     from trainer.config import TrainConfig
     from trainer.direction import RewardDirection
 
     cfg = TrainConfig(long_segments="split", reward_direction_prompts=8)
-    built = RewardDirection.build("training", denscore, cfg, PROMPTS, 1, None, tmp_path, "cpu")
+    built = RewardDirection.build("training", denscore, cfg, PROMPTS, 1, None, "cpu")
     with torch.no_grad():
         torch.testing.assert_close(built.fixed, independent_v(denscore, PROMPTS, "split"), atol=2e-6, rtol=0)
 

@@ -331,12 +331,11 @@ def test_a_truncated_image_is_named_before_a_model_loads_held_out_or_not(tmp_pat
 def test_the_dry_run_reports_the_disk_and_the_estimate_covers_a_real_checkpoint(tmp_path):
     from trainer.config import TrainConfig
     from trainer.disk import checkpoint_bytes
-    from trainer.dry_run import dry_run
-    from trainer.finetune import Trainer
+    from trainer.finetune import Trainer, dry_run
 
     cfg = TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "40",
                                  "--checkpoint-every", "10", "--checkpoints-keep", "2", "--validation-every", "20"])
-    result = dry_run(cfg, Trainer)
+    result = dry_run(cfg)
     measured = result["checkpoint_bytes"]
     disk = result["disk"]
     # steps 10, 20 and 30 checkpoint; 2 kept plus the one being written: 3 at once
@@ -349,5 +348,5 @@ def test_the_dry_run_reports_the_disk_and_the_estimate_covers_a_real_checkpoint(
     # the size check before the first step works the checkpoint out from what trains: at least the real one,
     # not far above it
     run = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "other"), *FAST]))
-    estimate = checkpoint_bytes(run.parts.unet, run.acc.num_processes)
+    estimate = checkpoint_bytes(run.parts.lora, run.acc.num_processes)
     assert measured <= estimate <= 1.15 * measured, (estimate, measured)

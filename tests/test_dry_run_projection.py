@@ -5,8 +5,8 @@ checkpoints."""
 import pytest
 
 from trainer.config import TrainConfig
-from trainer.dry_run import dry_run, process_age, project
-from trainer.finetune import Trainer
+from trainer.dry_run import process_age, project
+from trainer.finetune import dry_run
 from trainer_support import FAST, one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -21,7 +21,7 @@ def test_projection_adds_start_up_warm_up_and_outputs():
 def test_dry_run_measures_outputs_and_warm_up_and_reports_them(tmp_path):
     cfg = TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--train-steps", "3",
                                  "--checkpoint-every", "2"])
-    r = dry_run(cfg, Trainer, startup=1.5)
+    r = dry_run(cfg, startup=1.5)
     assert r["startup_seconds"] == 1.5 and r["outputs_seconds"] > 0 and r["step"]["warmup_seconds"] > 0
     parts = (1.5 + r["load_seconds"] + max(0.0, r["step"]["warmup_seconds"] - r["step"]["seconds"])
              + 3 * r["step"]["seconds"] + r["validations"] * r["validation_seconds"]

@@ -30,7 +30,7 @@ def align_run(tmp_path_factory):
     run = Trainer(TrainConfig.from_args(["--output-dir", str(folder / "run"), *FAST, "--stage", "align",
                                          "--prompts", str(folder), "--validation-prompts", "0", "--train-steps", "1",
                                          "--train-batch-size", "3", "--caption-dropout", "0"]))
-    run.parts.unet.unet.eval()  # no LoRA dropout
+    run.parts.lora.unet.eval()  # no LoRA dropout
     return run
 
 
@@ -44,7 +44,7 @@ def test_align_loss_is_the_noise_prediction_mse_with_the_vae_scaling_factor(alig
     gen = torch.Generator().manual_seed(11)
     keep = torch.rand(len(captions), generator=gen) >= 0.0  # --caption-dropout 0 keeps every caption
     assert keep.all()
-    vae, unet = run.parts.base.vae, run.parts.unet.module
+    vae, unet = run.parts.base.vae, run.parts.lora.module
     scaling = vae.config.scaling_factor
     assert scaling == pytest.approx(0.18215)
     with torch.no_grad():
@@ -89,11 +89,11 @@ def test_every_decode_piece_takes_the_same_random_crop(tmp_path):
     run = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--prompts", str(path),
                                          "--validation-prompts", "0", "--train-steps", "1", "--train-batch-size",
                                          "3", "--reward-crop", "random", "--resolution", "64"]))
-    v = direction_from_prompts(run.parts.judge.model, CAPTIONS)
+    v = direction_from_prompts(run.parts.scoring.judge, CAPTIONS)
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     crops_seen = set()
     for crop_seed in range(6):
-        vae, judge = run.parts.base.vae, run.parts.judge.model
+        vae, judge = run.parts.base.vae, run.parts.scoring.judge
         _, whole, _ = decode_and_score(dataclasses.replace(run.cfg, decode_batch=3), vae, judge,
                                        x0.clone().requires_grad_(), CAPTIONS, v, crop_seed)
         _, pieces, _ = decode_and_score(dataclasses.replace(run.cfg, decode_batch=1), vae, judge,

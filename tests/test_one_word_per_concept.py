@@ -164,6 +164,10 @@ def test_clip_skip_out_of_range_is_the_same_mistake_for_sd_and_sdxl(clip_tokeniz
     for skip in (layers - 1, -1):
         with pytest.raises(BadConfigError, match=f"clip_skip must be in 0..{layers - 2} for this {layers}-layer"):
             SDXLSegmentEncoder(clip_tokenizer, tiny_text_encoder, clip_tokenizer, bigg, clip_skip=skip)
+    from longalign_core.errors import BadModelFileError
+
+    with pytest.raises(BadModelFileError, match="text_encoder_2 must be a CLIPTextModelWithProjection"):
+        SDXLSegmentEncoder(clip_tokenizer, tiny_text_encoder, clip_tokenizer, tiny_text_encoder)  # no projection
 
 
 # -- bench/ stands on importable code -----------------------------------------------------------------------------

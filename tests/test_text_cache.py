@@ -94,13 +94,13 @@ def test_a_run_frees_the_text_encoders_and_trains_the_same_lora(tmp_path, monkey
     # every training and validation prompt and the empty prompt are cached
     assert set(cached.parts.text.cache.rows) == set(cached.parts.data.prompts) | set(cached.parts.data.validation_prompts) | {""}
     # the preference model scores against pinned features: its text tower is gone, its image tower stays
-    assert cached.parts.judge.model.text_tower_dropped and cached.parts.judge.model.model.text_model is None
-    assert not plain.parts.judge.model.text_tower_dropped and plain.parts.judge.model.model.text_model is not None
-    assert {k[0] for k in cached.parts.judge.model._longalign_pinned_text} == set(cached.parts.data.prompts) | set(cached.parts.data.validation_prompts)
-    tower = sum(p.numel() for m in (plain.parts.judge.model.model.text_model, plain.parts.judge.model.model.text_projection)
+    assert cached.parts.scoring.judge.text_tower_dropped and cached.parts.scoring.judge.model.text_model is None
+    assert not plain.parts.scoring.judge.text_tower_dropped and plain.parts.scoring.judge.model.text_model is not None
+    assert {k[0] for k in cached.parts.scoring.judge._longalign_pinned_text} == set(cached.parts.data.prompts) | set(cached.parts.data.validation_prompts)
+    tower = sum(p.numel() for m in (plain.parts.scoring.judge.model.text_model, plain.parts.scoring.judge.model.text_projection)
                 for p in m.parameters())
-    assert sum(p.numel() for p in cached.parts.judge.model.model.parameters()) == \
-        sum(p.numel() for p in plain.parts.judge.model.model.parameters()) - tower
+    assert sum(p.numel() for p in cached.parts.scoring.judge.model.parameters()) == \
+        sum(p.numel() for p in plain.parts.scoring.judge.model.parameters()) - tower
     a, b = load_file(str(plain.train())), load_file(str(cached.train()))
     assert a.keys() == b.keys()
     for key in a:

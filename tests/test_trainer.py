@@ -94,7 +94,7 @@ def test_gradients_come_only_from_the_chosen_steps():
 
 def test_one_reward_step_changes_only_lora_weights(tmp_path):
     trainer = Trainer(cfg(tmp_path, "--train-steps", "1"))
-    unet = trainer.parts.unet.module
+    unet = trainer.parts.lora.module
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     trainer.train()
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}

@@ -96,23 +96,34 @@ def test_no_trainer_module_is_over_the_limit():
 
 
 def takers_of_the_whole_run(path) -> list[str]:
-    """The functions of ``path`` that take the whole run: a parameter named ``run``/``trainer`` or annotated with
-    ``Trainer`` (each should take the typed parts it uses, trainer/parts.py)."""
+    """The places of ``path`` that handle the whole run rather than the parts they use (trainer/parts.py): a
+    parameter named ``run``, ``trainer`` or ``trainer_…`` or annotated with ``Trainer``, and any use or import of
+    the name ``Trainer`` (building one, taking its class)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
             for a in args:
                 note = ast.unparse(a.annotation) if a.annotation is not None else ""
-                if a.arg in ("run", "trainer") or "Trainer" in note:
+                if a.arg == "run" or a.arg.startswith("trainer") or "Trainer" in note:
                     found.append(f"{path.name}:{node.lineno} {getattr(node, 'name', 'lambda')}({a.arg})")
+        elif isinstance(node, ast.Name) and node.id == "Trainer" or \
+                isinstance(node, ast.Attribute) and node.attr == "Trainer":
+            found.append(f"{path.name}:{node.lineno} uses Trainer")
+        elif isinstance(node, ast.ImportFrom) and any(a.name == "Trainer" for a in node.names):
+            found.append(f"{path.name}:{node.lineno} imports Trainer")
     return found
 
 
 def test_takers_of_the_whole_run_are_found(tmp_path):
     (tmp_path / "m.py").write_text("def ok(cfg, parts): ...\ndef bad(run, step): ...\n"
-                                   "def typed(x: 'Trainer'): ...\nf = lambda trainer: trainer.cfg\n")
-    assert takers_of_the_whole_run(tmp_path / "m.py") == ["m.py:2 bad(run)", "m.py:3 typed(x)", "m.py:4 lambda(trainer)"]
+                                   "def typed(x: 'Trainer'): ...\nf = lambda trainer: trainer.cfg\n"
+                                   "def builds(cfg):\n    from .finetune import Trainer\n    return Trainer(cfg)\n"
+                                   "def driven(cfg, finetune):\n    return finetune.Trainer(cfg).parts\n"
+                                   "def given(cfg, trainer_class): ...\n")
+    assert sorted(takers_of_the_whole_run(tmp_path / "m.py")) == sorted([
+        "m.py:2 bad(run)", "m.py:3 typed(x)", "m.py:4 lambda(trainer)", "m.py:6 imports Trainer",
+        "m.py:7 uses Trainer", "m.py:9 uses Trainer", "m.py:10 given(trainer_class)"])
 
 
 def test_no_trainer_module_takes_the_trainer_object():

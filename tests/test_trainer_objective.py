@@ -27,9 +27,9 @@ def trainer(tmp_path_factory):
     t = Trainer(cfg)
     with torch.no_grad():  # a non-zero LoRA, so that gradients reach both of its factors
         g = torch.Generator().manual_seed(0)
-        for p in t.parts.unet.params:
+        for p in t.parts.lora.params:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    t.parts.unet.unet.eval()  # no dropout: the recomputation below must see the same network
+    t.parts.lora.unet.eval()  # no dropout: the recomputation below must see the same network
     return t
 
 
@@ -54,7 +54,7 @@ def objective_from_definitions(trainer, images: torch.Tensor, omega: float) -> t
     η = t̄·V, x̂ = normalize(image_features(x)), relevant = x̂·(t̄ − ηV), irrelevant = η·(x̂·V)."""
     from longalign_core.clip_vocab import load_clip_tokenizer
 
-    reward = trainer.parts.judge.model
+    reward = trainer.parts.scoring.judge
     clip = reward.model  # the transformers CLIPModel itself
     tok = load_clip_tokenizer()
     t_bar = []
@@ -90,11 +90,11 @@ def check_reward_loss_against_definitions(trainer, monkeypatch):
     monkeypatch.setattr(objective, "decode", spy)
     loss, stats = reward_loss(trainer, PROMPTS, step_generator(0, 0, 0))
     images = captured["images"]
-    g_loss = torch.autograd.grad(loss, trainer.parts.unet.params, retain_graph=True)
+    g_loss = torch.autograd.grad(loss, trainer.parts.lora.params, retain_graph=True)
     expected = objective_from_definitions(trainer, images, OMEGA)
-    g_expected = torch.autograd.grad(expected, trainer.parts.unet.params, retain_graph=True)
+    g_expected = torch.autograd.grad(expected, trainer.parts.lora.params, retain_graph=True)
     plain = objective_from_definitions(trainer, images, 1.0)
-    g_plain = torch.autograd.grad(plain, trainer.parts.unet.params)
+    g_plain = torch.autograd.grad(plain, trainer.parts.lora.params)
 
     flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
     torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-6, rtol=1e-5)
@@ -117,8 +117,8 @@ def test_lora_dropout_drops_the_branch_output(trainer):
     delta / (1 − p) — dropout on the branch's output (the release), not on its input (peft's placement)."""
     p = trainer.cfg.lora_dropout
     assert p == 0.1
-    unet = trainer.parts.unet.module
-    target = next(t for t in trainer.parts.unet.targets if t.path.endswith("attn1.to_q"))
+    unet = trainer.parts.lora.module
+    target = next(t for t in trainer.parts.lora.targets if t.path.endswith("attn1.to_q"))
     layer = dict(unet.named_modules())[target.path]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     scaling = layer.scaling["default"]
@@ -158,12 +158,12 @@ def test_precision_lora_fp32_frozen_parts_in_the_training_dtype(tmp_path, fresh_
     AcceleratorState._reset_state(reset_partial_state=True)
     t = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "b"), *FAST, "--train-steps", "1",
                                        "--mixed-precision", "bf16"]))
-    unet = t.parts.unet.module
+    unet = t.parts.lora.module
     lora = {n: p for n, p in unet.named_parameters() if "lora_" in n}
     frozen = {n: p for n, p in unet.named_parameters() if "lora_" not in n}
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen.values())
-    for module in (t.parts.base.vae, t.parts.base.text_encoder, t.parts.judge.model.model):
+    for module in (t.parts.base.vae, t.parts.base.text_encoder, t.parts.scoring.judge.model):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
     assert all(s["exp_avg"].dtype == torch.float32 for s in t.parts.optimizer.state.values()) or not t.parts.optimizer.state
     t.train()  # one bf16 step on the CPU
@@ -202,7 +202,7 @@ def test_reference_settings_reproduce_the_released_conditioning_and_reward_segme
 
     monkeypatch.setattr(objective, "segment_score", spy)
     reward_loss(t, captions, step_generator(0, 0, 0))
-    clip = t.parts.judge.model.model
+    clip = t.parts.scoring.judge.model
     for caption, feats in zip(captions, seen["result"].prompts):
         segments = reference_split(caption)
         ids = tok(segments, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

@@ -64,7 +64,7 @@ def trainer_with(tmp_path, prompt_file, *extra) -> Trainer:
     t = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "run"), *FAST, "--train-batch-size", "1",
                                        "--prompts", str(prompt_file), "--validation-prompts", "0",
                                        "--reward-crop", "center", "--train-steps", "1", *extra]))
-    t.parts.unet.unet.eval()  # no LoRA dropout: the images are a function of the weights alone
+    t.parts.lora.unet.eval()  # no LoRA dropout: the images are a function of the weights alone
     return t
 
 
@@ -77,14 +77,14 @@ def test_at_batch_one_the_text_relevant_part_is_the_decomposition_along_the_trai
     """One process, batch 1: V comes from the training prompts, so the text-relevant part of the one image is
     x̂·(t̄ − (t̄·V)V) with V = normalize(mean of the four prompts' t̄) — not 0, as with the per-batch V."""
     t = trainer_with(tmp_path, prompt_file)
-    assert t.parts.judge.direction.mode == "training"  # auto at 1 prompt per step
+    assert t.parts.scoring.reward_v.mode == "training"  # auto at 1 prompt per step
     pieces = spy_on_decode(monkeypatch)
     prompt = [PROMPTS[1]]
     loss, stats = reward_loss(t, prompt, step_generator(0, 0, 0))
-    clip = t.parts.judge.model.model
+    clip = t.parts.scoring.judge.model
     v = F.normalize(torch.stack([t_bar_of(clip, segs) for segs in SEGMENTS]).mean(0), dim=0)
     t_bar = t_bar_of(clip, SEGMENTS[1])
-    pixels = clip_preprocess(pieces[0].detach(), t.parts.judge.model.image_size, t.parts.judge.model.mean, t.parts.judge.model.std)
+    pixels = clip_preprocess(pieces[0].detach(), t.parts.scoring.judge.image_size, t.parts.scoring.judge.mean, t.parts.scoring.judge.std)
     with torch.no_grad():
         x_hat = F.normalize(tensor_of(clip.get_image_features(pixel_values=pixels)).float(), dim=-1)[0]
     eta = t_bar @ v
@@ -127,7 +127,7 @@ def test_the_per_batch_v_covers_every_micro_batch_of_the_step(tmp_path, prompt_f
     monkeypatch.setattr(objective, "reward_loss", spy)
     t.optimizer_step(0)
     (p0, v0), (p1, v1) = seen
-    clip = t.parts.judge.model.model
+    clip = t.parts.scoring.judge.model
     t_bars = [t_bar_of(clip, SEGMENTS[PROMPTS.index(p)]) for p in p0 + p1]
     expected = F.normalize(torch.stack(t_bars).mean(0), dim=0)
     torch.testing.assert_close(v0, expected, atol=1e-6, rtol=1e-5)
@@ -174,20 +174,20 @@ def test_empty_captions_are_refused_at_load_with_their_place(tmp_path):
 def test_reward_stage_checkpoints_unet_blocks_and_decodes_in_pieces_with_the_same_gradient(
         tmp_path, prompt_file, monkeypatch):
     t = trainer_with(tmp_path, prompt_file, "--train-batch-size", "3", "--decode-batch", "2")
-    unet = t.parts.unet.module
+    unet = t.parts.lora.module
     calls = []
-    real_eps = t.parts.unet.eps
-    monkeypatch.setattr(t.parts.unet, "eps", lambda *a: calls.append((torch.is_grad_enabled(),
+    real_eps = t.parts.lora.eps
+    monkeypatch.setattr(t.parts.lora, "eps", lambda *a: calls.append((torch.is_grad_enabled(),
                                                                    unet.is_gradient_checkpointing)) or real_eps(*a))
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        for p in t.parts.unet.params:
+        for p in t.parts.lora.params:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     pieces = spy_on_decode(monkeypatch)
 
     def loss_and_grad():
         loss, stats = reward_loss(t, PROMPTS[:3], step_generator(0, 0, 0))
-        return loss.detach(), stats, torch.cat([g.flatten() for g in torch.autograd.grad(loss, t.parts.unet.params)])
+        return loss.detach(), stats, torch.cat([g.flatten() for g in torch.autograd.grad(loss, t.parts.lora.params)])
 
     in_pieces = loss_and_grad()
     assert [len(p) for p in pieces] == [2, 1]
@@ -223,14 +223,14 @@ def test_checkpoints_hold_the_lora_not_the_unet_and_export_a_lora_file(tmp_path)
 
     args = [*FAST, "--sample-steps", "2", "--sample-grad-steps", "1", "--seed", "4"]
     one = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "one"), *args, "--train-steps", "1"]))
-    lora_params = sum(p.numel() for p in one.parts.unet.params)
+    lora_params = sum(p.numel() for p in one.parts.lora.params)
     one_file = one.train()
     two = Trainer(TrainConfig.from_args(["--output-dir", str(tmp_path / "two"), *args, "--train-steps", "2",
                                          "--checkpoint-every", "1"]))
     two.train()
     (folder,) = checkpoints(tmp_path / "two")
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
-    unet_params = sum(p.numel() for p in two.parts.unet.module.parameters())
+    unet_params = sum(p.numel() for p in two.parts.lora.module.parameters())
     # LoRA (fp32) + AdamW's two moments + the kohya export (fp16) + small files; the UNet alone is far larger
     assert sum(files.values()) < 4 * 4 * lora_params + 200_000 < 4 * unet_params, files
     assert "model.safetensors" not in files and "lora_weights.safetensors" in files

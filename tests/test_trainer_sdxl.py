@@ -26,22 +26,22 @@ def trainer(tmp_path_factory):
                                        "--reward-direction", "batch"]))
     with torch.no_grad():  # a non-zero LoRA, so that gradients reach both of its factors
         g = torch.Generator().manual_seed(0)
-        for p in t.parts.unet.params:
+        for p in t.parts.lora.params:
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    t.parts.unet.unet.eval()
+    t.parts.lora.unet.eval()
     return t
 
 
 def test_embedded_sdxl_is_an_sdxl_pipeline(trainer):
-    unet = trainer.parts.unet.module
+    unet = trainer.parts.lora.module
     assert trainer.parts.base.is_sdxl and unet.config.addition_embed_type == "text_time"
     # SDXL's extra conditioning: the 1280-d pooled bigG vector and six 256-channel size/crop embeddings
     assert unet.add_embedding.linear_1.in_features == 1280 + 6 * 256 == 2816
     assert trainer.parts.base.text_encoder_2.config.projection_dim == 1280
     assert trainer.parts.base.vae.config.scaling_factor == 0.13025 and trainer.parts.base.vae.config.force_upcast
     assert trainer.cfg.resolution == 32  # FAST's; without it the model's own (below)
-    assert any(".attn2.to_k" in t.path for t in trainer.parts.unet.targets) and any("ff.net.0.proj" in t.path
-                                                                           for t in trainer.parts.unet.targets)
+    assert any(".attn2.to_k" in t.path for t in trainer.parts.lora.targets) and any("ff.net.0.proj" in t.path
+                                                                           for t in trainer.parts.lora.targets)
 
 
 def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
@@ -51,13 +51,13 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
     from diffusers import StableDiffusionXLPipeline
 
     prompts = objective.PROMPTS
-    unet = trainer.parts.unet.module
+    unet = trainer.parts.lora.module
     step = trainer.parts.text.encode(prompts, True)
     cond, uncond = trainer.parts.text.unet_conditioning(step)
     steps, res = 4, trainer.cfg.resolution
     noise = torch.randn(len(prompts), 4, res // 8, res // 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = sample_truncated(trainer.parts.unet.eps, ddim_scheduler(trainer.parts.base.noise_scheduler, steps), noise, cond, uncond,
+        ours = sample_truncated(trainer.parts.lora.eps, ddim_scheduler(trainer.parts.base.noise_scheduler, steps), noise, cond, uncond,
                                 7.5, [])
 
     pipe = StableDiffusionXLPipeline(vae=trainer.parts.base.vae, text_encoder=trainer.parts.base.text_encoder,
@@ -82,7 +82,7 @@ def test_sampling_equals_diffusers_sdxl_pipeline(trainer):
     # the extra conditioning matters: without the pooled vectors' CFG split the result differs
     swapped = type(cond)(cond.context, uncond.text_embeds, cond.time_ids)
     with torch.no_grad():
-        other = sample_truncated(trainer.parts.unet.eps, ddim_scheduler(trainer.parts.base.noise_scheduler, steps), noise, swapped,
+        other = sample_truncated(trainer.parts.lora.eps, ddim_scheduler(trainer.parts.base.noise_scheduler, steps), noise, swapped,
                                  uncond, 7.5, [])
     assert (other - ours).abs().max() > 1e-3
 
@@ -92,7 +92,7 @@ def test_sdxl_reward_loss_is_the_reweighted_decomposed_objective(trainer, monkey
     from the definitions (test_trainer_objective) on the images the SDXL model generated."""
     stats, g_loss = objective.check_reward_loss_against_definitions(trainer, monkeypatch)
     # every LoRA layer of the SDXL UNet gets a gradient (cross-attention, GEGLU and ResNet layers alike)
-    names = [n for n, p in trainer.parts.unet.module.named_parameters() if p.requires_grad]
+    names = [n for n, p in trainer.parts.lora.module.named_parameters() if p.requires_grad]
     zero = [n for n, g in zip(names, g_loss) if "lora_B" in n and float(g.abs().max()) == 0]
     assert not zero, zero[:5]
     assert stats["cond_length"] == 240
@@ -148,7 +148,7 @@ def test_vae_is_upcast_for_fp16_and_decodes_in_fp32_under_autocast(trainer):
 def test_resolution_defaults_to_the_models_own(tmp_path):
     t = Trainer(TrainConfig.from_args([*SDXL, "--output-dir", str(tmp_path), "--train-steps", "1",
                                        "--validation-prompts", "0"]))
-    unet = t.parts.unet.module
+    unet = t.parts.lora.module
     assert t.cfg.resolution == unet.config.sample_size * 8 == 64
     import json
 
@@ -180,7 +180,7 @@ def test_align_stage_time_ids_describe_the_crop(tmp_path):
     assert resized.shape[-2:] == (35, 32)
     torch.testing.assert_close(images[0], resized[:, 2:34, :])
     lora = t.train()
-    assert len(load_file(str(lora))) == 3 * len(t.parts.unet.targets)
+    assert len(load_file(str(lora))) == 3 * len(t.parts.lora.targets)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
@@ -203,7 +203,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "longalign_lora.safetensors").exists()
     resumed = Trainer(TrainConfig.from_args([*args, "--output-dir", str(tmp_path / "b"), "--resume", "latest"])).train()
     a, b = load_file(str(straight)), load_file(str(resumed))
-    assert a.keys() == b.keys() and len(a) == 3 * len(stopped.parts.unet.targets)
+    assert a.keys() == b.keys() and len(a) == 3 * len(stopped.parts.lora.targets)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-4, msg=k)
 
@@ -257,9 +257,9 @@ def test_v_prediction_models_get_their_own_target_and_x0(trainer, monkeypatch):
     monkeypatch.setattr(trainer.parts.base, "noise_scheduler", vpred)  # its prediction_type follows
     assert trainer.parts.base.prediction_type == "v_prediction"
     seen = {}
-    real_add_noise, real_eps = vpred.add_noise, trainer.parts.unet.eps
+    real_add_noise, real_eps = vpred.add_noise, trainer.parts.lora.eps
     monkeypatch.setattr(vpred, "add_noise", lambda x, n, ts: seen.update(x0=x, noise=n, t=ts) or real_add_noise(x, n, ts))
-    monkeypatch.setattr(trainer.parts.unet, "eps", lambda *a: seen.setdefault("pred", real_eps(*a)))
+    monkeypatch.setattr(trainer.parts.lora, "eps", lambda *a: seen.setdefault("pred", real_eps(*a)))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
     with torch.no_grad():
@@ -281,8 +281,8 @@ def test_reward_stage_on_a_v_prediction_model_decodes_x0_from_v(trainer, monkeyp
     vpred = DDPMScheduler.from_config(trainer.parts.base.noise_scheduler.config, prediction_type="v_prediction")
     monkeypatch.setattr(trainer.parts.base, "noise_scheduler", vpred)
     calls, decoded = [], []
-    real_eps, real_decode = trainer.parts.unet.eps, objective.decode
-    monkeypatch.setattr(trainer.parts.unet, "eps", lambda x, t, c: calls.append((x, t, real_eps(x, t, c))) or calls[-1][2])
+    real_eps, real_decode = trainer.parts.lora.eps, objective.decode
+    monkeypatch.setattr(trainer.parts.lora, "eps", lambda x, t, c: calls.append((x, t, real_eps(x, t, c))) or calls[-1][2])
     monkeypatch.setattr(objective, "decode", lambda vae, x: decoded.append(x) or real_decode(vae, x))
     from trainer.seeding import step_generator
 

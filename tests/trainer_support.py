@@ -97,8 +97,8 @@ def reward_loss(trainer, prompts: list[str], gen: torch.Generator, dump: dict | 
     from trainer import objective
 
     parts = trainer.parts
-    return objective.reward_loss(trainer.cfg, trainer.acc, parts.unet, parts.text, parts.base, parts.judge.model,
-                                 prompts, gen, parts.judge.direction.for_prompts(prompts), dump)
+    return objective.reward_loss(trainer.cfg, trainer.acc, parts.lora, parts.text, parts.base, parts.scoring.judge,
+                                 prompts, gen, parts.scoring.reward_v.for_prompts(prompts), dump)
 
 
 def align_loss(trainer, batch, gen: torch.Generator):
@@ -106,7 +106,7 @@ def align_loss(trainer, batch, gen: torch.Generator):
     from trainer import objective
 
     parts = trainer.parts
-    return objective.align_loss(trainer.cfg, trainer.acc, parts.unet, parts.text, parts.base, batch, gen)
+    return objective.align_loss(trainer.cfg, trainer.acc, parts.lora, parts.text, parts.base, batch, gen)
 
 
 def align_batch(trainer, step: int, micro: int = 0):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from longalign_core.denscore import common_direction, prompt_features
-from longalign_core.reference_direction import cached_direction
+from longalign_core.reference_direction import direction_from_prompts
 
 from .data import batch_prompts
 
@@ -57,17 +57,16 @@ class RewardDirection:
 
     @classmethod
     def build(cls, mode: str, reward, cfg, prompts: list[str], processes: int, reference: torch.Tensor,
-              cache_dir, device) -> "RewardDirection":
+              device) -> "RewardDirection":
         """V of ``mode``; ``training`` computes it from the sampled training prompts once, segmented like the
-        scores (``cfg.split_mode``, ``cfg.long_segments``); with ``cache_dir`` it is cached there (keyed by the
-        preference model's weights, the prompts and both rules: :func:`~longalign_core.denscore.direction_key`).
-        The trainer passes None: a resumed run computes V again, as the uninterrupted one did."""
+        scores (``cfg.split_mode``, ``cfg.long_segments``). It is never read from a cache: a resumed run computes
+        V again, exactly as the uninterrupted one did."""
         fixed = None
         if mode == "reference":
             fixed = reference
         elif mode == "training":
             sample = direction_sample(prompts, cfg.reward_direction_prompts, cfg.seed)
-            fixed = cached_direction(reward, sample, cfg.split_mode, cfg.long_segments, fallback_dir=cache_dir)
+            fixed = direction_from_prompts(reward, sample, cfg.split_mode, cfg.long_segments)
         return cls(mode, reward, cfg, prompts, processes, None if fixed is None else fixed.to(device))
 
     def describe(self) -> str:

@@ -1,19 +1,19 @@
 """``python -m trainer.finetune … --dry-run``: will this run fit, and how long will it take?
 
 It loads everything the options name, exactly as the run would, runs one warm-up and one measured training step,
-one validation, one checkpoint and the final outputs (LoRA file, report), and prints (and writes to ``<output_dir>/dry_run.md``, the only file it
-writes there) what each model part holds in memory, the peak memory of the step on this device, the seconds of
-a step split by phase, and the projected time of the whole run, start-up included (the process's interpreter start
-and imports, the first step's warm-up beyond a measured step, writing the outputs). A step that runs out of memory is reported
-with the setting to change first, before hours are spent. The models, caches and checkpoint of the trial live
-in a temporary folder that is removed afterwards."""
+one validation, one checkpoint and the final outputs (LoRA file, report), and prints (and writes to
+``<output_dir>/dry_run.md``, the only file it writes there) what each model part holds in memory, the peak memory
+of the step on this device, the seconds of a step split by phase, and the projected time of the whole run,
+start-up included (the process's interpreter start and imports, the first step's warm-up beyond a measured step,
+writing the outputs). A step that runs out of memory is reported with the setting to change first, before hours
+are spent. The models, caches and checkpoint of the trial live in a temporary folder that is removed afterwards
+(:func:`trainer.finetune.dry_run` builds the run there; :func:`measure_run` and :func:`report_run` are this
+module's part)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -38,7 +38,7 @@ REPORT_FILE = "dry_run.md"
 def model_parts(parts: RunParts) -> list[tuple[str, int, int, str]]:
     """(part, parameters, bytes, dtype) of what the run holds: frozen parts, the LoRA, its gradients and AdamW's
     moments (measured from the optimizer's state after a step)."""
-    lora, base, text, judge = parts.unet, parts.base, parts.text, parts.judge
+    lora, base, text, scoring = parts.lora, parts.base, parts.text, parts.scoring
     rows = [("UNet (frozen)", *module_bytes(lora.module, trainable=False)), ("VAE", *module_bytes(base.vae))]
     if text.cache is not None:  # --cache-text-embeddings: the encoders are gone, their outputs held on the CPU
         rows.append((f"text embeddings of {len(text.cache)} prompts (cached on the CPU; text encoders freed)", 0,
@@ -49,8 +49,8 @@ def model_parts(parts: RunParts) -> list[tuple[str, int, int, str]]:
             rows.append(("text encoder 2 (bigG)", *module_bytes(base.text_encoder_2)))
     if parts.t5 is not None:
         rows += [("T5 encoder", *module_bytes(parts.t5.encoder)), ("T5 adapter", *module_bytes(parts.t5_adapter))]
-    dropped = "; image tower only, text features cached" if judge.model.text_tower_dropped else ""
-    rows.append((f"preference model ({Path(judge.source).name}{dropped})", *module_bytes(judge.model.model)))
+    dropped = "; image tower only, text features cached" if scoring.judge.text_tower_dropped else ""
+    rows.append((f"preference model ({Path(scoring.source).name}{dropped})", *module_bytes(scoring.judge.model)))
     n_lora = sum(p.numel() for p in lora.params)
     lora_bytes = sum(p.numel() * p.element_size() for p in lora.params)
     rows.append((f"LoRA, rank {lora.rank} on {len(lora.targets)} layers (trained)", n_lora, lora_bytes, "float32"))
@@ -64,7 +64,7 @@ def model_parts(parts: RunParts) -> list[tuple[str, int, int, str]]:
 def measure_step(optimizer_step: Callable[[int], dict], parts: RunParts, device: torch.device) -> dict:
     """One warm-up and one measured ``optimizer_step``: seconds, per-phase seconds (``parts.phases``), peak
     memory of the step above what was held before it, and what was held."""
-    parts.unet.unet.train()
+    parts.lora.unet.train()
     t0 = time.perf_counter()
     optimizer_step(0)  # warm-up: optimizer state, kernels, one-time buffers
     warmup = time.perf_counter() - t0
@@ -107,55 +107,59 @@ def project(cfg, load: float, step: float, validation: float, checkpoint: float,
     return {"validations": validations, "checkpoints": checkpoints, "total_seconds": total}
 
 
-def dry_run(cfg, trainer_class, startup: float = 0.0) -> dict:
-    """Measure a run of ``cfg`` without running it; the result's ``report`` is the markdown printed and written to
-    ``<output_dir>/dry_run.md``. ``trainer_class`` (:class:`~trainer.finetune.Trainer`) builds the run, which is
-    then driven through its public surface only: its ``cfg``, ``acc``, ``out`` and ``parts``, one
-    ``optimizer_step``, one ``save_checkpoint``. ``startup``: the seconds a run's process spends before it builds
-    the Trainer (the command line passes :func:`process_age`, measured in its own fresh process)."""
-    with tempfile.TemporaryDirectory(prefix="longalign-dry-run-") as work:
+def measure_run(cfg, acc, parts: RunParts, out: Path, optimizer_step: Callable[[int], dict],
+                save_checkpoint: Callable[[int], Path]) -> dict:
+    """Measure a run built in the temporary folder ``out`` (:func:`trainer.finetune.dry_run` builds it):
+    ``optimizer_step`` once to warm up and once measured, one validation, ``save_checkpoint`` once, the final
+    outputs once; what each part holds and what the disk will take. ``cfg`` is the built run's (its resolution
+    filled in). Running out of memory becomes the setting to change first."""
+    device = acc.device
+    where = f"a {cfg.stage}-stage step ({cfg.train_batch_size} per process, {cfg.resolution} px)"
+    try:
+        step = measure_step(optimizer_step, parts, device)
         t0 = time.perf_counter()
-        run = trainer_class(dataclasses.replace(cfg, output_dir=work, resume=None))
-        load = time.perf_counter() - t0
-        device = run.acc.device
-        where = f"a {run.cfg.stage}-stage step ({run.cfg.train_batch_size} per process, {run.cfg.resolution} px)"
-        try:
-            step = measure_step(run.optimizer_step, run.parts, device)
-            t0 = time.perf_counter()
-            with PeakMemory(device) as val_mem:
-                validate(run.cfg, run.acc, run.parts, run.out, 0, CSVLog(Path(work) / "v.csv", [], False))
-            validation = time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001 — only running out of memory is turned into advice
-            if is_out_of_memory(exc):
-                raise BadConfigError(out_of_memory_advice(run.cfg, where)) from None
-            raise
-        t0 = time.perf_counter()
-        folder = run.save_checkpoint(1)
-        checkpoint = time.perf_counter() - t0
-        checkpoint_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        lora_bytes = (folder / LORA_FILE).stat().st_size if (folder / LORA_FILE).is_file() else 0
-        image_bytes = sum(p.stat().st_size for p in (Path(work) / "validation").glob("*.png"))
+        with PeakMemory(device) as val_mem:
+            validate(cfg, acc, parts, out, 0, CSVLog(out / "v.csv", [], False))
+        validation = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 — only running out of memory is turned into advice
+        if is_out_of_memory(exc):
+            raise BadConfigError(out_of_memory_advice(cfg, where)) from None
+        raise
+    t0 = time.perf_counter()
+    folder = save_checkpoint(1)
+    checkpoint = time.perf_counter() - t0
+    checkpoint_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    lora_bytes = (folder / LORA_FILE).stat().st_size if (folder / LORA_FILE).is_file() else 0
+    image_bytes = sum(p.stat().st_size for p in (out / "validation").glob("*.png"))
 
-        from .outputs import save_outputs
+    from .outputs import save_outputs
 
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # its "wrote …" line names the trial's folder
-            save_outputs(run.cfg, run.acc, run.parts, run.out)
-        outputs = time.perf_counter() - t0
-        result = {"config": run.cfg, "device": device, "load_seconds": load, "step": step,
-                  "validation_seconds": validation, "validation_peak_bytes": val_mem.increase,
-                  "checkpoint_seconds": checkpoint, "checkpoint_bytes": checkpoint_bytes,
-                  "parts": model_parts(run.parts), "process_peak_bytes": process_peak_bytes(),
-                  "device_bytes": total_memory(device), "processes": run.acc.num_processes,
-                  "is_main_process": run.acc.is_main_process, "startup_seconds": startup,
-                  "outputs_seconds": outputs,
-                  **project(run.cfg, load, step["seconds"], validation, checkpoint, startup, step["warmup_seconds"],
-                            outputs)}
-        result["output_dir"] = cfg.output_dir  # run.cfg's is the temporary folder
-        result["disk"] = run_disk_bytes(run.cfg, checkpoint_bytes, lora_bytes, image_bytes, result["validations"])
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # its "wrote …" line names the trial's folder
+        save_outputs(cfg, acc, parts, out)
+    outputs = time.perf_counter() - t0
+    return {"config": cfg, "device": device, "step": step, "validation_seconds": validation,
+            "validation_peak_bytes": val_mem.increase, "checkpoint_seconds": checkpoint,
+            "checkpoint_bytes": checkpoint_bytes, "lora_bytes": lora_bytes, "image_bytes": image_bytes,
+            "parts": model_parts(parts), "process_peak_bytes": process_peak_bytes(),
+            "device_bytes": total_memory(device), "processes": acc.num_processes,
+            "is_main_process": acc.is_main_process, "outputs_seconds": outputs}
+
+
+def report_run(output_dir, measured: dict, load: float, startup: float) -> dict:
+    """The dry run's result: ``measured`` (:func:`measure_run`) with the seconds of loading (``load``) and of
+    start-up, the projected run and its disk; its ``report`` (markdown) is written to
+    ``<output_dir>/dry_run.md`` by the main process. ``startup``: the seconds a run's process spends before it
+    builds the Trainer (the command line passes :func:`process_age`, measured in its own fresh process)."""
+    cfg, step = measured["config"], measured["step"]
+    result = {**measured, "load_seconds": load, "startup_seconds": startup, "output_dir": output_dir,
+              **project(cfg, load, step["seconds"], measured["validation_seconds"], measured["checkpoint_seconds"],
+                        startup, step["warmup_seconds"], measured["outputs_seconds"])}
+    result["disk"] = run_disk_bytes(cfg, measured["checkpoint_bytes"], measured["lora_bytes"],
+                                    measured["image_bytes"], result["validations"])
     result["report"] = format_report(result)
     if result["is_main_process"]:
-        out = Path(cfg.output_dir)
+        out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         from longalign_core.io_utils import atomic_write_text
 
@@ -212,7 +216,7 @@ def format_report(r: dict) -> str:
               f"runs every step, so more processes add prompts per step, not steps per second.", "",
               f"**Disk: {format_bytes(r['disk']['total'])}** in {r['output_dir']} at most = "
               + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["disk"].items() if k != "total")
-              + f" ({min(cfg.checkpoints_keep + 1, r['checkpoints'])} checkpoint(s) of {format_bytes(r['checkpoint_bytes'])}"
-              f" at once: --checkpoints-keep {cfg.checkpoints_keep} and the one being written; {r['validations']} "
+              + f" ({min(cfg.checkpoints_keep + 1, r['checkpoints'])} checkpoint(s) of "
+              f"{format_bytes(r['checkpoint_bytes'])} at once: --checkpoints-keep {cfg.checkpoints_keep} and the one being written; {r['validations']} "
               f"validation image(s) as measured here; about 1 KB of logs a step); {_free(r['output_dir'])}.", ""]
     return "\n".join(lines)

@@ -36,9 +36,10 @@ from longalign_core.preference import PreferenceModel
 
 from . import checkpoints as ckpt
 from . import objective
-from .config import EMBEDDED_MODELS, TrainConfig
+from .config import EMBEDDED_MODELS, PROG, TrainConfig
 from .data import batch_prompts
 from .disk import check_free_space
+from .dry_run import measure_run, process_age, report_run
 from .loading.models import check_model_sources
 from .memory import out_of_memory_advice
 from .outputs import check_output_dir, clear_run, export_run_lora, save_outputs
@@ -48,17 +49,16 @@ from .seeding import seed_global_rng, step_generator
 from .stop_signal import StopSignal, run_stoppable
 from .validation import Validation
 
-PROG = "python -m trainer.finetune"
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
 
 class Trainer:
     """One run: the accelerate state and the run's parts (:class:`~trainer.parts.RunParts`, set up in
-    ``__init__``), and the loop (:meth:`train`). Its public surface: ``cfg`` (with the model's own resolution
-    filled in), ``acc``, ``out``, ``parts``, :meth:`optimizer_step`, :meth:`save_checkpoint`, :meth:`train`."""
+    ``__init__``), and the loop (:meth:`train`). What it offers: ``cfg`` (with the model's own resolution filled
+    in), ``acc``, ``out`` (the output folder), ``parts``, ``totals`` (overflow counted over the run), and the
+    pieces of the loop the dry run and the tests call: :meth:`optimizer_step`, :meth:`save_checkpoint`,
+    :meth:`load_checkpoint`."""
 
     def __init__(self, cfg: TrainConfig, judge: PreferenceModel | None = None):
         """``judge``: a :class:`~longalign_core.preference.PreferenceModel` to train against instead of loading
@@ -102,9 +102,9 @@ class Trainer:
         """One optimizer step (all its micro-batches): loss, backward, clip, AdamW, LR schedule. Returns this
         process's statistics summed over the micro-batches."""
         cfg, acc, parts = self.cfg, self.acc, self.parts
-        lora, data, phases = parts.unet, parts.data, parts.phases
+        lora, data, phases = parts.lora, parts.data, parts.phases
         sums: dict[str, float] = {}
-        step_v = parts.judge.direction.for_step(step) if cfg.stage == "reward" else None  # V of the whole step
+        step_v = parts.scoring.reward_v.for_step(step) if cfg.stage == "reward" else None  # V of the whole step
         for micro in range(cfg.gradient_accumulation_steps):
             draw = step * cfg.gradient_accumulation_steps + micro
             gen = step_generator(cfg.seed, draw, acc.process_index)
@@ -114,7 +114,7 @@ class Trainer:
                 if cfg.stage == "reward":
                     prompts = batch_prompts(data.prompts, cfg.seed, step, micro, cfg.train_batch_size,
                                             acc.process_index, acc.num_processes, cfg.gradient_accumulation_steps)
-                    loss, stats = objective.reward_loss(cfg, acc, lora, parts.text, parts.base, parts.judge.model,
+                    loss, stats = objective.reward_loss(cfg, acc, lora, parts.text, parts.base, parts.scoring.judge,
                                                         prompts, gen, step_v, dump, phases)
                 else:
                     batch = data.align.batch(step, micro, acc.process_index, acc.num_processes)
@@ -147,7 +147,7 @@ class Trainer:
         main = acc.is_main_process
         stop = (stop or StopSignal("the step under way")).arm()  # (not entered: never requested)
         start = self.load_checkpoint(cfg.resume) if cfg.resume else 0
-        check_free_space(self.out, self.parts.unet, acc.num_processes, cfg.checkpoints_keep)
+        check_free_space(self.out, self.parts.lora, acc.num_processes, cfg.checkpoints_keep)
         if self.trackers:  # a resumed run hides the events it is about to log again
             acc.init_trackers("longalign", config={k: v for k, v in cfg.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))},
@@ -167,7 +167,7 @@ class Trainer:
             raise ckpt.stopped(acc, self.out, early, start, cfg.train_steps, None)
         if due:  # a run killed between a checkpoint and its validation validates on resume
             validate(start)
-        unet = self.parts.unet.unet
+        unet = self.parts.lora.unet
         unet.train()
         bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, disable=not main,
                    desc="training")
@@ -213,8 +213,10 @@ class Trainer:
 
     # -- checkpoints, validation, outputs ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
+        """Checkpoint ``step`` (accelerate's state, the totals and the LoRA file of that step); returns its folder."""
+        export = lambda folder: export_run_lora(self.cfg, self.parts, folder, step)  # noqa: E731
         return ckpt.save_checkpoint(self.acc, self.out, step, {"seed": self.cfg.seed, "totals": self.totals},
-                                    self.cfg.checkpoints_keep, export=lambda folder: export_run_lora(self.cfg, self.parts, folder, step))
+                                    self.cfg.checkpoints_keep, export=export)
 
     def load_checkpoint(self, which: str) -> int:
         """Restore a checkpoint (``latest`` or a folder); returns its step."""
@@ -222,6 +224,20 @@ class Trainer:
         self.totals = {**self.totals, **state.get("totals", {})}
         self.acc.print(f"resumed from {path} at step {state['step']}")
         return state["step"]
+
+
+def dry_run(cfg: TrainConfig, startup: float = 0.0) -> dict:
+    """``--dry-run``: the run of ``cfg`` built in a temporary folder (removed afterwards) and measured
+    (:mod:`trainer.dry_run`); the result's ``report`` is the markdown printed and written to
+    ``<output_dir>/dry_run.md``. ``startup``: the seconds the process spent before building the Trainer."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="longalign-dry-run-") as work:
+        t0 = time.perf_counter()
+        run = Trainer(dataclasses.replace(cfg, output_dir=work, resume=None))
+        load = time.perf_counter() - t0
+        measured = measure_run(run.cfg, run.acc, run.parts, run.out, run.optimizer_step, run.save_checkpoint)
+    return report_run(cfg.output_dir, measured, load, startup)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # one bar per weights file otherwise
     cfg = TrainConfig.from_args(argv, description=__doc__)
     if cfg.dry_run:
-        from .dry_run import dry_run, process_age
-
-        print(dry_run(cfg, Trainer, startup=process_age())["report"], flush=True)
+        print(dry_run(cfg, startup=process_age())["report"], flush=True)
         return 0
     if cfg.model in (None, *EMBEDDED_MODELS):
         which = "SDXL" if cfg.model == "embedded-sdxl" else "SD1.5"

@@ -152,7 +152,7 @@ def align_loss(cfg, acc, unet: LoRAUNet, text: StepEncoder, base: BaseParts, bat
     cond, _ = text.unet_conditioning(step_cond, time_ids)
     with acc.autocast():
         pred = unet.eps(noisy, t, cond)
-    # the model's own target: ε, or v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 for v-prediction models (NoobAI-XL V-Pred)
+    # the model's own target: ε, or v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 (v-prediction models: NoobAI-XL V-Pred)
     target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     loss = F.mse_loss(pred.float(), target.float())
     return loss, step_cond.stats

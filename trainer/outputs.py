@@ -59,11 +59,11 @@ def export_run_lora(cfg, parts: RunParts, folder: Path, steps: int) -> tuple[Pat
     """The LoRA as trained so far, as ``folder/longalign_lora.safetensors`` (kohya keys; ComfyUI loads it), with
     metadata naming the base model, the judge and the prompts it was trained on."""
     prompts = parts.data.prompts
-    meta = lora_metadata(cfg, base_source=parts.base.source, reward_source=parts.judge.source,
+    meta = lora_metadata(cfg, base_source=parts.base.source, reward_source=parts.scoring.source,
                          prompts_sha256=prompts_digest(prompts) if prompts else "", is_sdxl=parts.base.is_sdxl,
                          steps=steps)
     path = Path(folder) / LORA_FILE
-    return path, export_lora(parts.unet.module, parts.unet.targets, path, meta)
+    return path, export_lora(parts.lora.module, parts.lora.targets, path, meta)
 
 
 def save_outputs(cfg, acc, parts: RunParts, out: Path) -> Path:
@@ -77,7 +77,7 @@ def save_outputs(cfg, acc, parts: RunParts, out: Path) -> Path:
         if cfg.merge_checkpoint:
             merged = load_base_model(cfg.model, cfg.seed).unet
             for path in cfg.init_lora:
-                merge_lora(merged, load_lora(path, parts.unet.targets))
+                merge_lora(merged, load_lora(path, parts.lora.targets))
             merge_lora(merged, pairs)
             merged.save_pretrained(out / "unet_merged")
         from .report import write_report

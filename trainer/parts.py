@@ -2,14 +2,15 @@
 
 * :class:`TrainingData`: the training prompts (reward stage) or image-caption rows (align stage), and the held-out
   validation prompts;
-* :class:`BaseParts`: the base model's frozen parts (VAE, noise scheduler, CLIP text encoders);
+* :class:`BaseParts`: the base model's frozen parts (VAE, noise scheduler, CLIP text encoders and tokenizers);
 * :class:`LoRAUNet`: the UNet with the LoRA that trains (and what trains with it);
 * the text side: :class:`~trainer.conditioning.StepEncoder` (segment-level CLIP, the optional LongSD T5 branch);
-* :class:`Judge`: the preference model the reward stage trains against, and V (the reference one validation uses,
-  and the reward stage's per step).
+* :class:`Scoring`: the judge (the preference model the reward stage trains against and validation scores with)
+  and V (the reference V validation uses, the reward stage's V of each step).
 
 The objective, the validation, the dry run, the outputs and the run log take the parts they use; the loop
-(:class:`~trainer.finetune.Trainer`) holds them in a :class:`RunParts`.
+(:class:`~trainer.finetune.Trainer`) holds them in a :class:`RunParts`. The evaluation builds its base model and
+its judge with the same :meth:`BaseParts.from_loaded` and :meth:`Scoring.of`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from longalign_core.clip_text import CLIPSegmentEncoder
 from longalign_core.errors import BadConfigError, BadModelFileError
 from longalign_core.lora import load_lora, lora_targets, merge_lora
 from longalign_core.phase_timer import PhaseTimer
@@ -72,21 +72,49 @@ class TrainingData:
 @dataclass
 class BaseParts:
     """The base model's frozen parts on the device: ``vae`` and ``noise_scheduler`` (its ``prediction_type`` says
-    what the UNet predicts), and the CLIP ``text_encoder`` (+ SDXL's ``text_encoder_2``), None once
-    ``--cache-text-embeddings`` freed them. ``dtype``: the frozen weights' dtype (``--mixed-precision``)."""
+    what the UNet predicts), the CLIP ``text_encoder`` and ``tokenizer`` (+ SDXL's ``text_encoder_2`` and
+    ``tokenizer_2``; the encoders are None once ``--cache-text-embeddings`` freed them). ``dtype``: the dtype of
+    the frozen UNet and text encoders, and of the latents (``--mixed-precision``; SDXL's VAE stays fp32 in fp16,
+    :func:`~trainer.sampling.vae_dtype`)."""
 
     source: str
     is_sdxl: bool
     vae: torch.nn.Module
     noise_scheduler: object
     dtype: torch.dtype
+    tokenizer: object
     text_encoder: torch.nn.Module | None
+    tokenizer_2: object | None = None
     text_encoder_2: torch.nn.Module | None = None
+
+    @classmethod
+    def from_loaded(cls, loaded, device: torch.device, dtype: torch.dtype) -> "BaseParts":
+        """The frozen parts of ``loaded`` (a :class:`~trainer.loading.base_model.BaseModel`) on ``device``, in
+        eval mode without gradients (the UNet is the caller's: trained or swapped)."""
+        frozen = lambda m: None if m is None else m.to(device).requires_grad_(False).eval()  # noqa: E731
+        vae = frozen(loaded.vae)  # loaded in vae_dtype(dtype, its config)
+        if device.type == "cuda":  # NHWC convolutions: faster with cuDNN
+            vae.to(memory_format=torch.channels_last)
+        return cls(source=loaded.source, is_sdxl=loaded.is_sdxl, vae=vae, noise_scheduler=loaded.noise_scheduler,
+                   dtype=dtype, tokenizer=loaded.tokenizer, text_encoder=frozen(loaded.text_encoder),
+                   tokenizer_2=loaded.tokenizer_2, text_encoder_2=frozen(loaded.text_encoder_2))
 
     @property
     def prediction_type(self) -> str:
         """``epsilon`` or ``v_prediction``: the reward stage's DDIM steps and the align stage's target read it."""
         return self.noise_scheduler.config.get("prediction_type", "epsilon")
+
+    def segment_encoder(self):
+        """The segment-level text encoder of this model: :class:`~longalign_core.clip_text.CLIPSegmentEncoder`,
+        or on SDXL :class:`~longalign_core.sdxl_text.SDXLSegmentEncoder` (both encoders, pooled bigG from the
+        first segment: docs/method.md §1)."""
+        if self.is_sdxl:
+            from longalign_core.sdxl_text import SDXLSegmentEncoder
+
+            return SDXLSegmentEncoder(self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
+        from longalign_core.clip_text import CLIPSegmentEncoder
+
+        return CLIPSegmentEncoder(self.tokenizer, self.text_encoder)
 
 
 @dataclass
@@ -118,15 +146,26 @@ class LoRAUNet:
 
 
 @dataclass
-class Judge:
-    """The preference model (``model``; ``source`` names it in the logs and the LoRA's metadata) and V:
-    ``reference_direction`` from the shipped reference prompts (validation scores with it, so steps and runs
-    compare), ``direction`` the reward stage's V of each step (None in the align stage)."""
+class Scoring:
+    """The ``judge`` (a :class:`~longalign_core.preference.PreferenceModel`; ``source`` names it in the logs and
+    the LoRA's metadata) and V: ``reference_v``, from the shipped reference prompts (validation and the evaluation
+    score with it, so steps and runs compare), and ``reward_v``, the reward stage's V of each step (None in the
+    align stage)."""
 
-    model: PreferenceModel
+    judge: PreferenceModel
     source: str
-    reference_direction: torch.Tensor
-    direction: RewardDirection | None = None
+    reference_v: torch.Tensor
+    reward_v: RewardDirection | None = None
+
+    @classmethod
+    def of(cls, judge: PreferenceModel, source: str, split_mode: str, long_segments: str,
+           device: torch.device) -> "Scoring":
+        """``judge`` frozen, with V of the reference prompts segmented as the scores will be. V is computed at
+        every start, never read from a cache: a resumed run or evaluation then does exactly what an
+        uninterrupted one did."""
+        judge.model.requires_grad_(False).eval()
+        reference = direction_from_prompts(judge, default_reference_prompts(), split_mode, long_segments)
+        return cls(judge=judge, source=source, reference_v=reference.to(device))
 
 
 @dataclass
@@ -135,9 +174,9 @@ class RunParts:
 
     data: TrainingData
     base: BaseParts
-    unet: LoRAUNet
+    lora: LoRAUNet
     text: StepEncoder
-    judge: Judge
+    scoring: Scoring
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     t5: object | None = None  # the LongSD T5 branch (longalign_core.t5_branch.T5Branch)
@@ -146,7 +185,7 @@ class RunParts:
     def phases(self) -> PhaseTimer:
         """The step's phase timer (off unless a dry run or a benchmark measures a step); the UNet's calls are
         timed in it too."""
-        return self.unet.phases
+        return self.lora.phases
 
     @property
     def t5_adapter(self) -> torch.nn.Module | None:
@@ -158,73 +197,55 @@ class RunParts:
         return extract_model_from_parallel(self.t5.adapter)
 
 
-def load_parts(cfg, acc, data: TrainingData, judge: PreferenceModel | None = None, phases: PhaseTimer | None = None
-               ) -> tuple[RunParts, object]:
+def load_parts(cfg, acc, data: TrainingData, judge: PreferenceModel | None = None) -> tuple[RunParts, object]:
     """Load the models ``cfg`` names onto ``acc``'s device, attach the LoRA, build the optimizer, the text side and
-    the judge, and compute V. Returns the parts and ``cfg`` with the model's own resolution filled in.
+    the judge (``judge`` if given, else ``--reward-model``), and compute V. Returns the parts and ``cfg`` with the
+    model's own resolution filled in; the align stage's ``data`` is bucketed at that resolution.
 
     The order matters: the main process loads first (it writes the embedded models once); the seed is set right
     before the LoRA's initial weights; accelerate prepares the UNet with its optimizer; the text embeddings are
     cached (``--cache-text-embeddings``) before the preference model loads, so the CLIP encoders' memory is free
     for it, and its text tower goes once V is built."""
     device, dtype = acc.device, _weight_dtype(cfg)
-    phases = phases or PhaseTimer(device, enabled=False)
     with acc.main_process_first():
         loaded = load_base_model(cfg.model, cfg.seed, dtype)
-        reward_path = reward_model_source(cfg.reward_model, cfg.seed) if judge is None else judge.name
+        source = reward_model_source(cfg.reward_model, cfg.seed) if judge is None else judge.name
     if loaded.is_sdxl and cfg.t5_model:
         raise BadConfigError("--t5-model/--t5-adapter: the LongSD T5 branch is made for SD1.5's 768-channel "
                              f"conditioning, and {loaded.source} is an SDXL model (2048 channels); drop the T5 "
                              "options for SDXL")
-    unet = loaded.unet
     if cfg.resolution is None:  # the model's own: SD1.5 512, SDXL 1024 (the embedded ones 64)
-        cfg = dataclasses.replace(cfg, resolution=int(unet.config.sample_size) * 8)
+        cfg = dataclasses.replace(cfg, resolution=int(loaded.unet.config.sample_size) * 8)
     if cfg.stage == "align":
         data.align.cfg = cfg
         data.align.bucket(cfg.resolution, cfg.buckets)
-    lora, optimizer, lr_scheduler, t5 = _attach_and_prepare(cfg, acc, unet, dtype, phases)
-    # SDXL's VAE stays fp32 in an fp16 run (it overflows to NaN in fp16), as diffusers does
-    vae = loaded.vae.to(device).requires_grad_(False).eval()  # loaded in vae_dtype(dtype, its config)
-    if device.type == "cuda":  # NHWC convolutions: faster with cuDNN
-        vae.to(memory_format=torch.channels_last)
+    lora, optimizer, lr_scheduler, t5 = _attach_and_prepare(cfg, acc, loaded.unet, dtype)
+    base = BaseParts.from_loaded(loaded, device, dtype)
+    del loaded  # the parts hold what is needed
     if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
-        vae.enable_gradient_checkpointing()
-    frozen = lambda m: None if m is None else m.to(device).requires_grad_(False).eval()  # noqa: E731
-    base = BaseParts(loaded.source, loaded.is_sdxl, vae, loaded.noise_scheduler, dtype,
-                     frozen(loaded.text_encoder), frozen(loaded.text_encoder_2) if loaded.is_sdxl else None)
+        base.vae.enable_gradient_checkpointing()
     if base.prediction_type not in ("epsilon", "v_prediction"):
         raise BadModelFileError(f"{base.source}: its scheduler predicts {base.prediction_type!r}; the trainer "
                                 f"supports epsilon and v_prediction models")
-    if base.is_sdxl:  # both text encoders, pooled bigG from the first segment (docs/method.md §1)
-        from longalign_core.sdxl_text import SDXLSegmentEncoder
-
-        encoder = SDXLSegmentEncoder(loaded.tokenizer, base.text_encoder, loaded.tokenizer_2, base.text_encoder_2)
-    else:
-        encoder = CLIPSegmentEncoder(loaded.tokenizer, base.text_encoder)
-    text = StepEncoder(cfg, encoder, t5, dtype, device, base.is_sdxl)
-    del encoder, loaded  # text holds the encoder (and drops it with --cache-text-embeddings)
+    text = StepEncoder(cfg, base.segment_encoder(), t5, dtype, device, base.is_sdxl)
     if cfg.cache_text_embeddings:  # before the preference model loads: the encoders' memory is free for it
         cache_text_embeddings(text, base, data, acc.is_main_process)
-    model = (load_preference_model(reward_path, cfg.reward_model_kind, device=device, dtype=dtype)
-             if judge is None else judge.to(device, dtype))
-    model.model.requires_grad_(False).eval()
-    # Computed at every start, never read from a cache: a resumed run then does exactly what the uninterrupted
-    # one did.
-    reference = direction_from_prompts(model, default_reference_prompts(), cfg.split_mode,
-                                       cfg.long_segments).to(device)
-    scorer = Judge(model, reward_path, reference)
+    if judge is None:
+        judge = load_preference_model(source, cfg.reward_model_kind, device=device, dtype=dtype)
+    scoring = Scoring.of(judge.to(device, dtype), source, cfg.split_mode, cfg.long_segments, device)
     if cfg.stage == "reward":
         per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
         mode, warning = resolve_direction(cfg.reward_direction, per_step)
         if warning and acc.is_main_process:
             print(warning, flush=True)
-        with acc.main_process_first():
-            scorer.direction = RewardDirection.build(mode, model, cfg, data.prompts, acc.num_processes, reference,
-                                                     None, device)
+        scoring.reward_v = RewardDirection.build(mode, scoring.judge, cfg, data.prompts, acc.num_processes,
+                                                 scoring.reference_v, device)
     if cfg.cache_text_embeddings:  # V is built: the preference model's text tower is needed no more
         texts = (data.training_texts() if cfg.stage == "reward" else []) + list(data.validation_prompts)
-        pin_reward_texts(model, texts, cfg, acc.is_main_process)
-    return RunParts(data, base, lora, text, scorer, optimizer, lr_scheduler, t5), cfg
+        pin_reward_texts(scoring.judge, texts, cfg, acc.is_main_process)
+    parts = RunParts(data=data, base=base, lora=lora, text=text, scoring=scoring, optimizer=optimizer,
+                     lr_scheduler=lr_scheduler, t5=t5)
+    return parts, cfg
 
 
 def _weight_dtype(cfg) -> torch.dtype:
@@ -233,7 +254,7 @@ def _weight_dtype(cfg) -> torch.dtype:
     return DTYPES.get(cfg.mixed_precision, torch.float32)  # "no" = fp32
 
 
-def _attach_and_prepare(cfg, acc, unet, dtype, phases):
+def _attach_and_prepare(cfg, acc, unet, dtype):
     """Merge ``--init-lora``, attach the LoRA (and its output dropout), load the T5 branch, build AdamW and the
     warm-up schedule and let accelerate prepare them with the UNet (and a trained T5 adapter)."""
     device = acc.device
@@ -274,5 +295,6 @@ def _attach_and_prepare(cfg, acc, unet, dtype, phases):
     else:
         prepared, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
     ckpt.save_only_what_trains(acc, unet)
-    lora = LoRAUNet(prepared, unet, params, targets, cfg.lora_rank, phases, compiled)
+    lora = LoRAUNet(unet=prepared, module=unet, params=params, targets=targets, rank=cfg.lora_rank,
+                    phases=PhaseTimer(device, enabled=False), compiled=compiled)
     return lora, optimizer, lr_scheduler, t5

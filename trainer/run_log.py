@@ -83,12 +83,12 @@ def reduce_stats(acc, stats: dict) -> dict:
 
 def print_run_summary(cfg, acc, parts: RunParts, start: int) -> None:
     """The "Running training" banner: models, data, processes, LoRA, text options and sampling."""
-    data, base, lora, judge = parts.data, parts.base, parts.unet, parts.judge
+    data, base, lora, scoring = parts.data, parts.base, parts.lora, parts.scoring
     repeats = data.align.describe() if cfg.stage == "align" else None
     print(f"***** Running training ({cfg.stage} stage) *****\n"
           f"  base model = {base.source} ({'SDXL' if base.is_sdxl else 'SD1.x'}, {base.prediction_type})\n"
-          f"  reward model = {judge.source}"
-          f"{'' if cfg.stage != 'reward' else ', V from ' + judge.direction.describe()}\n"
+          f"  reward model = {scoring.source}"
+          f"{'' if cfg.stage != 'reward' else ', V from ' + scoring.reward_v.describe()}\n"
           f"  training prompts = {len(data)}, held-out validation prompts = {len(data.validation_prompts)}\n"
           + (f"  {repeats}\n" if repeats else "") +
           f"  processes = {acc.num_processes}, batch per process = "

@@ -56,7 +56,7 @@ def validate(cfg, acc, parts: RunParts, out: Path, step: int, log: CSVLog,
     prompts = parts.data.validation_prompts
     if not prompts or not acc.is_main_process:
         return None
-    unet, base, text, t5 = parts.unet.module, parts.base, parts.text, parts.t5
+    unet, base, text, t5 = parts.lora.module, parts.base, parts.text, parts.t5
     unet.eval()
     if t5 is not None:
         t5.adapter.eval()
@@ -71,7 +71,7 @@ def validate(cfg, acc, parts: RunParts, out: Path, step: int, log: CSVLog,
         with acc.autocast():
             x0 = sample_truncated(eps, scheduler, noise, cond, uncond, cfg.sample_guidance, [])
             images = decode(base.vae, x0)
-        result = segment_score(parts.judge.model, images, prompts, direction=parts.judge.reference_direction,
+        result = segment_score(parts.scoring.judge, images, prompts, direction=parts.scoring.reference_v,
                                crop="center", split_mode=cfg.split_mode, long_segments=cfg.long_segments)
     finally:
         unet.train()

@@ -89,32 +89,20 @@ class Evaluation:
     def _load_base(self) -> None:
         import dataclasses as dc
 
+        from ..conditioning import StepEncoder
         from ..loading.models import load_base_model
+        from ..parts import BaseParts
 
         cfg = self.cfg
-        base = load_base_model(cfg.model, cfg.seed, self.dtype)
-        self.base_source, self.is_sdxl = base.source, base.is_sdxl
+        loaded = load_base_model(cfg.model, cfg.seed, self.dtype)
         if cfg.resolution is None:
-            self.cfg = cfg = dc.replace(cfg, resolution=int(base.unet.config.sample_size) * 8)
+            self.cfg = cfg = dc.replace(cfg, resolution=int(loaded.unet.config.sample_size) * 8)
         if cfg.steps is None:
             self.cfg = cfg = dc.replace(cfg, steps=EMBEDDED_PROFILE["validation_steps"] if cfg.is_embedded
                                         else _train_default("validation_steps"))
-        self.unet = base.unet.to(self.device).requires_grad_(False).eval()
-        self.vae = base.vae.to(self.device).requires_grad_(False).eval()
-        self.noise_scheduler = base.noise_scheduler
-        text_encoder = base.text_encoder.to(self.device).requires_grad_(False).eval()
-        if self.is_sdxl:
-            from longalign_core.sdxl_text import SDXLSegmentEncoder
-
-            text_encoder_2 = base.text_encoder_2.to(self.device).requires_grad_(False).eval()
-            encoder = SDXLSegmentEncoder(base.tokenizer, text_encoder, base.tokenizer_2, text_encoder_2)
-        else:
-            from longalign_core.clip_text import CLIPSegmentEncoder
-
-            encoder = CLIPSegmentEncoder(base.tokenizer, text_encoder)
-        from ..conditioning import StepEncoder
-
-        self.text = StepEncoder(cfg, encoder, None, self.dtype, self.device, self.is_sdxl)
+        self.unet = loaded.unet.to(self.device).requires_grad_(False).eval()
+        self.base = BaseParts.from_loaded(loaded, self.device, self.dtype)
+        self.text = StepEncoder(cfg, self.base.segment_encoder(), None, self.dtype, self.device, self.base.is_sdxl)
         self.swap = WeightSwap(self.unet)
 
     def _load_loras(self) -> None:
@@ -126,8 +114,8 @@ class Evaluation:
                 arm.pairs = load_lora(arm.lora, targets)
             except LoraFormatError as exc:
                 detail = str(exc).removeprefix(f"{arm.lora}: ")
-                raise BadModelFileError(f"--lora {arm.spec}: {detail} The base model here is {self.base_source} "
-                                        f"({'SDXL' if self.is_sdxl else 'SD1.x'}): give a LoRA made for it, not "
+                raise BadModelFileError(f"--lora {arm.spec}: {detail} The base model here is {self.base.source} "
+                                        f"({'SDXL' if self.base.is_sdxl else 'SD1.x'}): give a LoRA made for it, not "
                                         f"for another architecture or model") from None
             arm.sha256 = file_sha256(arm.lora)
             self._warn_lora_settings(arm)
@@ -145,19 +133,17 @@ class Evaluation:
 
     def _load_judge(self) -> None:
         from longalign_core.preference import load_preference_model
-        from longalign_core.reference_direction import direction_from_prompts
 
         from ..loading.models import reward_model_source
+        from ..parts import Scoring
 
         cfg = self.cfg
-        self.reward_source = reward_model_source(cfg.reward_model, cfg.seed)
-        self.reward = load_preference_model(self.reward_source, cfg.reward_model_kind, device=self.device,
-                                            dtype=torch.float32)
+        source = reward_model_source(cfg.reward_model, cfg.seed)
+        judge = load_preference_model(source, cfg.reward_model_kind, device=self.device, dtype=torch.float32)
+        # V from the reference prompts, computed at every start (Scoring.of): the scores of a fresh, a repeated and
+        # a resumed evaluation come from the same computation
+        self.scoring = Scoring.of(judge, source, cfg.split_mode, cfg.long_segments, self.device)
         reference = default_reference_prompts()
-        # computed at every start, never read from a cache: the scores of a fresh, a repeated and a resumed
-        # evaluation then come from the same computation (reading V instead moved their last bits on the CPU)
-        self.direction = direction_from_prompts(self.reward, reference, cfg.split_mode,
-                                                cfg.long_segments).to(self.device)
         overlap = len(set(self.prompts) & set(reference))
         if overlap:
             self.say(f"note: {overlap} of the evaluation prompts are in the reference set that defines V; "
@@ -166,7 +152,7 @@ class Evaluation:
     def _settings(self) -> dict:
         """What the scores depend on; a resumed evaluation must have the same."""
         cfg = self.cfg
-        return {"model": self.base_source, "reward_model": self.reward_source,
+        return {"model": self.base.source, "reward_model": self.scoring.source,
                 "reward_model_kind": cfg.reward_model_kind,
                 "arms": [{"name": a.name, "lora": a.lora, "strength": a.strength, "sha256": a.sha256}
                          for a in self.arms],
@@ -217,7 +203,7 @@ class Evaluation:
     def _complete_units(self) -> tuple[list[dict], set]:
         """The complete units of ``scores.csv`` and the part files (:func:`~trainer.evaluate.files.complete_units`)."""
         cfg = self.cfg
-        sentences = sentence_counts(self.reward, self.prompts, cfg.split_mode, cfg.long_segments)
+        sentences = sentence_counts(self.scoring.judge, self.prompts, cfg.split_mode, cfg.long_segments)
         return complete_units(score_files(self.out), [a.name for a in self.arms],
                               plan_units(len(self.prompts), cfg.seeds, cfg.batch_size),
                               [cfg.seed + k for k in range(cfg.seeds)], sentences)
@@ -297,10 +283,10 @@ class Evaluation:
         cfg = self.cfg
         lines = [f"***** LongAlign evaluation: {len(self.arms)} arm(s) × {len(self.prompts)} prompts × {cfg.seeds} "
                  f"seed(s) *****",
-                 f"  base model = {self.base_source} ({'SDXL' if self.is_sdxl else 'SD1.x'}, {self.precision}, "
+                 f"  base model = {self.base.source} ({'SDXL' if self.base.is_sdxl else 'SD1.x'}, {self.precision}, "
                  f"{self.device.type})",
                  f"  arms = {', '.join(a.name for a in self.arms)}",
-                 f"  judge = {self.reward_source} (fp32), V from the shipped reference prompts",
+                 f"  judge = {self.scoring.source} (fp32), V from the shipped reference prompts",
                  f"  prompts = {self.prompts_source}",
                  f"  DDIM {cfg.steps} steps, CFG {cfg.guidance:g}, {cfg.resolution}px, seeds {cfg.seed}.."
                  f"{cfg.seed + cfg.seeds - 1}; text: budget {cfg.token_budget}, overflow {cfg.overflow}, split "
@@ -335,16 +321,16 @@ class Evaluation:
             with self.timer("sampling"):
                 noise = torch.stack([image_noise(s, self.prompts[p], side) for p, s in chunk])
                 noise = noise.to(self.device, self.dtype)
-                scheduler = ddim_scheduler(self.noise_scheduler, cfg.steps)
+                scheduler = ddim_scheduler(self.base.noise_scheduler, cfg.steps)
                 eps = lambda x, t, c: self.unet(x, t, **c.unet_kwargs()).sample  # noqa: E731
                 with autocast:
                     x0 = sample_truncated(eps, scheduler, noise, cond, uncond, cfg.guidance, [])
             with self.timer("decoding"):
-                images.append(decode(self.vae, x0).float())
+                images.append(decode(self.base.vae, x0).float())
         images = torch.cat(images)
         with self.timer("scoring"):
             texts = [self.prompts[p] for p, _ in items]
-            result = segment_score(self.reward, images.to(self.device), texts, direction=self.direction,
+            result = segment_score(self.scoring.judge, images.to(self.device), texts, direction=self.scoring.reference_v,
                                    omega=cfg.omega, crop="center", split_mode=cfg.split_mode,
                                    long_segments=cfg.long_segments)
             rows = [row for b, (p, s) in enumerate(items) for row in format_rows(arm, p, s, result, b, cfg.omega)]
