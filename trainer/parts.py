@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from longalign_core.errors import BadConfigError, BadModelFileError
-from longalign_core.lora import load_lora, lora_targets, merge_lora
+from longalign_core.lora import LoraTarget, load_lora, lora_targets, merge_lora
 from longalign_core.phase_timer import PhaseTimer
 from longalign_core.preference import PreferenceModel, load_preference_model
 from longalign_core.reference_direction import default_reference_prompts, direction_from_prompts
@@ -127,7 +127,7 @@ class LoRAUNet:
     unet: torch.nn.Module
     module: torch.nn.Module
     params: list[torch.nn.Parameter]
-    targets: list[str]
+    targets: list[LoraTarget]
     rank: int
     phases: PhaseTimer
     compiled: torch.nn.Module | None = None
