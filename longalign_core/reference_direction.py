@@ -36,7 +36,7 @@ DIRECTION_CACHE_VERSION = 2
 def direction_cache_file(model_path: str | Path | None, key: str, fallback_dir: str | Path | None = None) -> Path | None:
     """The one naming of V's cache files: ``longalign_direction-<key>.safetensors`` (``key`` from
     :func:`direction_key`) in the model's folder, or beside a single-file model, when that folder is writable;
-    else in ``fallback_dir`` (the trainer's output folder, ComfyUI's user folder); None when neither can hold it."""
+    else in ``fallback_dir`` (ComfyUI's user folder); None when neither can hold it."""
     name = f"longalign_direction-{key}.safetensors"
     if model_path is not None:
         path = Path(model_path)
@@ -151,8 +151,9 @@ def cached_direction(model: PreferenceModel, prompts: Sequence[str] | None = Non
                      fallback_dir: str | Path | None = None,
                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """:func:`direction_from_prompts` cached where :func:`direction_cache_file` says (beside ``model_path``, else
-    in ``fallback_dir``), keyed by :func:`direction_key`: what every caller (trainer, evaluation, nodes, the
-    score CLI) uses."""
+    in ``fallback_dir``), keyed by :func:`direction_key`: what the Denscore nodes and the score CLI use. The
+    trainer and the evaluation compute V at every start instead (a resumed run does what an uninterrupted one
+    did)."""
     prompts = list(prompts) if prompts is not None else default_reference_prompts()
     key = direction_key(model, prompts, split_mode, long_segments)
     cache = direction_cache_file(model_path, key, fallback_dir)

@@ -217,6 +217,7 @@ def format_report(r: dict) -> str:
               f"**Disk: {format_bytes(r['disk']['total'])}** in {r['output_dir']} at most = "
               + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["disk"].items() if k != "total")
               + f" ({min(cfg.checkpoints_keep + 1, r['checkpoints'])} checkpoint(s) of "
-              f"{format_bytes(r['checkpoint_bytes'])} at once: --checkpoints-keep {cfg.checkpoints_keep} and the one being written; {r['validations']} "
+              f"{format_bytes(r['checkpoint_bytes'])} at once: --checkpoints-keep {cfg.checkpoints_keep} and the one "
+              f"being written; {r['validations']} "
               f"validation image(s) as measured here; about 1 KB of logs a step); {_free(r['output_dir'])}.", ""]
     return "\n".join(lines)

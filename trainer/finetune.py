@@ -49,6 +49,7 @@ from .seeding import seed_global_rng, step_generator
 from .stop_signal import StopSignal, run_stoppable
 from .validation import Validation
 
+
 class NonFiniteLossError(RuntimeError):
     pass
 

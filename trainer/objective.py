@@ -47,7 +47,7 @@ def drop_captions(captions: list[str], rate: float, gen: torch.Generator) -> lis
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def reward_loss(cfg, acc, unet: LoRAUNet, text: StepEncoder, base: BaseParts, judge: PreferenceModel,
+def reward_loss(cfg, acc, lora: LoRAUNet, text: StepEncoder, base: BaseParts, judge: PreferenceModel,
                 prompts: list[str], gen: torch.Generator, direction: torch.Tensor, dump: dict | None = None,
                 phases: PhaseTimer = UNTIMED):
     """Loss of one micro-batch of ``prompts`` and its statistics. ``judge`` scores the decoded images;
@@ -66,9 +66,9 @@ def reward_loss(cfg, acc, unet: LoRAUNet, text: StepEncoder, base: BaseParts, ju
     grad_idx = grad_step_indices(cfg.sample_steps, cfg.sample_grad_steps, offset)
     crop_seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # one crop position for the whole batch
     with acc.autocast():
-        x0 = sample_truncated(unet.eps, scheduler, noise, cond, uncond, cfg.sample_guidance, grad_idx,
+        x0 = sample_truncated(lora.eps, scheduler, noise, cond, uncond, cfg.sample_guidance, grad_idx,
                               use_checkpoint=cfg.gradient_checkpointing,
-                              recompute_context=lambda: blocks_checkpointed(unet.module), params=unet.params)
+                              recompute_context=lambda: blocks_checkpointed(lora.module), params=lora.params)
     # 3.–4. decode with gradients, score segment by segment, decompose along V, reweight the text-irrelevant part
     v = direction
     loss, parts, features = decode_and_score(cfg, base.vae, judge, x0, prompts, v, crop_seed, phases)
@@ -134,7 +134,7 @@ def decode_and_score(cfg, vae, judge: PreferenceModel, x0: torch.Tensor, prompts
     return loss, joined, features
 
 
-def align_loss(cfg, acc, unet: LoRAUNet, text: StepEncoder, base: BaseParts, batch, gen: torch.Generator,
+def align_loss(cfg, acc, lora: LoRAUNet, text: StepEncoder, base: BaseParts, batch, gen: torch.Generator,
                phases: PhaseTimer = UNTIMED):
     """Supervised diffusion loss on ``batch`` = (images ``(B, 3, H, W)`` in [0, 1], captions, SDXL time ids) and
     its statistics."""
@@ -151,7 +151,7 @@ def align_loss(cfg, acc, unet: LoRAUNet, text: StepEncoder, base: BaseParts, bat
         step_cond = text.encode(captions, with_uncond=False)
     cond, _ = text.unet_conditioning(step_cond, time_ids)
     with acc.autocast():
-        pred = unet.eps(noisy, t, cond)
+        pred = lora.eps(noisy, t, cond)
     # the model's own target: ε, or v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 (v-prediction models: NoobAI-XL V-Pred)
     target = noise if base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
     loss = F.mse_loss(pred.float(), target.float())

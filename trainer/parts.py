@@ -92,12 +92,11 @@ class BaseParts:
         """The frozen parts of ``loaded`` (a :class:`~trainer.loading.base_model.BaseModel`) on ``device``, in
         eval mode without gradients (the UNet is the caller's: trained or swapped)."""
         frozen = lambda m: None if m is None else m.to(device).requires_grad_(False).eval()  # noqa: E731
-        vae = frozen(loaded.vae)  # loaded in vae_dtype(dtype, its config)
-        if device.type == "cuda":  # NHWC convolutions: faster with cuDNN
-            vae.to(memory_format=torch.channels_last)
-        return cls(source=loaded.source, is_sdxl=loaded.is_sdxl, vae=vae, noise_scheduler=loaded.noise_scheduler,
-                   dtype=dtype, tokenizer=loaded.tokenizer, text_encoder=frozen(loaded.text_encoder),
-                   tokenizer_2=loaded.tokenizer_2, text_encoder_2=frozen(loaded.text_encoder_2))
+        # the VAE was loaded in vae_dtype(dtype, its config): SDXL's stays fp32 in an fp16 run
+        return cls(source=loaded.source, is_sdxl=loaded.is_sdxl, vae=frozen(loaded.vae),
+                   noise_scheduler=loaded.noise_scheduler, dtype=dtype, tokenizer=loaded.tokenizer,
+                   text_encoder=frozen(loaded.text_encoder), tokenizer_2=loaded.tokenizer_2,
+                   text_encoder_2=frozen(loaded.text_encoder_2))
 
     @property
     def prediction_type(self) -> str:
@@ -222,6 +221,8 @@ def load_parts(cfg, acc, data: TrainingData, judge: PreferenceModel | None = Non
     lora, optimizer, lr_scheduler, t5 = _attach_and_prepare(cfg, acc, loaded.unet, dtype)
     base = BaseParts.from_loaded(loaded, device, dtype)
     del loaded  # the parts hold what is needed
+    if device.type == "cuda":  # NHWC convolutions: faster with cuDNN (the trainer's; the evaluation keeps NCHW)
+        base.vae.to(memory_format=torch.channels_last)
     if cfg.gradient_checkpointing:  # the decode is backpropagated too: keep its activations small
         base.vae.enable_gradient_checkpointing()
     if base.prediction_type not in ("epsilon", "v_prediction"):
